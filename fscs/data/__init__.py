@@ -1,0 +1,1 @@
+"""Datasets: readers by layout, the image index, folds and episode sampling."""
