@@ -1,0 +1,49 @@
+# fscs — common tasks. `make help` lists them.
+PY      ?= .venv/bin/python
+VENV    ?= .venv
+export DVC_NO_ANALYTICS := 1
+export PREFECT_HOME := $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
+export PATH := $(CURDIR)/.venv/bin:$(PATH)
+
+.DEFAULT_GOAL := help
+.PHONY: help setup run repro test test-fast lint format ui bench clean-prefect
+
+help:  ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+setup:  ## create .venv and install fscs with its pinned dependencies (torch from this machine's disk)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dev]'
+
+run: setup repro  ## set up, then run the default pipeline (MSRC, offline backbone) with dvc repro
+
+repro:  ## run (or bring up to date) the whole DVC pipeline
+	$(VENV)/bin/dvc repro
+
+test:  ## run every test, slow ones included (what CI runs)
+	$(PY) -m pytest -q
+
+test-fast:  ## run the tests not marked slow
+	$(PY) -m pytest -q -m "not slow"
+
+lint:  ## ruff lint + format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format:  ## ruff format + autofix
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+ui:  ## start the Prefect server on 127.0.0.1:4200 and serve the pipeline deployment (Ctrl-C stops both)
+	$(PY) -m flows.serve
+
+flow:  ## run the pipeline flow once against the server started by `make ui`
+	$(PY) -m flows.pipeline
+
+bench:  ## print the extraction and training benchmarks
+	$(PY) -m benchmarks.extract
+	$(PY) -m benchmarks.train

@@ -1,0 +1,87 @@
+"""The fscs study as a Prefect flow: one task per DVC stage, each running `dvc repro --single-item`.
+
+DVC keeps deciding what is stale and caches the outputs; Prefect shows each stage, its logs and duration.
+Stages run one after another because DVC holds a repository lock during `repro`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from prefect import flow, get_run_logger, task
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_STAGES = ["prepare", "extract", "pseudo", "enhancer"]
+
+
+def stage_plan(supervisions: list[str], folds: list[int], with_report: bool = True) -> list[str]:
+    """The ordered DVC stage names to run for the chosen settings and folds."""
+    plan = list(SHARED_STAGES)
+    for supervision in supervisions:
+        for fold in folds:
+            plan += [f"train@{supervision}-{fold}", f"evaluate@{supervision}-{fold}"]
+    plan += [f"baselines@{fold}" for fold in folds]
+    if with_report:
+        plan.append("report")
+    return plan
+
+
+def _dvc_env() -> dict[str, str]:
+    """Environment for dvc: analytics off, this interpreter's bin first on PATH (stages call `python`)."""
+    env = dict(os.environ, DVC_NO_ANALYTICS="1")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+@task(name="dvc-repro", task_run_name="{stage}", cache_policy=None, retries=0)
+def dvc_repro(stage: str, repo: str) -> str:
+    """Run one DVC stage (not its upstream: the flow orders them); stream its output into the task log."""
+    logger = get_run_logger()
+    cmd = [str(Path(sys.executable).parent / "dvc"), "repro", "--single-item", stage]
+    logger.info("$ %s  (in %s)", " ".join(cmd[1:]), repo)
+    proc = subprocess.Popen(
+        cmd, cwd=repo, env=_dvc_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        line = line.rstrip()
+        if line:
+            lines.append(line)
+            logger.info(line)
+    if proc.wait() != 0:
+        raise RuntimeError(f"dvc repro {stage} failed (exit {proc.returncode}): {' | '.join(lines[-5:])}")
+    return stage
+
+
+@flow(name="fscs-pipeline", log_prints=True)
+def fscs_pipeline(
+    supervisions: list[str] | None = None, folds: list[int] | None = None, repo: str | None = None
+) -> list[str]:
+    """Run the study's stages for the chosen supervision settings and folds (default: params.yaml `study`).
+
+    The report stage runs only when every setting and fold of params.yaml `study` is selected, because it
+    reads all of their evaluation files.
+    """
+    repo = str(Path(repo or ROOT).resolve())
+    study = yaml.safe_load((Path(repo) / "params.yaml").read_text())["study"]
+    supervisions = supervisions or study["supervisions"]
+    folds = folds if folds is not None else study["folds"]
+    unknown = sorted(set(supervisions) - set(study["supervisions"])) + sorted(
+        str(f) for f in set(folds) - set(study["folds"])
+    )
+    if unknown:
+        raise ValueError(f"not in params.yaml study: {unknown}")
+    complete = set(supervisions) == set(study["supervisions"]) and set(folds) == set(study["folds"])
+    done = []
+    for stage in stage_plan(supervisions, folds, with_report=complete):
+        done.append(dvc_repro(stage, repo))
+    return done
+
+
+if __name__ == "__main__":
+    fscs_pipeline()

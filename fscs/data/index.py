@@ -1,0 +1,226 @@
+"""The image index: one row per image with its split, file paths, size and image-level labels.
+
+Columns (docs/ARCHITECTURE.md): `image_id` str, `split` str, `image_path` str, `mask_path` str (null if
+none), `height` int, `width` int, `classes` list<int> (class ids passing the min-area rule, sorted),
+`class_pixels` list<int> (their pixel counts). Written with pyarrow and an explicit schema, so the same
+inputs give the same bytes.
+
+Paths are stored as `dataset.root` joined with the file's place in the layout, normalised but not resolved:
+relative to the project root (the working directory of every stage) when `dataset.root` is relative,
+absolute when it is absolute. The index then does not depend on where the checkout lives.
+
+Min-area rule (`dataset.min_class_pixels`, see `min_pixels`): a class present in a mask is an image-level
+label only if it covers at least that many pixels; a value < 1 is a fraction of the image's pixels (void
+included), a value >= 1 an absolute pixel count. Void (255) and background (0) are never labels.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from fscs.data import voc
+from fscs.data.images import VOID, load_mask, load_rgb
+from fscs.errors import FscsError
+from fscs.io import atomic_path
+
+LAYOUTS = ("voc", "coco_json", "coco_png")
+
+INDEX_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("split", pa.string()),
+        ("image_path", pa.string()),
+        ("mask_path", pa.string()),
+        ("height", pa.int64()),
+        ("width", pa.int64()),
+        ("classes", pa.list_(pa.int64())),
+        ("class_pixels", pa.list_(pa.int64())),
+    ]
+)
+INDEX_COLUMNS = tuple(INDEX_SCHEMA.names)
+
+
+def min_pixels(min_class_pixels: float, height: int, width: int) -> int:
+    """The pixel count a class needs to be a label: a fraction (< 1) of height*width, else a count (>= 1).
+
+    Returns at least 1, so a class needs at least one pixel whatever the setting.
+    """
+    value = float(min_class_pixels)
+    if not value >= 0 or math.isinf(value):
+        raise FscsError(f"params: dataset.min_class_pixels must be >= 0, got {min_class_pixels!r}")
+    if value < 1:
+        return max(1, math.ceil(value * height * width))
+    return max(1, math.ceil(value))
+
+
+def image_labels(
+    mask: np.ndarray, class_ids: Iterable[int], min_class_pixels: float, mask_path: str
+) -> tuple[list[int], list[int]]:
+    """(classes, class_pixels) of a class-index mask under the min-area rule.
+
+    A pixel value that is neither 0, 255 nor a known class id is an error naming the mask file.
+    """
+    counts = np.bincount(mask.ravel(), minlength=256)
+    known = set(int(c) for c in class_ids)
+    present = [int(v) for v in np.flatnonzero(counts) if v not in (0, VOID)]
+    unknown = [v for v in present if v not in known]
+    if unknown:
+        raise FscsError(f"{mask_path}: mask values {unknown} are not class ids of the dataset (nor 0 or 255)")
+    need = min_pixels(min_class_pixels, mask.shape[0], mask.shape[1])
+    classes = [v for v in present if counts[v] >= need]
+    return classes, [int(counts[v]) for v in classes]
+
+
+def image_size(image_path: str) -> tuple[int, int]:
+    """(height, width) of an image, decoding it fully so a broken file is caught here."""
+    image = load_rgb(image_path)
+    return int(image.shape[0]), int(image.shape[1])
+
+
+def check_mask_size(mask: np.ndarray, mask_path: str, height: int, width: int, image_path: str) -> None:
+    if mask.shape != (height, width):
+        raise FscsError(
+            f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image {image_path} "
+            f"is {width}x{height}"
+        )
+
+
+def record(
+    image_id: str,
+    split: str,
+    image_path: str,
+    mask_path: str | None,
+    class_ids: Iterable[int],
+    min_class_pixels: float,
+    mask: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """One index row: decodes the image (size) and the mask (labels; `mask` if given, else read)."""
+    height, width = image_size(image_path)
+    classes: list[int] = []
+    pixels: list[int] = []
+    if mask_path is not None:
+        if mask is None:
+            mask = load_mask(mask_path)
+        check_mask_size(mask, mask_path, height, width, image_path)
+        classes, pixels = image_labels(mask, class_ids, min_class_pixels, mask_path)
+    return {
+        "image_id": image_id,
+        "split": split,
+        "image_path": image_path,
+        "mask_path": mask_path,
+        "height": height,
+        "width": width,
+        "classes": classes,
+        "class_pixels": pixels,
+    }
+
+
+def dataset_splits(dataset: dict[str, Any]) -> list[str]:
+    """The splits to index: train_split then test_split (once if they are the same)."""
+    for key in ("train_split", "test_split"):
+        if not isinstance(dataset.get(key), str) or not dataset[key]:
+            raise FscsError(f"params: dataset.{key} must be a split name")
+    return list(dict.fromkeys([dataset["train_split"], dataset["test_split"]]))
+
+
+def build_index(dataset: dict[str, Any]) -> tuple[pd.DataFrame, dict[int, str]]:
+    """Read the dataset described by params' `dataset` section: (index frame, {class id: name}).
+
+    Keys: `name`, `root`, `layout` (voc | coco_json | coco_png), `train_split`, `test_split`,
+    `min_class_pixels`; optional `mask_dir` (voc: default SegmentationClass, e.g. SegmentationClassAug;
+    coco_png: default annotations), `split_dir` (voc: default ImageSets/Segmentation), `mask_cache`
+    (coco_json: where rendered masks go, default data/raw/masks_rendered/<name>). Folder keys are relative
+    to `root` unless absolute.
+    """
+    layout = dataset.get("layout", "voc")
+    root = dataset.get("root")
+    if not isinstance(root, str) or not root:
+        raise FscsError("params: dataset.root must be a folder path")
+    root = os.path.normpath(root)
+    splits = dataset_splits(dataset)
+    mcp = dataset.get("min_class_pixels", 0)
+    min_pixels(mcp, 1, 1)  # validate early
+    if layout == "voc":
+        entries = voc.voc_entries(
+            root,
+            splits,
+            mask_dir=dataset.get("mask_dir", voc.DEFAULT_MASK_DIR),
+            split_dir=dataset.get("split_dir", voc.DEFAULT_SPLIT_DIR),
+        )
+        classes = voc.read_class_list(root)
+        rows = [
+            record(image_id, split, image_path, mask_path, classes, mcp)
+            for image_id, split, image_path, mask_path in tqdm(
+                entries, desc="index", unit="img", disable=None, leave=False
+            )
+        ]
+    elif layout == "coco_png":
+        from fscs.data import coco
+
+        rows, classes = coco.coco_png_rows(root, splits, mcp, mask_dir=dataset.get("mask_dir", "annotations"))
+    elif layout == "coco_json":
+        from fscs.data import coco
+
+        cache = dataset.get("mask_cache") or os.path.join("data", "raw", "masks_rendered", dataset.get("name", "coco"))
+        rows, classes = coco.coco_json_rows(root, splits, mcp, cache_dir=cache)
+    else:
+        raise FscsError(f"params: dataset.layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    return rows_to_frame(rows), classes
+
+
+def rows_to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Index rows (dicts) as a frame with the contract's columns; image ids must be unique."""
+    seen: dict[str, str] = {}
+    for row in rows:
+        if row["image_id"] in seen:
+            raise FscsError(
+                f"image id {row['image_id']!r} appears twice (splits '{seen[row['image_id']]}' and "
+                f"'{row['split']}'; {row['image_path']})"
+            )
+        seen[row["image_id"]] = row["split"]
+    frame = pd.DataFrame(rows, columns=list(INDEX_COLUMNS))
+    return frame.set_index("image_id", drop=False).rename_axis(None)
+
+
+def index_table(frame: pd.DataFrame) -> pa.Table:
+    data = {name: list(frame[name]) for name in INDEX_COLUMNS}
+    data["classes"] = [[int(c) for c in cs] for cs in data["classes"]]
+    data["class_pixels"] = [[int(c) for c in cs] for cs in data["class_pixels"]]
+    return pa.Table.from_pydict(data, schema=INDEX_SCHEMA)
+
+
+def write_parquet(table: pa.Table, path: str | os.PathLike) -> None:
+    """Write a table atomically with fixed settings (no pandas metadata, nothing time-dependent)."""
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd", store_schema=True)
+
+
+def write_index(frame: pd.DataFrame, path: str | os.PathLike) -> None:
+    write_parquet(index_table(frame), path)
+
+
+def read_index(path: str | os.PathLike) -> pd.DataFrame:
+    """The image index as a DataFrame indexed by image_id (image_id also kept as a column).
+
+    `classes` and `class_pixels` are python lists of int; `mask_path` is None where there is no mask.
+    """
+    if not os.path.isfile(path):
+        raise FscsError(f"{path}: image index not found (run the prepare stage)")
+    table = pq.read_table(path)
+    missing = [c for c in INDEX_COLUMNS if c not in table.column_names]
+    if missing:
+        raise FscsError(f"{path}: not an image index (missing columns {missing})")
+    data = {name: table.column(name).to_pylist() for name in INDEX_COLUMNS}
+    frame = pd.DataFrame(data, columns=list(INDEX_COLUMNS))
+    frame["height"] = frame["height"].astype("int64")
+    frame["width"] = frame["width"].astype("int64")
+    return frame.set_index("image_id", drop=False).rename_axis(None)

@@ -1,0 +1,216 @@
+"""CST: the Classification-Segmentation Transformer over a frozen ViT's tokens (METHOD.md §5).
+
+forward(query_tokens (B, L, 1+Pq, D), support_tokens (B, L, 1+Ps, D), support_mask (B, h, w))
+    -> cls_logits (B, 2) (absent, present), seg_logits (B, 2, 2gh, 2gw) (background, foreground).
+
+Checkpoints: ``torch.save({"state_dict", "config", "fold", "supervision", "epoch", "val_miou", ...})`` with
+only plain Python values and tensors, so `load_checkpoint` reads them with ``weights_only=True``. The config
+records the feature store's backbone attributes; `check_store` refuses a store that disagrees.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fscs.errors import FscsError
+from fscs.model.correlation import correlate, prepare_query, prepare_support, resize_mask
+from fscs.model.heads import ClassificationHead, SegmentationHead
+from fscs.model.transformer import CorrelationBlock
+
+#: Store attributes a checkpoint records and a store must match at load/eval time.
+BACKBONE_KEYS = (
+    "backbone",
+    "arch",
+    "weights_sha256",
+    "input_size",
+    "patch_size",
+    "grid",
+    "layers",
+    "num_heads",
+    "embed_dim",
+    "normalization",
+    "code_version",
+)
+
+
+@dataclass
+class CSTConfig:
+    """Model sizes. ``num_layers``, ``num_heads``, ``embed_dim`` and ``grid`` come from the feature store."""
+
+    num_layers: int
+    num_heads: int
+    embed_dim: int
+    grid: tuple[int, int]
+    support_size: int = 12  # support grid S (reference: 50x50 -> 12x12)
+    channels: tuple[int, int] = (32, 128)  # correlation-transformer widths
+    pooled_grid: int = 3  # block 1 pools the S x S attention queries to this (12 -> 3, i.e. pooling 4)
+    attn_heads: int = 8
+    groups: int = 4
+    backbone: dict[str, Any] = field(default_factory=dict)  # store attributes (BACKBONE_KEYS)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["grid"] = [int(v) for v in self.grid]
+        d["channels"] = [int(v) for v in self.channels]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CSTConfig:
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        kw["grid"] = tuple(int(v) for v in kw["grid"])
+        if "channels" in kw:
+            kw["channels"] = tuple(int(v) for v in kw["channels"])
+        return cls(**kw)
+
+
+def backbone_attrs(store_attrs: dict[str, Any]) -> dict[str, Any]:
+    """The store attributes a checkpoint records, as plain Python values."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, list | tuple):
+            return [plain(x) for x in v]
+        if hasattr(v, "item") and not isinstance(v, str | bytes):
+            return v.item()
+        return v
+
+    return {k: plain(store_attrs[k]) for k in BACKBONE_KEYS if k in store_attrs}
+
+
+def config_from_store(store: Any, **sizes: Any) -> CSTConfig:
+    """A CSTConfig sized for a FeatureStore (num layers / heads / dim / grid from its attributes)."""
+    attrs = store.attrs
+    return CSTConfig(
+        num_layers=len(attrs["layers"]),
+        num_heads=int(attrs["num_heads"]),
+        embed_dim=int(attrs["embed_dim"]),
+        grid=tuple(int(v) for v in attrs["grid"]),
+        backbone=backbone_attrs(attrs),
+        **sizes,
+    )
+
+
+class CST(nn.Module):
+    def __init__(self, config: CSTConfig):
+        super().__init__()
+        self.config = config
+        c1, c2 = config.channels
+        cin = config.num_layers * config.num_heads
+        self.block1 = CorrelationBlock(cin, c1, config.pooled_grid, config.attn_heads, config.groups)
+        self.block2 = CorrelationBlock(c1, c2, 1, config.attn_heads, config.groups)
+        self.post = nn.Sequential(
+            nn.Conv2d(c2, c2, 1),
+            nn.GroupNorm(config.groups, c2),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c2, c2, 1),
+            nn.GroupNorm(config.groups, c2),
+            nn.ReLU(inplace=True),
+        )
+        self.cls_head = ClassificationHead(c2, c2 // 2)
+        self.seg_head = SegmentationHead(c2, c2 // 2)
+
+    # The pieces are exposed so training can prepare (normalize, downsample) each image's tokens once.
+    def prepare_query(self, query_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L, 1+Pq, D) tokens -> (B, L*H, Pq, d) unit per-head patch vectors."""
+        self._check_tokens(query_tokens, "query")
+        return prepare_query(query_tokens, self.config.num_heads)
+
+    def prepare_support(self, support_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L, 1+Ps, D) tokens -> (B, L*H, 1+S*S, d) unit per-head vectors, CLS first."""
+        self._check_tokens(support_tokens, "support")
+        return prepare_support(support_tokens, self.config.grid, self.config.num_heads, self.config.support_size)
+
+    def forward_prepared(
+        self, query: torch.Tensor, support: torch.Tensor, support_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prepared query/support (see prepare_*) and support mask (B, h, w) -> (cls (B,2), seg (B,2,2gh,2gw))."""
+        gh, gw = self.config.grid
+        x = correlate(query, support)  # B, L*H, Pq, 1+S*S
+        mask = resize_mask(support_mask.to(x.device), self.config.support_size)
+        x, mask = self.block1(x, mask)
+        x, _ = self.block2(x, mask)  # B, C, Pq, 2
+        x = self.post(x)
+        b, c = x.shape[:2]
+        cls_map = x[..., 0].reshape(b, c, gh, gw)
+        seg_map = x[..., 1].reshape(b, c, gh, gw)
+        return self.cls_head(cls_map), self.seg_head(seg_map)
+
+    def forward(
+        self, query_tokens: torch.Tensor, support_tokens: torch.Tensor, support_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.forward_prepared(
+            self.prepare_query(query_tokens), self.prepare_support(support_tokens), support_mask
+        )
+
+    def _check_tokens(self, tokens: torch.Tensor, what: str) -> None:
+        cfg = self.config
+        gh, gw = cfg.grid
+        want = (cfg.num_layers, 1 + gh * gw, cfg.embed_dim)
+        if tokens.dim() != 4 or tuple(tokens.shape[1:]) != want:
+            raise ValueError(f"{what} tokens have shape {tuple(tokens.shape)}, expected (B, {', '.join(map(str, want))})")
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ---- checkpoints --------------------------------------------------------------------------------------------
+def save_checkpoint(path: str | os.PathLike, model: CST, **extra: Any) -> None:
+    """Write {"state_dict", "config", **extra} atomically (extra: fold, supervision, epoch, val_miou, ...)."""
+    from fscs.io import atomic_path
+
+    payload = {"state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+    payload["config"] = model.config.to_dict()
+    payload.update(extra)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint dict, loaded with weights_only=True; FscsError naming the file if it is not one."""
+    p = Path(path)
+    if not p.is_file():
+        raise FscsError(f"{p}: checkpoint not found; run the train stage first")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad checkpoint
+        raise FscsError(f"{p}: not a readable CST checkpoint ({exc})") from exc
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt:
+        raise FscsError(f"{p}: not a CST checkpoint (expected keys 'state_dict' and 'config')")
+    return ckpt
+
+
+def load_checkpoint(path: str | os.PathLike, store: Any = None) -> tuple[CST, dict[str, Any]]:
+    """(model in eval mode, checkpoint dict). With a store, refuse it unless its backbone attrs match."""
+    ckpt = read_checkpoint(path)
+    try:
+        config = CSTConfig.from_dict(ckpt["config"])
+        model = CST(config)
+        model.load_state_dict(ckpt["state_dict"])
+    except (KeyError, TypeError, RuntimeError) as exc:
+        raise FscsError(f"{path}: checkpoint does not match the CST model ({exc})") from exc
+    model.eval()
+    if store is not None:
+        check_store(config, store, str(path))
+    return model, ckpt
+
+
+def check_store(config: CSTConfig, store: Any, checkpoint: str = "checkpoint") -> None:
+    """FscsError naming the first backbone attribute where the store differs from what the model was trained on."""
+    have = backbone_attrs(store.attrs)
+    for key, want in config.backbone.items():
+        got = have.get(key)
+        if got != want:
+            raise FscsError(
+                f"{getattr(store, 'path', 'feature store')}: attribute '{key}' is {got!r} but {checkpoint} was "
+                f"trained on features with {want!r}; use a feature store extracted with the same backbone"
+            )
+    gh, gw = config.grid
+    if tuple(int(v) for v in store.attrs["grid"]) != (gh, gw):
+        raise FscsError(f"{getattr(store, 'path', 'feature store')}: token grid differs from {checkpoint}'s {gh}x{gw}")

@@ -1,0 +1,348 @@
+"""The HDF5 feature store: per-image backbone tokens and last-block attention q/k, float16.
+
+Layout (row r = one image, one image per HDF5 chunk so a read touches only that image):
+
+- ``image_ids`` (N,) str
+- ``tokens`` (N, L, 1+P, D) float16: output of each selected block after the final LayerNorm,
+  CLS first, then the P = gh*gw patch tokens row-major (register tokens, if any, dropped)
+- ``cls_query`` (N, H, d) float16 and ``patch_keys`` (N, H, P, d) float16 of the last block's attention
+- ``done`` (N,) bool: row r has been written
+
+Attributes: ``backbone``, ``arch``, ``weights_sha256``, ``source``, ``input_size``, ``patch_size``,
+``grid`` [gh, gw], ``layers`` (resolved block indices), ``depth``, ``num_heads``, ``embed_dim``,
+``normalization``, ``code_version`` and ``complete`` (True only after the last write).
+
+Writing goes to ``<path>.partial``; rows are flushed batch by batch with their ``done`` flags, and only when
+every row is done is ``complete`` set and the file renamed to ``<path>``. A re-run after a crash resumes the
+partial file when it opens and was started for the same attributes and image list; otherwise it rebuilds.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from fscs.errors import FscsError
+
+#: Bump when the layout of the store or the meaning of its contents changes.
+STORE_VERSION = 1
+
+#: How images become tokens; recorded in the store so a change of recipe invalidates it.
+NORMALIZATION = (
+    "resize SxS bilinear antialias (no aspect preservation); ImageNet mean/std; "
+    "block outputs through the final LayerNorm; registers dropped"
+)
+
+DATASETS = ("image_ids", "tokens", "cls_query", "patch_keys", "done")
+
+# Attributes compared between a store and what the params ask for, in this order.
+_COMPARED = ("backbone", "arch", "input_size", "layers", "normalization", "code_version")
+
+
+def _plain(value: Any) -> Any:
+    """HDF5 attribute value -> plain Python (str, int, bool, list)."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def resolve_layers(layers: Any, depth: int) -> list[int]:
+    """Params' ``layers`` ("all" or a list of block indices, negatives from the end) -> sorted indices."""
+    if layers is None or layers == "all":
+        return list(range(depth))
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = [layers]
+    if not isinstance(layers, list | tuple) or not layers:
+        raise FscsError(f"backbone.layers: expected 'all' or a non-empty list of block indices, got {layers!r}")
+    out = set()
+    for i in layers:
+        if not isinstance(i, int) or isinstance(i, bool) or not -depth <= i < depth:
+            raise FscsError(f"backbone.layers: {i!r} is not a block index of a {depth}-block backbone")
+        out.add(i % depth)
+    return sorted(out)
+
+
+def expected_attrs(params: dict[str, Any]) -> dict[str, Any]:
+    """The ``expect`` dict for `FeatureStore` from params.yaml (the whole file or its ``backbone`` section)."""
+    bb = params.get("backbone", params)
+    if not isinstance(bb, dict) or "name" not in bb:
+        raise FscsError("params: missing section 'backbone' (with at least 'name')")
+    from fscs.backbone import DEFAULT_INPUT_SIZE, resolve_arch  # local: keep store importable without torch
+
+    return {
+        "backbone": str(bb["name"]),
+        "arch": resolve_arch(str(bb["name"]), bb.get("arch")),
+        "input_size": int(bb.get("input_size", DEFAULT_INPUT_SIZE)),
+        "layers": bb.get("layers", "all"),
+        "normalization": NORMALIZATION,
+        "code_version": STORE_VERSION,
+    }
+
+
+def _matches(key: str, have: Any, want: Any, attrs: dict[str, Any]) -> bool:
+    if key == "layers" and (want is None or want == "all" or isinstance(want, int | list | tuple)):
+        depth = attrs.get("depth")
+        if depth is None:
+            return False
+        try:
+            return list(have) == resolve_layers(want, int(depth))
+        except FscsError:
+            return False
+    if isinstance(want, list | tuple):
+        return list(have) == list(want) if isinstance(have, list) else False
+    return have == want
+
+
+def check_attrs(attrs: dict[str, Any], expect: dict[str, Any], where: str) -> None:
+    """Raise FscsError naming the first attribute of ``attrs`` that differs from ``expect``."""
+    order = [k for k in _COMPARED if k in expect] + [k for k in expect if k not in _COMPARED]
+    for key in order:
+        want = expect[key]
+        if key not in attrs:
+            raise FscsError(f"{where}: attribute '{key}' is missing (expected {want!r}); re-run `dvc repro extract`")
+        have = attrs[key]
+        if not _matches(key, have, want, attrs):
+            raise FscsError(
+                f"{where}: attribute '{key}' is {have!r} in the store but the params ask for {want!r}; "
+                "re-run `dvc repro extract`"
+            )
+
+
+class FeatureStore:
+    """Read-only access to a complete feature store, row by image id, without loading the file."""
+
+    def __init__(self, path: str | os.PathLike, expect: dict[str, Any] | None = None):
+        self.path = Path(path)
+        if not self.path.is_file():
+            partial = partial_path(self.path)
+            hint = f" (an unfinished {partial.name} exists)" if partial.exists() else ""
+            raise FscsError(f"{self.path}: feature store not found{hint}; run `dvc repro extract`")
+        try:
+            self._f = h5py.File(self.path, "r")
+        except OSError as exc:
+            raise FscsError(f"{self.path}: not a readable HDF5 feature store ({exc})") from exc
+        try:
+            self.attrs = {k: _plain(v) for k, v in self._f.attrs.items()}
+            if not self.attrs.get("complete", False):
+                raise FscsError(f"{self.path}: feature store is incomplete; re-run `dvc repro extract`")
+            missing = [d for d in DATASETS if d not in self._f]
+            if missing:
+                raise FscsError(f"{self.path}: feature store lacks datasets {missing}; re-run `dvc repro extract`")
+            if not bool(np.all(self._f["done"][:])):
+                raise FscsError(f"{self.path}: feature store has unwritten rows; re-run `dvc repro extract`")
+            if expect:
+                check_attrs(self.attrs, expect, str(self.path))
+            self.image_ids: list[str] = [_plain(s) for s in self._f["image_ids"][:]]
+            self._row = {iid: r for r, iid in enumerate(self.image_ids)}
+        except BaseException:
+            self._f.close()
+            raise
+
+    # ---- metadata -------------------------------------------------------------------------------------
+    @property
+    def grid(self) -> tuple[int, int]:
+        gh, gw = self.attrs["grid"]
+        return int(gh), int(gw)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.attrs["num_heads"])
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.attrs["embed_dim"])
+
+    @property
+    def layers(self) -> list[int]:
+        return [int(i) for i in self.attrs["layers"]]
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __contains__(self, image_id: object) -> bool:
+        return image_id in self._row
+
+    def row(self, image_id: str) -> int:
+        try:
+            return self._row[image_id]
+        except KeyError:
+            raise FscsError(f"{self.path}: image id {image_id!r} is not in the feature store") from None
+
+    # ---- per-image reads -----------------------------------------------------------------------------
+    def tokens(self, image_id: str) -> np.ndarray:
+        """(L, 1+P, D) float16: selected blocks' normed outputs, CLS first."""
+        return self._f["tokens"][self.row(image_id)]
+
+    def cls_tokens(self, image_id: str) -> np.ndarray:
+        """(L, D) float16: the CLS token of each selected block."""
+        return self._f["tokens"][self.row(image_id), :, 0]
+
+    def cls_query(self, image_id: str) -> np.ndarray:
+        """(H, d) float16: the last block's CLS query."""
+        return self._f["cls_query"][self.row(image_id)]
+
+    def patch_keys(self, image_id: str) -> np.ndarray:
+        """(H, P, d) float16: the last block's patch keys."""
+        return self._f["patch_keys"][self.row(image_id)]
+
+    def read_all(self, name: str) -> np.ndarray:
+        """A whole dataset in memory (e.g. 'cls_query'); mind the size of 'tokens'."""
+        if name not in DATASETS:
+            raise FscsError(f"{self.path}: no dataset {name!r} (have {list(DATASETS)})")
+        return self._f[name][:]
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> FeatureStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def partial_path(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    return p.with_name(p.name + ".partial")
+
+
+class StoreWriter:
+    """Writes a store to ``<path>.partial`` batch by batch; `finalize` marks it complete and renames it.
+
+    ``attrs`` must hold every provenance attribute (see module doc) except ``complete``; ``shapes`` gives the
+    per-image shapes of ``tokens`` (L, 1+P, D), ``cls_query`` (H, d) and ``patch_keys`` (H, P, d).
+    If a partial file for the same attributes and image list exists and opens, it is resumed.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        image_ids: Sequence[str],
+        attrs: dict[str, Any],
+        shapes: dict[str, tuple[int, ...]],
+    ):
+        self.path = Path(path)
+        self.partial = partial_path(self.path)
+        self.image_ids = [str(i) for i in image_ids]
+        if len(set(self.image_ids)) != len(self.image_ids):
+            raise FscsError(f"{self.path}: duplicate image ids in the image list")
+        self.attrs = dict(attrs)
+        self.attrs.pop("complete", None)
+        self.shapes = {k: tuple(int(s) for s in v) for k, v in shapes.items()}
+        self.resumed = False
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = self._try_resume()
+        if self._f is None:
+            self._f = self._create()
+        self._done = self._f["done"][:].astype(bool)
+
+    # ---- opening -------------------------------------------------------------------------------------
+    def _try_resume(self) -> h5py.File | None:
+        if not self.partial.exists():
+            return None
+        try:
+            f = h5py.File(self.partial, "r+")
+        except OSError:
+            return None  # killed mid-write beyond repair: rebuild
+        try:
+            have = {k: _plain(v) for k, v in f.attrs.items()}
+            ok = all(k in have and _plain(have[k]) == _plain(_to_attr(v)) for k, v in self.attrs.items())
+            ok = ok and all(d in f for d in DATASETS) and not have.get("complete", False)
+            ok = ok and [_plain(s) for s in f["image_ids"][:]] == self.image_ids
+            n = len(self.image_ids)
+            for name, shape in self.shapes.items():
+                ok = ok and f[name].shape == (n, *shape)
+            if ok:
+                self.resumed = True
+                return f
+        except Exception:  # noqa: BLE001 - any damage means rebuild
+            pass
+        f.close()
+        return None
+
+    def _create(self) -> h5py.File:
+        if self.partial.exists():
+            self.partial.unlink()
+        n = len(self.image_ids)
+        f = h5py.File(self.partial, "w")
+        try:
+            f.create_dataset("image_ids", data=np.array(self.image_ids, dtype=object), dtype=h5py.string_dtype())
+            for name in ("tokens", "cls_query", "patch_keys"):
+                shape = self.shapes[name]
+                f.create_dataset(name, shape=(n, *shape), dtype=np.float16, chunks=(1, *shape))
+            f.create_dataset("done", shape=(n,), dtype=bool, fillvalue=False)
+            for k, v in self.attrs.items():
+                f.attrs[k] = _to_attr(v)
+            f.attrs["complete"] = False
+            f.flush()
+        except BaseException:
+            f.close()
+            raise
+        return f
+
+    # ---- writing -------------------------------------------------------------------------------------
+    @property
+    def done(self) -> np.ndarray:
+        """(N,) bool copy of which rows are written."""
+        return self._done.copy()
+
+    def write(self, rows: Sequence[int], tokens: np.ndarray, cls_query: np.ndarray, patch_keys: np.ndarray) -> None:
+        """Write rows (ascending or not) and mark them done; flushed to disk before returning."""
+        rows = [int(r) for r in rows]
+        f = self._f
+        for i, r in enumerate(rows):
+            f["tokens"][r] = np.asarray(tokens[i], dtype=np.float16)
+            f["cls_query"][r] = np.asarray(cls_query[i], dtype=np.float16)
+            f["patch_keys"][r] = np.asarray(patch_keys[i], dtype=np.float16)
+        f.flush()  # data before done flags: a done row always has its data on disk
+        for r in rows:
+            f["done"][r] = True
+            self._done[r] = True
+        f.flush()
+
+    def finalize(self) -> Path:
+        """Mark complete and rename to the final path; every row must be done."""
+        missing = np.flatnonzero(~self._done)
+        if missing.size:
+            raise FscsError(
+                f"{self.partial}: {missing.size} rows not written (first: {self.image_ids[missing[0]]!r})"
+            )
+        self._f.attrs["complete"] = True
+        self._f.flush()
+        self._f.close()
+        os.replace(self.partial, self.path)
+        return self.path
+
+    def close(self) -> None:
+        """Close without finalizing (the partial file stays for a resume)."""
+        if self._f.id.valid:
+            self._f.close()
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _to_attr(v: Any) -> Any:
+    if isinstance(v, list | tuple):
+        return np.asarray(v)
+    return v
+
+
+def iter_batches(n: int, batch_size: int) -> Iterator[list[int]]:
+    """Fixed row batches [0, b), [b, 2b), ...: the same boundaries on a resume, so results are identical."""
+    for start in range(0, n, batch_size):
+        yield list(range(start, min(start + batch_size, n)))

@@ -1,0 +1,85 @@
+"""Stage `prepare`: dataset folder + params -> image index, folds and the fixed test/validation episodes.
+
+    python -m stages.prepare --index data/index/msrc.parquet --episodes data/episodes/msrc [--params ...]
+
+Writes `<index>` and `<episodes>/folds.json`, `<episodes>/test.parquet`, `<episodes>/val.parquet`
+(docs/ARCHITECTURE.md). Everything is computed and checked in memory first; only then is each file written
+atomically, so bad input leaves no output. Test episodes: `episodes.test_per_fold` per fold and
+(way, shot) from the test split and the fold's test classes; validation episodes: `episodes.val_per_fold`
+per fold and (way, shot) from the train split and the fold's training classes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from fscs.data.episodes import episode_lists, write_episodes
+from fscs.data.folds import make_folds
+from fscs.data.index import build_index, dataset_splits, write_index
+from fscs.errors import FscsError
+from fscs.io import write_json
+from fscs.params import load_params, section
+from stages._common import run_stage, stage_parser
+
+
+def _int_list(value, key: str) -> list[int]:
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+        raise FscsError(f"params: episodes.{key} must be a list of positive integers, got {value!r}")
+    return [int(v) for v in values]
+
+
+def _count(value, key: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise FscsError(f"params: episodes.{key} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = stage_parser(__doc__.splitlines()[0])
+    parser.add_argument("--index", required=True, help="output image index (parquet)")
+    parser.add_argument("--episodes", required=True, help="output folder for folds.json, test/val.parquet")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+
+    params = load_params(args.params)
+    dataset, folds_p, episodes_p = section(params, "dataset"), section(params, "folds"), section(params, "episodes")
+    splits = dataset_splits(dataset)
+    ways, shots = _int_list(episodes_p.get("ways", [1]), "ways"), _int_list(episodes_p.get("shots", [1]), "shots")
+    n_test, n_val = _count(episodes_p.get("test_per_fold", 1000), "test_per_fold"), _count(
+        episodes_p.get("val_per_fold", 100), "val_per_fold"
+    )
+    seed = episodes_p.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise FscsError(f"params: episodes.seed must be a non-negative integer, got {seed!r}")
+
+    index, classes = build_index(dataset)
+    folds = make_folds(
+        dataset.get("name", "dataset"),
+        classes,
+        dataset.get("exclude_classes") or [],
+        folds_p.get("n", 4),
+        folds_p.get("order", "contiguous"),
+        dataset["train_split"],
+        dataset["test_split"],
+    )
+    test = episode_lists(index, folds, "test", ways, shots, n_test, seed)
+    val = episode_lists(index, folds, "val", ways, shots, n_val, seed)
+
+    write_index(index, args.index)
+    write_json(os.path.join(args.episodes, "folds.json"), folds)
+    write_episodes(test, os.path.join(args.episodes, "test.parquet"))
+    write_episodes(val, os.path.join(args.episodes, "val.parquet"))
+
+    per_split = " / ".join(f"{(index['split'] == s).sum()} {s}" for s in splits)
+    n_folds = len(folds["folds"])
+    print(
+        f"prepare: {folds['dataset']}: {len(index)} images ({per_split}), {len(folds['included'])} classes in "
+        f"{n_folds} folds, {len(test) // n_folds} test + {len(val) // n_folds} val episodes per fold "
+        f"({len(ways)}x{len(shots)} way/shot settings), {time.perf_counter() - start:.1f}s"
+    )
+
+
+if __name__ == "__main__":
+    run_stage(main)
