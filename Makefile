@@ -8,7 +8,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run repro test test-fast lint format ui bench clean-prefect
+.PHONY: help setup run repro test test-fast lint format ui flow plots bench
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -42,7 +42,13 @@ ui:  ## start the Prefect server on 127.0.0.1:4200 and serve the pipeline deploy
 	$(PY) -m flows.serve
 
 flow:  ## run the pipeline flow once against the server started by `make ui`
-	$(PY) -m flows.pipeline
+	PREFECT_API_URL=http://127.0.0.1:4200/api $(PY) -m flows.pipeline
+
+plots:  ## render learning curves and the threshold sweep with dvc plots into reports/plots_html/index.html (offline)
+	test -f .cache/vega/node_modules/vega-embed/build/vega-embed.min.js || \
+	  npm install --silent --no-audit --no-fund --prefix .cache/vega vega@5 vega-lite@5 vega-embed@6
+	$(PY) -m fscs.plots --node-modules .cache/vega/node_modules --out .cache/vega/offline_template.html
+	dvc plots show --html-template .cache/vega/offline_template.html -o reports/plots_html
 
 bench:  ## print the extraction and training benchmarks
 	$(PY) -m benchmarks.extract

@@ -12,6 +12,7 @@ per fold and (way, shot) from the train split and the fold's training classes.
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 from fscs.data.episodes import episode_lists, write_episodes
@@ -31,6 +32,7 @@ def _int_list(value, key: str) -> list[int]:
 
 
 def _count(value, key: str) -> int:
+    """A non-negative integer param (episodes.<key>)."""
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise FscsError(f"params: episodes.{key} must be a non-negative integer, got {value!r}")
     return value
@@ -44,15 +46,16 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
 
     params = load_params(args.params)
-    dataset, folds_p, episodes_p = section(params, "dataset"), section(params, "folds"), section(params, "episodes")
+    dataset = section(params, "dataset")
+    folds_p = section(params, "folds")
+    episodes_p = section(params, "episodes")
     splits = dataset_splits(dataset)
-    ways, shots = _int_list(episodes_p.get("ways", [1]), "ways"), _int_list(episodes_p.get("shots", [1]), "shots")
-    n_test, n_val = _count(episodes_p.get("test_per_fold", 1000), "test_per_fold"), _count(
-        episodes_p.get("val_per_fold", 100), "val_per_fold"
-    )
-    seed = episodes_p.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise FscsError(f"params: episodes.seed must be a non-negative integer, got {seed!r}")
+    ways = _int_list(episodes_p.get("ways", [1]), "ways")
+    shots = _int_list(episodes_p.get("shots", [1]), "shots")
+    n_test = _count(episodes_p.get("test_per_fold", 1000), "test_per_fold")
+    n_val = _count(episodes_p.get("val_per_fold", 100), "val_per_fold")
+    seed = _count(episodes_p.get("seed", 0), "seed")
+    too_few = episodes_p.get("too_few_images", "error")
 
     index, classes = build_index(dataset)
     folds = make_folds(
@@ -64,8 +67,16 @@ def main(argv: list[str] | None = None) -> None:
         dataset["train_split"],
         dataset["test_split"],
     )
-    test = episode_lists(index, folds, "test", ways, shots, n_test, seed)
-    val = episode_lists(index, folds, "val", ways, shots, n_val, seed)
+    test, dropped_test = episode_lists(index, folds, "test", ways, shots, n_test, seed, too_few)
+    val, dropped_val = episode_lists(index, folds, "val", ways, shots, n_val, seed, too_few)
+    folds["too_few_images"] = dropped_test + dropped_val
+    for d in folds["too_few_images"]:
+        print(
+            f"warning: class {d['class']} ({d['name']}) has {d['images']} image(s) in split "
+            f"'{d['split']}': left out of fold {d['fold']}'s {d['shot']}-shot {d['episodes']} episodes "
+            "(episodes.too_few_images: drop)",
+            file=sys.stderr,
+        )
 
     write_index(index, args.index)
     write_json(os.path.join(args.episodes, "folds.json"), folds)
@@ -75,9 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     per_split = " / ".join(f"{(index['split'] == s).sum()} {s}" for s in splits)
     n_folds = len(folds["folds"])
     print(
-        f"prepare: {folds['dataset']}: {len(index)} images ({per_split}), {len(folds['included'])} classes in "
-        f"{n_folds} folds, {len(test) // n_folds} test + {len(val) // n_folds} val episodes per fold "
-        f"({len(ways)}x{len(shots)} way/shot settings), {time.perf_counter() - start:.1f}s"
+        f"prepare: {folds['dataset']}: {len(index)} images ({per_split}), {len(folds['included'])} "
+        f"classes in {n_folds} folds, {len(test) // n_folds} test + {len(val) // n_folds} val episodes "
+        f"per fold ({len(ways)}x{len(shots)} way/shot settings), {time.perf_counter() - start:.1f}s"
     )
 
 

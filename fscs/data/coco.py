@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -164,13 +165,18 @@ def render_semantic_mask(
     things = [a for a in annotations if not a.get("iscrowd", 0)]
     crowds = [a for a in annotations if a.get("iscrowd", 0)]
     things.sort(key=lambda a: (-float(a.get("area", 0.0)), int(a.get("id", 0))))
+
+    def region(ann: dict[str, Any]) -> np.ndarray:
+        with warnings.catch_warnings():  # pycocotools' decode trips numpy 2's copy-keyword deprecation
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return mask_utils.decode(_rle(ann["segmentation"], height, width)).astype(bool)
+
     for ann in things:
-        region = mask_utils.decode(_rle(ann["segmentation"], height, width)).astype(bool)
-        mask[region] = to_class[int(ann["category_id"])]
-        painted |= region
+        r = region(ann)
+        mask[r] = to_class[int(ann["category_id"])]
+        painted |= r
     for ann in crowds:
-        region = mask_utils.decode(_rle(ann["segmentation"], height, width)).astype(bool)
-        mask[region & ~painted] = VOID
+        mask[region(ann) & ~painted] = VOID
     return mask
 
 
@@ -195,7 +201,7 @@ def coco_json_rows(
             raise FscsError(f"{os.path.join(root, split)}: image folder of split '{split}' not found")
     to_class: dict[int, int] = {}
     names: dict[int, str] = {}
-    for split, (path, data) in datasets.items():
+    for path, data in datasets.values():
         t, n = category_map(data["categories"])
         if names and (t, n) != (to_class, names):
             raise FscsError(f"{path}: categories differ from those of split '{splits[0]}'")
@@ -205,7 +211,9 @@ def coco_json_rows(
         by_image: dict[int, list[dict[str, Any]]] = {}
         for ann in data["annotations"]:
             if int(ann["category_id"]) not in to_class:
-                raise FscsError(f"{path}: annotation {ann.get('id')} has unknown category {ann['category_id']}")
+                raise FscsError(
+                    f"{path}: annotation {ann.get('id')} has unknown category {ann['category_id']}"
+                )
             by_image.setdefault(int(ann["image_id"]), []).append(ann)
         split_cache = os.path.join(cache_dir, split)
         stat = os.stat(path)
@@ -230,7 +238,9 @@ def coco_json_rows(
                 try:
                     mask = render_semantic_mask(by_image.get(int(image["id"]), []), height, width, to_class)
                 except (ValueError, KeyError, TypeError) as exc:
-                    raise FscsError(f"{path}: bad segmentation for image {image['file_name']} ({exc})") from exc
+                    raise FscsError(
+                        f"{path}: bad segmentation for image {image['file_name']} ({exc})"
+                    ) from exc
                 _save_png(mask, mask_path)
             rows.append(record(image_id, split, image_path, mask_path, names, min_class_pixels, mask=mask))
         if not fresh:

@@ -42,6 +42,7 @@ EPISODE_SCHEMA = pa.schema(
     ]
 )
 EPISODE_COLUMNS = tuple(EPISODE_SCHEMA.names)
+TOO_FEW = ("error", "drop")
 
 
 @dataclass
@@ -85,7 +86,8 @@ class EpisodeSampler:
     `index` is the image-index frame (columns image_id, split, classes); `classes` the class ids episodes
     may use (query entries and support classes). Construction checks that every class has at least
     shot + 1 images in the split and that there are at least `way` classes; `class_names` (id -> name)
-    makes those errors readable.
+    makes those errors readable. With `too_few="drop"` a class with fewer than shot + 1 images is left
+    out instead (neither query entry nor support class) and listed in `self.dropped` as (class, count).
     """
 
     def __init__(
@@ -96,7 +98,12 @@ class EpisodeSampler:
         way: int = 1,
         shot: int = 1,
         class_names: dict[int, str] | None = None,
+        too_few: str = "error",
     ) -> None:
+        if too_few not in TOO_FEW:
+            raise FscsError(
+                f"params: episodes.too_few_images must be one of {', '.join(TOO_FEW)}, got {too_few!r}"
+            )
         self.split = split
         self.way = int(way)
         self.shot = int(shot)
@@ -104,16 +111,36 @@ class EpisodeSampler:
         names = class_names or {}
         if self.way < 1 or self.shot < 1:
             raise FscsError(f"episodes need way >= 1 and shot >= 1, got {way}-way {shot}-shot")
+        counts = {c: 0 for c in self.classes}
+        for image_split, image_classes in zip(index["split"], index["classes"], strict=True):
+            if image_split == split:
+                for c in image_classes:
+                    if int(c) in counts:
+                        counts[int(c)] += 1
+        self.dropped: list[tuple[int, int]] = []
+        for c in self.classes:
+            if counts[c] < self.shot + 1:
+                if too_few == "drop":
+                    self.dropped.append((c, counts[c]))
+                    continue
+                label = f"class {c} ({names[c]})" if c in names else f"class {c}"
+                raise FscsError(
+                    f"{label} has {counts[c]} image(s) in split '{split}'; {self.shot}-shot episodes need at "
+                    f"least {self.shot + 1} (the query plus {self.shot} support images)"
+                )
+        self.classes = [c for c in self.classes if c not in dict(self.dropped)]
         if self.way > len(self.classes):
             raise FscsError(
-                f"{self.way}-way episodes need at least {self.way} classes, only {len(self.classes)} given "
-                f"for split '{split}'"
+                f"{self.way}-way episodes need at least {self.way} classes with {self.shot + 1}+ images in "
+                f"split '{split}', only {len(self.classes)} of {len(counts)} have"
             )
         wanted = set(self.classes)
         self.image_classes: dict[str, frozenset[int]] = {}
         self.by_class: dict[int, list[str]] = {c: [] for c in self.classes}
         self.entries: list[tuple[str, int]] = []
-        for image_id, image_split, image_classes in zip(index["image_id"], index["split"], index["classes"]):
+        for image_id, image_split, image_classes in zip(
+            index["image_id"], index["split"], index["classes"], strict=True
+        ):
             if image_split != split:
                 continue
             cs = [int(c) for c in image_classes]
@@ -122,14 +149,6 @@ class EpisodeSampler:
                 if c in wanted:
                     self.by_class[c].append(image_id)
                     self.entries.append((image_id, c))
-        for c in self.classes:
-            count = len(self.by_class[c])
-            if count < self.shot + 1:
-                label = f"class {c} ({names[c]})" if c in names else f"class {c}"
-                raise FscsError(
-                    f"{label} has {count} image(s) in split '{split}'; {self.shot}-shot episodes need at "
-                    f"least {self.shot + 1} (the query plus {self.shot} support images)"
-                )
 
     def sample(self, rng: np.random.Generator) -> Episode:
         """One episode drawn with `rng` (see the module docstring for the protocol)."""
@@ -185,8 +204,9 @@ class TrainEpisodeSampler(EpisodeSampler):
         shot: int = 1,
         seed: int = 0,
         class_names: dict[int, str] | None = None,
+        too_few: str = "error",
     ) -> None:
-        super().__init__(index, train_classes, split, way, shot, class_names)
+        super().__init__(index, train_classes, split, way, shot, class_names, too_few)
         self.seed = int(seed)
 
     def episode(self, i: int) -> Episode:  # type: ignore[override]
@@ -208,9 +228,11 @@ def build_episodes(
     seed: int,
     fold: int = 0,
     class_names: dict[int, str] | None = None,
+    too_few: str = "error",
 ) -> list[dict[str, Any]]:
-    """Rows (dicts with the episode columns) of episodes 0..n-1, episode i drawn from seed + i."""
-    sampler = EpisodeSampler(index, classes, split, way, shot, class_names)
+    """Rows (dicts with the episode columns) of episodes 0..n-1 of one (way, shot), episode i drawn from
+    seed + i. For the classes left out under too_few="drop", use `EpisodeSampler` directly."""
+    sampler = EpisodeSampler(index, classes, split, way, shot, class_names, too_few)
     return [sampler.episode(seed + i).row(fold, i) for i in range(int(n))]
 
 
@@ -222,21 +244,37 @@ def episode_lists(
     shots: Iterable[int],
     n: int,
     seed: int,
-) -> pd.DataFrame:
+    too_few: str = "error",
+) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
     """Test (role "test": test split, fold's test classes) or validation (role "val": train split, fold's
     training classes) episodes for every fold and (way, shot), as one frame in (fold, way, shot, episode)
-    order."""
+    order, plus the classes left out for too few images (too_few="drop"), one dict per (fold, shot, class).
+    """
+    if role not in ("test", "val"):
+        raise ValueError(role)
     split = folds["test_split"] if role == "test" else folds["train_split"]
     key = "test" if role == "test" else "train"
     names = {int(c): name for c, name in folds["classes"].items()}
     rows: list[dict[str, Any]] = []
+    dropped: list[dict[str, Any]] = []
     for fold in sorted(folds["folds"], key=int):
         for way in ways:
             for shot in shots:
-                rows += build_episodes(
-                    index, folds["folds"][fold][key], split, way, shot, n, seed, int(fold), names
-                )
-    return pd.DataFrame(rows, columns=list(EPISODE_COLUMNS))
+                sampler = EpisodeSampler(index, folds["folds"][fold][key], split, way, shot, names, too_few)
+                rows += [sampler.episode(seed + i).row(int(fold), i) for i in range(int(n))]
+                for c, count in sampler.dropped:
+                    entry = {
+                        "episodes": role,
+                        "fold": int(fold),
+                        "shot": shot,
+                        "class": c,
+                        "name": names.get(c),
+                        "split": split,
+                        "images": count,
+                    }
+                    if entry not in dropped:
+                        dropped.append(entry)
+    return pd.DataFrame(rows, columns=list(EPISODE_COLUMNS)), dropped
 
 
 def episodes_table(frame: pd.DataFrame) -> pa.Table:

@@ -33,7 +33,7 @@ import tarfile
 import urllib.error
 import urllib.request
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tqdm import tqdm
 
@@ -55,8 +55,6 @@ class Source:
     files: tuple[Remote, ...]
     inner: str  # folder inside the extracted tree that becomes ROOT/NAME ("" = the whole tree)
     layout: str  # voc | sbd | coco_json
-    notes: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 DATASETS: dict[str, Source] = {
@@ -111,7 +109,9 @@ CHUNK = 1 << 20
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", help=f"dataset name ({', '.join(DATASETS)} download; any name with --from)")
-    parser.add_argument("--from", dest="source", metavar="DIR", help="use the dataset already in DIR (symlink)")
+    parser.add_argument(
+        "--from", dest="source", metavar="DIR", help="use the dataset already in DIR (symlink)"
+    )
     parser.add_argument("--root", default=os.path.join("data", "raw"), help="where datasets live (data/raw)")
     parser.add_argument("--url", help="mirror base URL replacing the official one (or env FSCS_MIRROR)")
     parser.add_argument("--keep-archives", action="store_true", help="keep downloaded archives")
@@ -158,7 +158,9 @@ def run(args: argparse.Namespace) -> None:
             staged = inner
         problem = layout_problem(staged, layout)
         if problem is not None:
-            raise FscsError(f"{', '.join(archives)}: extracted files are not a valid {name} folder ({problem})")
+            raise FscsError(
+                f"{', '.join(archives)}: extracted files are not a valid {name} folder ({problem})"
+            )
         os.replace(staged, dest)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -220,7 +222,9 @@ def layout_problem(folder: str, layout: str) -> str | None:
         missing = [d for d in need if not os.path.isdir(os.path.join(folder, d))]
         if missing:
             return f"no {missing[0]}/ folder"
-        if not any(os.path.isdir(os.path.join(folder, d)) for d in ("SegmentationClass", "SegmentationClassAug")):
+        if not any(
+            os.path.isdir(os.path.join(folder, d)) for d in ("SegmentationClass", "SegmentationClassAug")
+        ):
             return "no SegmentationClass/ or SegmentationClassAug/ folder"
         return None
     if layout == "sbd_masks":
@@ -317,7 +321,9 @@ def download(remote: Remote, folder: str, mirror: str | None = None) -> str:
             total = start + int(length) if length and length.isdigit() else None
             with (
                 open(partial, mode) as f,
-                tqdm(total=total, initial=start, unit="B", unit_scale=True, desc=remote.filename, disable=None) as bar,
+                tqdm(
+                    total=total, initial=start, unit="B", unit_scale=True, desc=remote.filename, disable=None
+                ) as bar,
             ):
                 for chunk in iter(lambda: response.read(CHUNK), b""):
                     f.write(chunk)
@@ -326,7 +332,9 @@ def download(remote: Remote, folder: str, mirror: str | None = None) -> str:
         if exc.code == 416 and have:  # range not satisfiable: the partial file is already complete
             pass
         else:
-            raise FscsError(f"{url}: download of {remote.filename} failed (HTTP {exc.code} {exc.reason})") from exc
+            raise FscsError(
+                f"{url}: download of {remote.filename} failed (HTTP {exc.code} {exc.reason})"
+            ) from exc
     except (urllib.error.URLError, OSError) as exc:
         raise FscsError(f"{url}: download of {remote.filename} failed ({exc}); rerun to resume") from exc
     os.replace(partial, final)

@@ -170,7 +170,9 @@ def build_index(dataset: dict[str, Any]) -> tuple[pd.DataFrame, dict[int, str]]:
     elif layout == "coco_json":
         from fscs.data import coco
 
-        cache = dataset.get("mask_cache") or os.path.join("data", "raw", "masks_rendered", dataset.get("name", "coco"))
+        cache = dataset.get("mask_cache") or os.path.join(
+            "data", "raw", "masks_rendered", dataset.get("name", "coco")
+        )
         rows, classes = coco.coco_json_rows(root, splits, mcp, cache_dir=cache)
     else:
         raise FscsError(f"params: dataset.layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
