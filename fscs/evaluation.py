@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Sequence
+from functools import lru_cache
 from typing import Any, Protocol
 
 import numpy as np
@@ -57,16 +58,27 @@ def load_episodes(path: str | os.PathLike, fold: int | None = None) -> pd.DataFr
     return df.reset_index(drop=True)
 
 
-def upsample(fg: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear (align_corners=False) resize of (N, h, w) maps to (N, H, W), float32."""
-    fg = np.asarray(fg, dtype=np.float32)
-    if fg.shape[-2:] == tuple(size):
-        return fg
-    import torch
-    import torch.nn.functional as F
+@lru_cache(maxsize=256)
+def _interp_1d(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices (i0, i1) and weight of i1 for 1-D linear interpolation, align_corners=False."""
+    src = np.maximum((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    return i0, i1, (src - i0).astype(np.float32)
 
-    t = torch.from_numpy(np.ascontiguousarray(fg))[None]
-    return F.interpolate(t, size=tuple(int(s) for s in size), mode="bilinear", align_corners=False)[0].numpy()
+
+def upsample(fg: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of (N, h, w) maps to (N, H, W) float32, identical to torch's F.interpolate 'bilinear'
+    with align_corners=False (no antialiasing). Done with gathers, separably: no BLAS or torch threads, which
+    are very slow on a small, busy CPU."""
+    fg = np.asarray(fg, dtype=np.float32)
+    h_out, w_out = (int(s) for s in size)
+    if fg.shape[-2:] == (h_out, w_out):
+        return fg
+    y0, y1, wy = _interp_1d(h_out, fg.shape[-2])
+    x0, x1, wx = _interp_1d(w_out, fg.shape[-1])
+    rows = fg[..., y0, :] * (1.0 - wy)[:, None] + fg[..., y1, :] * wy[:, None]
+    return rows[..., x0] * (1.0 - wx) + rows[..., x1] * wx
 
 
 def decide(presence: np.ndarray, fg: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -91,10 +103,10 @@ def _num(x: float | None, digits: int = 4) -> float | None:
 class _GtCache:
     """Ground-truth masks by query id, read once, checked against the index's size."""
 
-    def __init__(self, index: pd.DataFrame, maxsize: int = 4096):
+    def __init__(self, index: pd.DataFrame, maxsize: int = 4096, cache: dict[str, np.ndarray] | None = None):
         self.index = index
         self.maxsize = maxsize
-        self._cache: dict[str, np.ndarray] = {}
+        self._cache: dict[str, np.ndarray] = {} if cache is None else cache
 
     def size(self, image_id: str) -> tuple[int, int]:
         row = self._row(image_id)
@@ -133,13 +145,15 @@ def run_episodes(
     void: str = "ignore",
     progress: bool | None = True,
     desc: str = "episodes",
+    mask_cache: dict[str, np.ndarray] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Score ``predictor`` on ``episodes`` (one fold), grouped by (way, shot).
 
     Returns ``{"1way1shot": {"er", "miou", "fbiou", "episodes", "per_class_iou": {"<id>": iou|None}}, ...}``
     with percentages in [0, 100] (None where undefined), settings sorted by (way, shot).
     ``fold_classes``: the classes mIoU averages over (the fold's test classes, or training classes for
-    validation episodes). ``progress``: True/None shows a tqdm bar (None: only on a TTY), False hides it.
+    validation episodes). ``progress``: True/None shows a tqdm bar (quiet when not a TTY), False hides it.
+    ``mask_cache``: a dict that keeps ground-truth masks across calls (e.g. validation every epoch).
     """
     check_void(void)
     missing = [c for c in EPISODE_COLUMNS if c not in episodes.columns]
@@ -151,7 +165,7 @@ def run_episodes(
         raise FscsError(
             f"image index: {len(unknown)} query ids of the episodes not found (first: {unknown[0]!r})"
         )
-    gts = _GtCache(index)
+    gts = _GtCache(index, cache=mask_cache)
     meters: dict[tuple[int, int], tuple[ClsMeter, SegMeter]] = {}
     disable = True if progress is False else None  # None: tqdm stays quiet when not a TTY
     for ep in tqdm(episodes.itertuples(index=False), total=len(episodes), desc=desc, disable=disable):

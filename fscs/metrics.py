@@ -144,3 +144,70 @@ class ClsMeter:
     def er(self) -> float:
         """Exact ratio in percent (nan before any update)."""
         return 100.0 * self.correct / self.episodes if self.episodes else float("nan")
+
+
+class ThresholdSweep:
+    """Accumulated class-wise IoU for many foreground thresholds at once (calibration of baselines).
+
+    For each episode, a score map per pixel (the best class's foreground value ``top``) and its class
+    (``arg``, episode labels 1..N) are given; the prediction at threshold t is ``arg`` where ``top >= t``,
+    background elsewhere, exactly as `SegMeter` would score ``np.where(top >= t, arg, 0)``.
+    """
+
+    def __init__(self, class_ids: Iterable[int], thresholds: Sequence[float], void: str = "ignore"):
+        self.class_ids = [int(c) for c in class_ids]
+        self.thresholds = np.asarray(thresholds, dtype=np.float64)
+        if self.thresholds.ndim != 1 or np.any(np.diff(self.thresholds) <= 0):
+            raise ValueError("thresholds must be a strictly increasing 1-D sequence")
+        self.void = check_void(void)
+        self.inter: dict[int, np.ndarray] = {}
+        self.union: dict[int, np.ndarray] = {}
+
+    def _add(self, label: int, inter: np.ndarray, union: np.ndarray) -> None:
+        if label not in self.inter:
+            self.inter[label] = np.zeros(self.thresholds.size, dtype=np.int64)
+            self.union[label] = np.zeros(self.thresholds.size, dtype=np.int64)
+        self.inter[label] += inter
+        self.union[label] += union
+
+    def update(
+        self, top: np.ndarray, arg: np.ndarray, gt_abs: np.ndarray, episode_classes: Sequence[int]
+    ) -> None:
+        top, arg, gt_abs = np.asarray(top), np.asarray(arg), np.asarray(gt_abs)
+        if not (top.shape == arg.shape == gt_abs.shape):
+            raise ValueError(f"shapes differ: top {top.shape}, arg {arg.shape}, gt {gt_abs.shape}")
+        gt = episode_gt(gt_abs, episode_classes, self.void)
+        valid = gt != VOID
+        g, a = gt[valid].astype(np.int64), arg[valid].astype(np.int64)
+        t = self.thresholds.size
+        # bin b = number of thresholds <= value: a value counts as foreground at threshold j iff its bin > j
+        bins = np.searchsorted(self.thresholds, top[valid].astype(np.float64), side="right")
+
+        def n_ge(sel: np.ndarray) -> np.ndarray:  # per threshold: how many selected values are >= it
+            counts = np.bincount(bins[sel], minlength=t + 1)
+            return int(counts.sum()) - np.cumsum(counts)[:t]
+
+        everything = np.ones(bins.size, dtype=bool)
+        below = bins.size - n_ge(everything)
+        bg_gt = g == 0
+        inter0 = int(bg_gt.sum()) - n_ge(bg_gt)
+        self._add(0, inter0, int(bg_gt.sum()) + below - inter0)
+        for i, c in enumerate(episode_classes, start=1):
+            pred_i = n_ge(a == i)
+            inter_i = n_ge((a == i) & (g == i))
+            self._add(int(c), inter_i, int((g == i).sum()) + pred_i - inter_i)
+
+    def miou(self) -> np.ndarray:
+        """mIoU (percent) per threshold over ``class_ids`` with non-zero union; nan where none has."""
+        out = np.full(self.thresholds.size, np.nan)
+        num = np.zeros(self.thresholds.size)
+        cnt = np.zeros(self.thresholds.size)
+        for c in self.class_ids:
+            if c in self.union:
+                u = self.union[c]
+                ok = u > 0
+                num[ok] += 100.0 * self.inter[c][ok] / u[ok]
+                cnt[ok] += 1
+        has = cnt > 0
+        out[has] = num[has] / cnt[has]
+        return out

@@ -10,7 +10,10 @@ Layout (row r = one image, one image per HDF5 chunk so a read touches only that 
 
 Attributes: ``backbone``, ``arch``, ``weights_sha256``, ``source``, ``input_size``, ``patch_size``,
 ``grid`` [gh, gw], ``layers`` (resolved block indices), ``depth``, ``num_heads``, ``embed_dim``,
-``normalization``, ``code_version`` and ``complete`` (True only after the last write).
+``normalization``, ``code_version``, ``fused`` (which CPU path computed it, see fscs.backbone) and
+``complete`` (True only after the last write). `FeatureStore` compares ``backbone``, ``arch``,
+``input_size``, ``layers`` ("all" means every block of ``depth``), ``normalization`` and ``code_version``
+with what the params ask for (`expected_attrs`), plus any other key given in ``expect``.
 
 Writing goes to ``<path>.partial``; rows are flushed batch by batch with their ``done`` flags, and only when
 every row is done is ``complete`` set and the file renamed to ``<path>``. A re-run after a crash resumes the
@@ -64,7 +67,9 @@ def resolve_layers(layers: Any, depth: int) -> list[int]:
     if isinstance(layers, int) and not isinstance(layers, bool):
         layers = [layers]
     if not isinstance(layers, list | tuple) or not layers:
-        raise FscsError(f"backbone.layers: expected 'all' or a non-empty list of block indices, got {layers!r}")
+        raise FscsError(
+            f"backbone.layers: expected 'all' or a non-empty list of block indices, got {layers!r}"
+        )
     out = set()
     for i in layers:
         if not isinstance(i, int) or isinstance(i, bool) or not -depth <= i < depth:
@@ -74,7 +79,7 @@ def resolve_layers(layers: Any, depth: int) -> list[int]:
 
 
 def expected_attrs(params: dict[str, Any]) -> dict[str, Any]:
-    """The ``expect`` dict for `FeatureStore` from params.yaml (the whole file or its ``backbone`` section)."""
+    """The ``expect`` dict for `FeatureStore` from params.yaml (whole file or its ``backbone`` section)."""
     bb = params.get("backbone", params)
     if not isinstance(bb, dict) or "name" not in bb:
         raise FscsError("params: missing section 'backbone' (with at least 'name')")
@@ -110,7 +115,9 @@ def check_attrs(attrs: dict[str, Any], expect: dict[str, Any], where: str) -> No
     for key in order:
         want = expect[key]
         if key not in attrs:
-            raise FscsError(f"{where}: attribute '{key}' is missing (expected {want!r}); re-run `dvc repro extract`")
+            raise FscsError(
+                f"{where}: attribute '{key}' is missing (expected {want!r}); re-run `dvc repro extract`"
+            )
         have = attrs[key]
         if not _matches(key, have, want, attrs):
             raise FscsError(
@@ -138,7 +145,9 @@ class FeatureStore:
                 raise FscsError(f"{self.path}: feature store is incomplete; re-run `dvc repro extract`")
             missing = [d for d in DATASETS if d not in self._f]
             if missing:
-                raise FscsError(f"{self.path}: feature store lacks datasets {missing}; re-run `dvc repro extract`")
+                raise FscsError(
+                    f"{self.path}: feature store lacks datasets {missing}; re-run `dvc repro extract`"
+                )
             if not bool(np.all(self._f["done"][:])):
                 raise FscsError(f"{self.path}: feature store has unwritten rows; re-run `dvc repro extract`")
             if expect:
@@ -277,7 +286,9 @@ class StoreWriter:
         n = len(self.image_ids)
         f = h5py.File(self.partial, "w")
         try:
-            f.create_dataset("image_ids", data=np.array(self.image_ids, dtype=object), dtype=h5py.string_dtype())
+            f.create_dataset(
+                "image_ids", data=np.array(self.image_ids, dtype=object), dtype=h5py.string_dtype()
+            )
             for name in ("tokens", "cls_query", "patch_keys"):
                 shape = self.shapes[name]
                 f.create_dataset(name, shape=(n, *shape), dtype=np.float16, chunks=(1, *shape))
@@ -297,7 +308,9 @@ class StoreWriter:
         """(N,) bool copy of which rows are written."""
         return self._done.copy()
 
-    def write(self, rows: Sequence[int], tokens: np.ndarray, cls_query: np.ndarray, patch_keys: np.ndarray) -> None:
+    def write(
+        self, rows: Sequence[int], tokens: np.ndarray, cls_query: np.ndarray, patch_keys: np.ndarray
+    ) -> None:
         """Write rows (ascending or not) and mark them done; flushed to disk before returning."""
         rows = [int(r) for r in rows]
         f = self._f

@@ -187,3 +187,25 @@ def test_evaluation_json_shape(fake):
     assert out["results"]["2way1shot"] == {"er": 100.0, "miou": 100.0, "fbiou": 100.0, "episodes": 2}
     assert out["per_class_iou"]["1way1shot"]["1"] == 100.0
     json.dumps(out, allow_nan=False)
+
+
+def test_mask_cache_is_reused(fake):
+    index, eps, masks = fake
+    cache = {}
+    run_episodes(eps, Oracle(masks), index, [1, 2, 3], progress=False, mask_cache=cache)
+    assert set(cache) == {"q1", "q2", "q3"}
+    cache["q1"] = np.zeros((H, W), np.uint8)  # a cached mask is used as is
+    res = run_episodes(eps, Oracle(masks), index, [1, 2, 3], progress=False, mask_cache=cache)
+    assert res["1way1shot"]["er"] == 100.0 and res["1way1shot"]["miou"] < 100.0
+
+
+@pytest.mark.parametrize(
+    "shape, size", [((16, 16), (213, 320)), ((4, 4), (8, 8)), ((8, 8), (5, 7)), ((1, 1), (3, 2))]
+)
+def test_upsample_matches_torch_bilinear(shape, size):
+    import torch
+    import torch.nn.functional as F
+
+    x = np.random.default_rng(0).random((2, *shape)).astype(np.float32)
+    ref = F.interpolate(torch.from_numpy(x)[None], size=size, mode="bilinear", align_corners=False)[0].numpy()
+    np.testing.assert_allclose(upsample(x, size), ref, atol=1e-5)

@@ -112,3 +112,20 @@ def test_exact_ratio():
     assert c.er() == pytest.approx(50.0)
     with pytest.raises(ValueError):
         c.update([True], [1, 0])
+
+
+def test_threshold_sweep_matches_segmeter():
+    from fscs.metrics import ThresholdSweep
+
+    rng = np.random.default_rng(0)
+    ts = [0.0, 0.3, 0.5, 0.51, 0.9, 1.1]
+    sweep = ThresholdSweep([1, 2, 3], ts, void="ignore")
+    meters = [SegMeter([1, 2, 3], void="ignore") for _ in ts]
+    for classes in ([1], [2, 3], [3, 1]):
+        gt = rng.choice([0, 1, 2, 3, 255], size=(7, 9)).astype(np.uint8)
+        top = np.round(rng.random((7, 9)), 2)
+        arg = rng.integers(1, len(classes) + 1, size=(7, 9))
+        sweep.update(top, arg, gt, classes)
+        for t, m in zip(ts, meters, strict=True):
+            m.update(np.where(top >= t, arg, 0), gt, classes)
+    np.testing.assert_allclose(sweep.miou(), [m.miou() for m in meters])

@@ -1,0 +1,342 @@
+"""`fscs predict`: few-shot classify and segment query images from a handful of labelled support images.
+
+    fscs predict --checkpoint models/cst/pixel/fold0.pt \\
+        --support cow1.jpg:cow --support cow2.jpg:cow:cow2_mask.png --support sheep.jpg:sheep \\
+        --query field.jpg --query barn.jpg --out predictions/ [--params params.yaml]
+
+Each ``--support IMG:CLASS[:MASK]`` adds one support image of CLASS (a free name; the classes are numbered
+1..N in the order they first appear). MASK, when given, is a PNG whose non-zero pixels are the class's
+foreground (a binary PNG or an index PNG; 255 counts as foreground too, as any non-zero value); otherwise the
+support's self pseudo-mask (its own last-block CLS attention through `fscs.pseudo.Labeler`, with the
+``pseudo`` settings the checkpoint records, else those of --params, else the Labeler's defaults) is used, as
+in image-level training. Support masks are fed at the checkpoint's training mask size (``label_size``).
+Several supports of a class make a K-shot episode (probabilities averaged over shots, as in evaluation).
+Images of any size are resized to the backbone's input size.
+
+The checkpoint's config names the backbone (and its weights' sha256): that backbone is built and must match.
+Writes per query ``<name>.json`` (class names, presence probabilities, present flags, mask pixel counts),
+``<name>_mask.png`` (index PNG at the query's original size: 0 background, i = class i, VOC palette) and
+``<name>_overlay.png``, plus ``predictions.json`` listing every query. All inputs are read and checked before
+anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fscs.errors import FscsError
+
+#: store/backbone attributes a freshly built backbone must share with the checkpoint's training features
+MATCH_KEYS = (
+    "backbone",
+    "arch",
+    "weights_sha256",
+    "input_size",
+    "patch_size",
+    "grid",
+    "num_heads",
+    "embed_dim",
+)
+
+
+@dataclass
+class SupportSpec:
+    image: str
+    cls: str
+    mask: str | None
+
+
+def parse_support(spec: str) -> SupportSpec:
+    """'IMG:CLASS' or 'IMG:CLASS:MASK' -> SupportSpec; FscsError for anything else."""
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or not all(p.strip() for p in parts):
+        raise FscsError(
+            f"--support {spec!r}: expected IMG:CLASS or IMG:CLASS:MASK "
+            "(paths without ':', a non-empty class name)"
+        )
+    return SupportSpec(parts[0], parts[1].strip(), parts[2] if len(parts) == 3 else None)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = __doc__.split("\n\n", 1)[1]
+    parser.add_argument(
+        "--checkpoint", required=True, help="CST checkpoint (models/cst/<supervision>/fold<f>.pt)"
+    )
+    parser.add_argument(
+        "--support",
+        action="append",
+        required=True,
+        metavar="IMG:CLASS[:MASK]",
+        help="a support image, its class name and optionally its mask PNG (repeat for more)",
+    )
+    parser.add_argument(
+        "--query", action="append", required=True, metavar="IMG", help="a query image (repeat)"
+    )
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument(
+        "--params",
+        default=None,
+        help="params file: its pseudo section (support pseudo-masks), a backbone the checkpoint must match",
+    )
+    parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default 0.5)")
+
+
+# ---- loading and checks --------------------------------------------------------------------------------
+def _load_mask_fg(path: str, shape: tuple[int, int]) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("L") if im.mode not in ("P", "L", "1", "I", "I;16") else im)
+    except FileNotFoundError as exc:
+        raise FscsError(f"{path}: mask file not found") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise FscsError(f"{path}: mask does not decode ({exc})") from exc
+    if arr.ndim != 2:
+        raise FscsError(f"{path}: mask must be a single-channel PNG, got shape {arr.shape}")
+    if arr.shape != tuple(shape):
+        raise FscsError(
+            f"{path}: mask is {arr.shape[1]}x{arr.shape[0]} but its image is {shape[1]}x{shape[0]} "
+            "(width x height)"
+        )
+    return arr != 0
+
+
+def check_backbone(backbone: Any, config_backbone: dict[str, Any], checkpoint: str, layers: Any) -> None:
+    """FscsError unless the built backbone matches what the checkpoint was trained on."""
+    have = backbone.store_attrs(layers)
+    for key in MATCH_KEYS:
+        if key not in config_backbone:
+            continue
+        want, got = config_backbone[key], have.get(key)
+        if isinstance(want, list | tuple) or isinstance(got, list | tuple):
+            same = list(want) == list(got or [])
+        else:
+            same = want == got
+        if not same:
+            raise FscsError(
+                f"{checkpoint}: built for backbone attribute {key}={want!r}, but the backbone here has "
+                f"{got!r}; "
+                "use a checkpoint trained with this backbone (or the same weights)"
+            )
+
+
+def _safe_stem(path: str, used: set[str]) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(path).stem) or "query"
+    name, k = stem, 1
+    while name in used:
+        k += 1
+        name = f"{stem}_{k}"
+    used.add(name)
+    return name
+
+
+# ---- the run ------------------------------------------------------------------------------------------
+class Predictor:
+    """Checkpoint + its backbone: encode images, then episodes through `fscs.cst_predictor.CSTPredictor`.
+
+    Support masks are made at the checkpoint's ``label_size`` (its training mask size; the input size for
+    older checkpoints): GT masks by nearest-exact resizing (`fscs.targets.resize_nearest`), pseudo-masks by a
+    `fscs.pseudo.Labeler` with the params' ``pseudo`` settings overridden by those the checkpoint records.
+    """
+
+    def __init__(self, checkpoint: str, params: dict[str, Any] | None = None):
+        from fscs.backbone import create_backbone
+        from fscs.model.cst import load_checkpoint
+
+        self.checkpoint = str(checkpoint)
+        self.params = dict(params or {})
+        if not Path(checkpoint).is_file():
+            raise FscsError(f"{checkpoint}: checkpoint not found")
+        self.model, self.ckpt = load_checkpoint(checkpoint)
+        bb = dict(self.model.config.backbone)
+        if "backbone" not in bb or "input_size" not in bb:
+            raise FscsError(f"{checkpoint}: checkpoint config does not name its backbone (config.backbone)")
+        check_params_backbone(self.checkpoint, bb, self.params.get("backbone"))
+        self.layers = list(bb["layers"]) if isinstance(bb.get("layers"), list) else "all"
+        self.backbone = create_backbone(str(bb["backbone"]), int(bb["input_size"]), bb.get("arch"))
+        check_backbone(self.backbone, bb, self.checkpoint, self.layers)
+        config = self.ckpt.get("config", {})
+        self.mask_size = int(config.get("label_size", bb["input_size"]))
+        self.pseudo = {**(self.params.get("pseudo") or {}), **(config.get("pseudo") or {})}
+
+    def encode(self, images: list[np.ndarray], batch_size: int = 8) -> list[dict[str, np.ndarray]]:
+        """Tokens, CLS query and patch keys per image, rounded to float16 as in the feature store."""
+        import torch
+
+        out = []
+        for i in range(0, len(images), batch_size):
+            x = self.backbone.preprocess_batch(images[i : i + batch_size])
+            f = self.backbone.extract(x, self.layers)
+            for b in range(x.shape[0]):
+                out.append(
+                    {
+                        "tokens": f.tokens[b].to(torch.float16).numpy(),
+                        "cls_query": f.cls_query[b].to(torch.float16).numpy(),
+                        "patch_keys": f.patch_keys[b].to(torch.float16).numpy(),
+                    }
+                )
+        return out
+
+    def support_masks(
+        self, encs: list[dict[str, np.ndarray]], fgs: list[np.ndarray | None]
+    ) -> list[np.ndarray]:
+        """Bool (label_size, label_size) masks: the given full-size foreground, else the self pseudo-mask."""
+        from fscs.pseudo import Labeler
+        from fscs.targets import resize_nearest
+
+        labeler = Labeler.from_params(_MemoryStore(encs, self.backbone), {"pseudo": self.pseudo})
+        return [
+            labeler.support_mask(str(i), self.mask_size)
+            if fg is None
+            else resize_nearest(np.asarray(fg, dtype=np.uint8), self.mask_size) > 0
+            for i, fg in enumerate(fgs)
+        ]
+
+    def episode_predictor(self, encs: list[dict[str, np.ndarray]], masks: dict[str, np.ndarray]) -> Any:
+        """A CSTPredictor over the encoded images (ids "0", "1", ...) with the given support masks."""
+        from fscs.cst_predictor import CSTPredictor, TokenBank
+
+        bank = TokenBank(
+            _MemoryStore(encs, self.backbone), [str(i) for i in range(len(encs))], progress=False
+        )
+        return CSTPredictor(self.model, bank, lambda image_id, class_id: masks[image_id])
+
+
+def read_params(path: str | None) -> dict[str, Any]:
+    """The params file when given (its ``pseudo`` and ``backbone`` sections are used), else {}."""
+    if path is None:
+        return {}
+    from fscs.params import load_params
+
+    return load_params(path)
+
+
+class _MemoryStore:
+    """Enough of `fscs.store.FeatureStore` for a Labeler over freshly encoded images (ids "0", "1", ...)."""
+
+    def __init__(self, encs: list[dict[str, np.ndarray]], backbone: Any):
+        self.encs = encs
+        self.grid = tuple(backbone.grid)
+        self.num_heads = backbone.num_heads
+        self.attrs = backbone.store_attrs()
+
+    def cls_query(self, image_id: str) -> np.ndarray:
+        return self.encs[int(image_id)]["cls_query"]
+
+    def patch_keys(self, image_id: str) -> np.ndarray:
+        return self.encs[int(image_id)]["patch_keys"]
+
+    def tokens(self, image_id: str) -> np.ndarray:
+        return self.encs[int(image_id)]["tokens"]
+
+
+def check_params_backbone(
+    checkpoint: str, config_backbone: dict[str, Any], bb: dict[str, Any] | None
+) -> None:
+    """FscsError when the params' backbone (name, input size) is not the one the checkpoint was built for."""
+    if not bb:
+        return
+    for key, ck in (("name", "backbone"), ("input_size", "input_size")):
+        if key in bb and ck in config_backbone and str(bb[key]) != str(config_backbone[ck]):
+            raise FscsError(
+                f"{checkpoint}: built for backbone {config_backbone.get('backbone')!r} at input size "
+                f"{config_backbone.get('input_size')}, but the params ask for {bb.get('name')!r} at "
+                f"{bb.get('input_size')}; use a checkpoint trained with the params' backbone"
+            )
+
+
+def run(args: argparse.Namespace) -> None:
+    from fscs.data.images import load_rgb
+    from fscs.evaluation import decide
+    from fscs.io import atomic_path, write_json
+    from fscs.overlay import overlay, palette
+
+    # 1. parse and read everything (errors before any output)
+    specs = [parse_support(s) for s in args.support]
+    params = read_params(args.params)
+    classes: list[str] = []
+    for sp in specs:
+        if sp.cls not in classes:
+            classes.append(sp.cls)
+    sup_images = [load_rgb(sp.image) for sp in specs]
+    sup_fg = [
+        _load_mask_fg(sp.mask, im.shape[:2]) if sp.mask is not None else None
+        for sp, im in zip(specs, sup_images, strict=True)
+    ]
+    query_images = [load_rgb(q) for q in args.query]
+    predictor = Predictor(args.checkpoint, params)
+
+    # 2. encode, support masks, one N-way K-shot episode per query
+    enc = predictor.encode(sup_images + query_images)
+    ns = len(specs)
+    masks = predictor.support_masks(enc[:ns], sup_fg)
+    episodes = predictor.episode_predictor(enc, {str(i): m for i, m in enumerate(masks)})
+    support_ids = [[str(i) for i, sp in enumerate(specs) if sp.cls == c] for c in classes]
+    shots = {c: len(ids) for c, ids in zip(classes, support_ids, strict=True)}
+    results = []
+    used: set[str] = set()
+    for k, (path, image) in enumerate(zip(args.query, query_images, strict=True)):
+        presence, fg = episodes.predict(str(ns + k), list(range(1, len(classes) + 1)), support_ids)
+        present, labels = decide(presence, fg, image.shape[:2])
+        results.append((path, image, _safe_stem(path, used), presence, present, labels))
+
+    # 3. write
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pal = [0] * 768
+    for i in range(1, len(classes) + 1):
+        pal[3 * i : 3 * i + 3] = [round(255 * v) for v in palette(i)]
+    from PIL import Image
+
+    summary = []
+    for path, image, name, presence, present, labels in results:
+        doc = {
+            "query": str(path),
+            "height": int(image.shape[0]),
+            "width": int(image.shape[1]),
+            "classes": [
+                {
+                    "index": i,
+                    "name": c,
+                    "probability": round(float(presence[i - 1]), 6),
+                    "present": bool(present[i - 1]),
+                    "pixels": int((labels == i).sum()),
+                    "shots": shots[c],
+                }
+                for i, c in enumerate(classes, start=1)
+            ],
+            "mask": f"{name}_mask.png",
+            "overlay": f"{name}_overlay.png",
+        }
+        im = Image.fromarray(labels, mode="P")
+        im.putpalette(pal)
+        with atomic_path(out / f"{name}_mask.png") as tmp:
+            im.save(tmp, format="PNG")
+        with atomic_path(out / f"{name}_overlay.png") as tmp:
+            Image.fromarray(overlay(image, labels, alpha=args.alpha)).save(tmp, format="PNG")
+        write_json(out / f"{name}.json", doc)
+        summary.append(doc)
+    write_json(
+        out / "predictions.json",
+        {
+            "checkpoint": str(args.checkpoint),
+            "backbone": predictor.model.config.backbone.get("backbone"),
+            "classes": {str(i): c for i, c in enumerate(classes, start=1)},
+            "supports": [{"image": sp.image, "class": sp.cls, "mask": sp.mask or "pseudo"} for sp in specs],
+            "queries": summary,
+        },
+    )
+    found = ", ".join(
+        f"{Path(d['query']).name}: {'+'.join(c['name'] for c in d['classes'] if c['present']) or 'none'}"
+        for d in summary
+    )
+    print(f"predict: {len(summary)} queries, {len(classes)} classes ({found}) -> {os.fspath(out)}")

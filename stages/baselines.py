@@ -1,0 +1,107 @@
+"""Stage `baselines@{fold}`: training-free references scored on the fold's fixed test episodes.
+
+    python -m stages.baselines --fold 0 --index data/index/msrc.parquet --folds data/episodes/msrc/folds.json
+        --episodes data/episodes/msrc --features data/features/msrc.h5 --pseudo data/pseudo/msrc.h5
+        --out reports/eval/baselines/fold0.json [--params params.yaml]
+
+Baselines (``fscs.baselines``): ``attention`` (raw support-CLS attention on the query), ``prototype``
+(masked-prototype matcher with the support's self pseudo-mask) and ``prototype_gt`` (the same with the GT
+support mask). Thresholds are calibrated on ``<episodes>/val.parquet`` (training split and classes) only.
+Params: ``evaluate.void`` and ``evaluate.baselines`` (names, layer, presence_stats, gate, cache_images);
+``pseudo`` for the support pseudo-masks; ``backbone`` to check the feature store.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from fscs.baselines import BASELINES, STATS, run_baselines
+from fscs.data.folds import read_folds
+from fscs.data.index import read_index
+from fscs.errors import FscsError
+from fscs.evaluation import load_episodes
+from fscs.io import write_json
+from fscs.metrics import VOID_MODES
+from fscs.params import load_params, section
+from fscs.pseudo import Labeler
+from fscs.store import FeatureStore, expected_attrs
+from stages._common import run_stage, stage_parser
+
+DEFAULTS = {
+    "names": list(BASELINES),
+    "layer": -1,
+    "presence_stats": list(STATS),
+    "gate": True,
+    "cache_images": 2048,
+}
+
+
+def baseline_params(params: dict) -> tuple[str, dict]:
+    """(void, baselines config) from params.evaluate, with defaults and checks."""
+    ev = section(params, "evaluate")
+    void = ev.get("void", "ignore")
+    if void not in VOID_MODES:
+        raise FscsError(f"params: evaluate.void must be one of {VOID_MODES}, got {void!r}")
+    cfg = {**DEFAULTS, **(ev.get("baselines") or {})}
+    unknown = [n for n in cfg["names"] if n not in BASELINES]
+    if unknown or not cfg["names"]:
+        raise FscsError(f"params: evaluate.baselines.names must be a non-empty subset of {list(BASELINES)}")
+    bad = [s for s in cfg["presence_stats"] if s not in STATS]
+    if bad or not cfg["presence_stats"]:
+        raise FscsError(
+            f"params: evaluate.baselines.presence_stats must be a non-empty subset of {list(STATS)}"
+        )
+    if not isinstance(cfg["layer"], int) or isinstance(cfg["layer"], bool):
+        raise FscsError(f"params: evaluate.baselines.layer must be a block index, got {cfg['layer']!r}")
+    return void, cfg
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = stage_parser(__doc__.splitlines()[0])
+    parser.add_argument("--fold", type=int, required=True)
+    parser.add_argument("--index", required=True, help="image index (parquet)")
+    parser.add_argument("--folds", required=True, help="folds.json")
+    parser.add_argument("--episodes", required=True, help="folder with test.parquet and val.parquet")
+    parser.add_argument("--features", required=True, help="feature store (HDF5)")
+    parser.add_argument("--pseudo", required=True, help="pseudo-label file (HDF5)")
+    parser.add_argument("--out", required=True, help="output JSON")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+
+    params = load_params(args.params)
+    void, cfg = baseline_params(params)
+    index = read_index(args.index)
+    folds = read_folds(args.folds)
+    test = load_episodes(os.path.join(args.episodes, "test.parquet"), fold=args.fold)
+    val = load_episodes(os.path.join(args.episodes, "val.parquet"), fold=args.fold)
+    with FeatureStore(args.features, expect=expected_attrs(params)) as store:
+        labeler = Labeler.from_params(store, params, pseudo_path=args.pseudo)
+        out = run_baselines(
+            cfg["names"],
+            args.fold,
+            test,
+            val,
+            index,
+            folds,
+            store,
+            labeler,
+            void=void,
+            layer=cfg["layer"],
+            gate=bool(cfg["gate"]),
+            stats=cfg["presence_stats"],
+            cache_size=int(cfg["cache_images"]),
+            progress=not args.quiet,
+        )
+    write_json(args.out, out)
+    summary = ", ".join(
+        f"{name} {key} ER {r['er']} mIoU {r['miou']}"
+        for name, res in out["baselines"].items()
+        for key, r in list(res.items())[:1]
+    )
+    print(f"baselines: fold {args.fold}: {summary}; {time.perf_counter() - start:.1f}s -> {args.out}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,100 @@
+"""Stage `extract`: every indexed image through the frozen backbone into the HDF5 feature store.
+
+    python -m stages.extract --index data/index/msrc.parquet --out data/features/msrc.h5 \
+        --report reports/extract.json [--params params.yaml]
+
+Params (section `backbone`): `name`, `input_size`, `layers`, `batch_size`, optional `arch` (for `path:`
+names) and `threads` (torch CPU threads; default all available cores). Images are checked to decode before
+the model runs. The store is written to `<out>.partial` and renamed when complete; a killed run resumes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from fscs.errors import FscsError
+from fscs.io import write_json
+from fscs.params import load_params, section
+from stages._common import run_stage, stage_parser
+
+
+def default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def read_image_list(index: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """(image_ids, image_paths) from the index parquet, in index order."""
+    path = Path(index)
+    if not path.is_file():
+        raise FscsError(f"{path}: image index not found; run `dvc repro prepare`")
+    try:
+        df = pd.read_parquet(path, columns=["image_id", "image_path"])
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for bad files / missing columns
+        raise FscsError(f"{path}: cannot read image_id and image_path from the index ({exc})") from exc
+    if df.empty:
+        raise FscsError(f"{path}: the image index is empty")
+    if df["image_id"].isna().any() or df["image_path"].isna().any():
+        raise FscsError(f"{path}: null image_id or image_path in the index")
+    ids = [str(i) for i in df["image_id"]]
+    dup = pd.Series(ids)[pd.Series(ids).duplicated()]
+    if len(dup):
+        raise FscsError(f"{path}: duplicate image_id {dup.iloc[0]!r} in the index")
+    return ids, [str(p) for p in df["image_path"]]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = stage_parser(__doc__.splitlines()[0])
+    parser.add_argument("--index", required=True, help="image index parquet (image_id, image_path)")
+    parser.add_argument("--out", required=True, help="feature store to write (.h5)")
+    parser.add_argument("--report", required=True, help="extraction report JSON")
+    args = parser.parse_args(argv)
+
+    params = load_params(args.params)
+    bb = section(params, "backbone")
+    ids, paths = read_image_list(args.index)
+    layers = bb.get("layers", "all")
+    batch_size = int(bb.get("batch_size", 8))
+    threads = int(bb.get("threads") or default_threads())
+
+    import torch
+
+    from fscs.backbone import backbone_from_params, check_images, extract_to_store
+
+    check_images(paths)  # before the (slow) backbone load and before any output
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    t0 = time.perf_counter()
+    backbone = backbone_from_params(params)
+    load_s = time.perf_counter() - t0
+    stats = extract_to_store(
+        backbone, ids, paths, args.out, layers=layers, batch_size=batch_size, check=False
+    )
+    report = {
+        **stats,
+        "load_seconds": round(load_s, 3),
+        "batch_size": batch_size,
+        "threads": threads,
+        "input_size": backbone.input_size,
+        "grid": list(backbone.grid),
+        "layers": backbone.resolve_layers(layers),
+        "backbone": backbone.provenance.as_dict(),
+        "torch": torch.__version__,
+    }
+    write_json(args.report, report)
+    rate = f"{stats['images_per_s']:.2f} img/s" if stats["images_per_s"] else "nothing to compute"
+    print(
+        f"extract: {stats['images']} images -> {args.out} ({stats['store_bytes'] / 1e6:.1f} MB, "
+        f"{stats['bytes_per_image'] / 1e6:.2f} MB/image, {rate}, {backbone.name} @ {backbone.input_size}, "
+        f"{stats['resumed_rows']} rows resumed)"
+    )
+
+
+if __name__ == "__main__":
+    run_stage(main)

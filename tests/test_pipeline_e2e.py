@@ -1,0 +1,157 @@
+"""End to end: the whole DVC graph on a tiny config (MSRC images, tiny random ViT, 1 epoch), then the
+Prefect flow over it, the no-op re-run and `dvc metrics diff` between two supervision settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+MSRC = (ROOT.parent / "shared" / "data" / "msrc-v2").resolve()
+BIN = Path(sys.executable).parent
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not MSRC.is_dir(), reason="needs ../shared/data/msrc-v2"),
+]
+
+TINY = {
+    "dataset": {"root": str(MSRC)},
+    "episodes": {"test_per_fold": 8, "val_per_fold": 8, "ways": [1, 2], "shots": [1]},
+    "backbone": {"name": "vit_tiny_random", "input_size": 64, "batch_size": 32},
+    "pseudo": {"sweep": [0.4, 0.5]},
+    "mixed": {"sweep": [0.1]},
+    "enhancer": {"epochs": 2},
+    "train": {"epochs": 1, "episodes_per_epoch": 24, "label_size": 32, "patience": 1},
+    "study": {"folds": [0]},
+}
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(base[key], value) if isinstance(value, dict) else value
+    return out
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    env = dict(os.environ, DVC_NO_ANALYTICS="1", DVC_SITE_CACHE_DIR=str(tmp / "dvc-site"))
+    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
+    return env
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def tiny_repo(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """A git+DVC copy of the project with a tiny params.yaml, reproduced once with `dvc repro`."""
+    repo = tmp_path_factory.mktemp("tiny") / "repo"
+    repo.mkdir()
+    for name in ("fscs", "stages", "flows", "dvc.yaml"):
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, repo / name)
+    params = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (repo / ".gitignore").write_text((ROOT / ".gitignore").read_text())
+    env = _env(repo.parent)
+    env["FSCS_CACHE"] = str(repo.parent / "cache")
+    run(["git", "init", "-q"], repo, env)
+    run(["git", "config", "user.email", "t@t"], repo, env)
+    run(["git", "config", "user.name", "t"], repo, env)
+    run(["dvc", "init", "-q"], repo, env)
+    run(["dvc", "config", "core.analytics", "false"], repo, env)
+    run(["dvc", "repro"], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "tiny run"], repo, env)
+    return repo, env
+
+
+def test_repro_builds_every_artifact(tiny_repo):
+    repo, _ = tiny_repo
+    for rel in [
+        "data/index/msrc.parquet",
+        "data/episodes/msrc/test.parquet",
+        "data/features/msrc.h5",
+        "data/pseudo/msrc.h5",
+        "data/pseudo/msrc-enhanced.h5",
+        "models/enhancer.pt",
+        "models/cst/image/fold0.pt",
+        "models/cst/mixed/fold0.pt",
+        "models/cst/pixel/fold0.pt",
+        "reports/eval/baselines/fold0.json",
+        "reports/README.md",
+    ]:
+        assert (repo / rel).is_file(), rel
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    for setting in ("image", "mixed", "pixel"):
+        for kind in ("1way1shot", "2way1shot"):
+            values = metrics[setting][kind]
+            assert set(values) == {"er", "miou", "fbiou"}
+            assert all(0.0 <= v <= 100.0 for v in values.values())
+    assert "fscs results" in (repo / "reports/README.md").read_text()
+
+
+def test_second_repro_is_a_noop(tiny_repo):
+    repo, env = tiny_repo
+    out = run(["dvc", "repro"], repo, env).stdout
+    assert "Running stage" not in out
+
+
+def test_training_param_reruns_only_training_downstream(tiny_repo):
+    repo, env = tiny_repo
+    out = run(["dvc", "status", "--json"], repo, env).stdout
+    assert json.loads(out) == {}
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["lr"] = 0.002
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        stale = set(json.loads(run(["dvc", "status", "--json"], repo, env).stdout))
+        assert {"train@image-0", "train@mixed-0", "train@pixel-0"} <= stale
+        assert not stale & {"prepare", "extract", "pseudo", "enhancer", "baselines@0"}
+    finally:
+        run(["git", "checkout", "params.yaml"], repo, env)
+
+
+def test_metrics_diff_compares_two_settings_key_by_key(tiny_repo):
+    repo, env = tiny_repo
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["study"]["compare"] = "image"
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        run(["dvc", "repro", "report"], repo, env)
+        diff = json.loads(run(["dvc", "metrics", "diff", "--json"], repo, env).stdout)
+        summary = diff["reports/summary.json"]
+        assert "1way1shot.miou" in summary and "2way1shot.er" in summary
+        assert summary["1way1shot.miou"]["old"] is not None and summary["1way1shot.miou"]["new"] is not None
+    finally:
+        run(["git", "checkout", "params.yaml", "reports", "dvc.lock"], repo, env)
+
+
+def test_prefect_flow_runs_each_stage_as_a_task(tiny_repo):
+    from prefect.client.schemas.objects import StateType
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.pipeline import fscs_pipeline, stage_plan
+
+    repo, env = tiny_repo
+    os.environ["PATH"] = env["PATH"]
+    with prefect_test_harness(server_startup_timeout=180):
+        state = fscs_pipeline(repo=str(repo), return_state=True)
+        assert state.type == StateType.COMPLETED
+        done = state.result()
+    assert done == stage_plan(["image", "mixed", "pixel"], [0])
+    assert (repo / "reports/metrics.json").is_file()

@@ -1,0 +1,184 @@
+"""`fscs predict`: errors before output, and end to end with a tiny checkpoint on the tiny random ViT."""
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from fscs.cli import main as cli_main
+from fscs.errors import FscsError
+from fscs.predict import parse_support
+
+ROOT = Path(__file__).resolve().parent.parent
+INPUT = 64
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    import torch
+
+    from fscs.backbone import create_backbone
+    from fscs.model.cst import CST, config_from_store, save_checkpoint
+
+    d = tmp_path_factory.mktemp("ckpt")
+    bb = create_backbone("vit_tiny_random", INPUT)
+    torch.manual_seed(0)
+    model = CST(config_from_store(SimpleNamespace(attrs=bb.store_attrs("all"))))
+    path = d / "fold0.pt"
+    extra = {"label_size": 32, "supervision": "pixel", "pseudo": {"recipe": "cst", "cst_threshold": 0.45}}
+    save_checkpoint(path, model, config_extra=extra, fold=0, supervision="pixel", epoch=0, val_miou=0.0)
+    bad = torch.load(path, weights_only=True)
+    bad["config"]["backbone"]["weights_sha256"] = "0" * 64
+    torch.save(bad, d / "other.pt")
+    return path, d / "other.pt"
+
+
+@pytest.fixture
+def images(tmp_path):
+    rng = np.random.default_rng(0)
+    paths = {}
+    for name, (h, w) in {"a": (40, 50), "b": (64, 48), "q1": (30, 70), "q2": (64, 64)}.items():
+        p = tmp_path / f"{name}.jpg"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(p)
+        paths[name] = p
+    m = np.zeros((40, 50), np.uint8)
+    m[10:30, 5:25] = 1
+    Image.fromarray(m, mode="L").save(tmp_path / "a_mask.png")
+    paths["a_mask"] = tmp_path / "a_mask.png"
+    Image.fromarray(np.zeros((41, 50), np.uint8), mode="L").save(tmp_path / "bad_mask.png")
+    paths["bad_mask"] = tmp_path / "bad_mask.png"
+    (tmp_path / "broken.jpg").write_text("not an image")
+    paths["broken"] = tmp_path / "broken.jpg"
+    return paths
+
+
+def _args(ckpt, supports, queries, out, params=None):
+    a = ["predict", "--checkpoint", str(ckpt), "--out", str(out)]
+    for s in supports:
+        a += ["--support", s]
+    for q in queries:
+        a += ["--query", str(q)]
+    if params:
+        a += ["--params", str(params)]
+    return a
+
+
+def test_parse_support():
+    assert parse_support("x.jpg:cow") == parse_support("x.jpg:cow")
+    s = parse_support("x.jpg:cow:m.png")
+    assert (s.image, s.cls, s.mask) == ("x.jpg", "cow", "m.png")
+    for bad in ("x.jpg", "x.jpg:", ":cow", "a:b:c:d", "x.jpg:cow:"):
+        with pytest.raises(FscsError, match="IMG:CLASS"):
+            parse_support(bad)
+
+
+def test_end_to_end_tiny(tiny_ckpt, images, tmp_path, capsys):
+    ckpt, _ = tiny_ckpt
+    out = tmp_path / "pred"
+    supports = [f"{images['a']}:cow:{images['a_mask']}", f"{images['b']}:cow", f"{images['b']}:sheep"]
+    cli_main(_args(ckpt, supports, [images["q1"], images["q2"]], out))
+    summary = json.loads((out / "predictions.json").read_text())
+    assert summary["classes"] == {"1": "cow", "2": "sheep"}
+    assert [s["mask"] for s in summary["supports"]] == [str(images["a_mask"]), "pseudo", "pseudo"]
+    for name, (h, w) in (("q1", (30, 70)), ("q2", (64, 64))):
+        doc = json.loads((out / f"{name}.json").read_text())
+        assert [c["name"] for c in doc["classes"]] == ["cow", "sheep"]
+        assert [c["shots"] for c in doc["classes"]] == [2, 1]
+        for c in doc["classes"]:
+            assert 0.0 <= c["probability"] <= 1.0 and c["present"] == (c["probability"] > 0.5)
+        with Image.open(out / f"{name}_mask.png") as m:
+            assert m.mode == "P" and m.size == (w, h)
+            arr = np.asarray(m)
+        assert set(np.unique(arr)) <= {0, 1, 2}
+        assert sum(c["pixels"] for c in doc["classes"]) == int((arr > 0).sum())
+        with Image.open(out / f"{name}_overlay.png") as o:
+            assert o.size == (w, h) and o.mode == "RGB"
+    assert "predict: 2 queries, 2 classes" in capsys.readouterr().out
+    # deterministic
+    out2 = tmp_path / "pred2"
+    cli_main(_args(ckpt, supports, [images["q1"], images["q2"]], out2))
+    assert (out / "q1.json").read_text() == (out2 / "q1.json").read_text()
+    assert (out / "q1_mask.png").read_bytes() == (out2 / "q1_mask.png").read_bytes()
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing_ckpt", "checkpoint not found"),
+        ("other_backbone", "weights_sha256"),
+        ("params_backbone", "the params ask for"),
+        ("broken_query", "does not decode"),
+        ("missing_support", "image file not found"),
+        ("bad_spec", "IMG:CLASS"),
+        ("mask_size", "mask is 50x41 but its image is 50x40"),
+    ],
+)
+def test_errors_before_output(tiny_ckpt, images, tmp_path, capsys, case, message):
+    ckpt, other = tiny_ckpt
+    out = tmp_path / "pred"
+    supports, queries, params = [f"{images['a']}:cow"], [images["q1"]], None
+    if case == "missing_ckpt":
+        ckpt = tmp_path / "nope.pt"
+    elif case == "other_backbone":
+        ckpt = other
+    elif case == "params_backbone":
+        params = tmp_path / "params.yaml"
+        params.write_text(yaml.safe_dump({"backbone": {"name": "dinov2_vits14_imgfocus", "input_size": 224}}))
+    elif case == "broken_query":
+        queries = [images["broken"]]
+    elif case == "missing_support":
+        supports = [f"{tmp_path / 'none.jpg'}:cow"]
+    elif case == "bad_spec":
+        supports = [f"{images['a']}"]
+    elif case == "mask_size":
+        supports = [f"{images['a']}:cow:{images['bad_mask']}"]
+    with pytest.raises(SystemExit) as exc:
+        cli_main(_args(ckpt, supports, queries, out, params))
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+MSRC = (ROOT.parent / "shared" / "data" / "msrc-v2").resolve()
+CKPT = ROOT / "models" / "cst" / "pixel" / "fold0.pt"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (CKPT.is_file() and MSRC.is_dir()), reason="needs a trained checkpoint and MSRC")
+def test_real_checkpoint_on_msrc(tmp_path):
+    """A trained pixel-level checkpoint finds a test class in MSRC images (GT support masks)."""
+    from fscs.data.images import load_mask
+    from fscs.data.index import read_index
+    from fscs.model.cst import read_checkpoint
+
+    index_path = ROOT / "data" / "index" / "msrc.parquet"
+    folds_path = ROOT / "data" / "episodes" / "msrc" / "folds.json"
+    if not (index_path.is_file() and folds_path.is_file()):
+        pytest.skip("needs data/index/msrc.parquet and folds.json")
+    fold = int(read_checkpoint(CKPT).get("fold", 0))
+    folds = json.loads(folds_path.read_text())
+    index = read_index(index_path)
+    val = index[index["split"] == folds["test_split"]]
+    cls = int(folds["folds"][str(fold)]["test"][0])
+    with_cls = [i for i, cs in zip(val.index, val["classes"], strict=True) if cls in cs]
+    if len(with_cls) < 3:
+        pytest.skip("too few images of the class")
+    sup, query = with_cls[:2], with_cls[2]
+    supports = []
+    for s in sup:
+        m = (load_mask(index.loc[s, "mask_path"]) == cls).astype(np.uint8)
+        mp = tmp_path / f"{s}_mask.png"
+        Image.fromarray(m, mode="L").save(mp)
+        supports.append(f"{index.loc[s, 'image_path']}:{folds['classes'][str(cls)]}:{mp}")
+    out = tmp_path / "pred"
+    cli_main(_args(CKPT, supports, [index.loc[query, "image_path"]], out))
+    doc = json.loads(next(p for p in out.glob("*.json") if p.name != "predictions.json").read_text())
+    gt = load_mask(index.loc[query, "mask_path"]) == cls
+    with Image.open(out / doc["mask"]) as m:
+        pred = np.asarray(m) == 1
+    iou = (pred & gt).sum() / max((pred | gt).sum(), 1)
+    assert doc["classes"][0]["present"] and iou > 0.2
