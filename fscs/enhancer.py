@@ -9,9 +9,9 @@ sample per (image, class) pair:
 - a *pair* sample: the cosine maps of another training image's CLS query (an image labelled with c) against
   this image's keys -> GT == c (the query pseudo-mask's job; the support's CLS carries the class).
 
-The loss (BCE, optionally + soft dice) is computed at ``label_size`` x ``label_size``: the logits are upsampled
-bilinearly, the GT mask resized with nearest neighbour, void (255) ignored. Adam, a fixed number of steps,
-random horizontal flips. Everything is seeded and runs with ``torch.use_deterministic_algorithms(True)``.
+The loss (BCE, optionally + soft dice) is computed at ``label_size`` x ``label_size``: the logits are
+upsampled bilinearly, the GT mask resized with nearest neighbour, void (255) ignored. Adam, a fixed
+number of steps, random horizontal flips. Seeded; runs with ``torch.use_deterministic_algorithms(True)``.
 The choices (loss, steps, inputs, one enhancer per fold) are measured in reports/enhancer.json; see the
 stage's docstring.
 """
@@ -32,7 +32,9 @@ from fscs.errors import FscsError
 DEFAULT_CONFIG: dict[str, Any] = {
     "in_channels": 6,
     "width": 128,
-    "threshold": 0.5,
+    "threshold": "auto",  # a number, or "auto": the grid value with the best IoU on the training samples
+    "threshold_grid": [0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7],
+    "scale": 1,  # input maps upsampled bilinearly by this factor; the output is at the scaled size
     "loss": "bce",  # bce | bce_dice
     "steps": 600,
     "batch_size": 16,
@@ -45,11 +47,17 @@ DEFAULT_CONFIG: dict[str, Any] = {
 
 
 class Enhancer(nn.Module):
-    """Conv3x3(in->w) ReLU Conv3x3(w->w) ReLU Conv3x3(w->1); ``forward`` gives logits, ``threshold`` 0.5."""
+    """Conv3x3(in->w) ReLU Conv3x3(w->w) ReLU Conv3x3(w->1); ``forward`` gives logits; masks are
+    ``sigmoid(logits) >= threshold`` (0.5, or calibrated on the labelled subset by ``train_enhancer``).
 
-    def __init__(self, in_channels: int = 6, width: int = 128, threshold: float = 0.5) -> None:
+    With ``scale`` > 1 the input maps are first upsampled bilinearly by that factor (output at that size)."""
+
+    def __init__(
+        self, in_channels: int = 6, width: int = 128, threshold: float = 0.5, scale: int = 1
+    ) -> None:
         super().__init__()
         self.threshold = float(threshold)
+        self.scale = int(scale)
         self.net = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, padding=1),
             nn.ReLU(inplace=True),
@@ -59,12 +67,14 @@ class Enhancer(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, gh, gw) per-head cosine maps -> (B, 1, gh, gw) logits."""
+        """(B, H, gh, gw) per-head cosine maps -> (B, 1, scale*gh, scale*gw) logits."""
+        if self.scale != 1:
+            x = F.interpolate(x, scale_factor=self.scale, mode="bilinear", align_corners=False)
         return self.net(x)
 
 
 def enhance(model: Enhancer, cos_maps: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Foreground probabilities (B, gh, gw) float32 from per-head cosine maps (B, H, gh, gw)."""
+    """Foreground probabilities (B, s*gh, s*gw) float32 from cosine maps (B, H, gh, gw); s = model.scale."""
     x = np.asarray(cos_maps, dtype=np.float32)
     if x.ndim != 4:
         raise FscsError(f"enhance: expected (B, H, gh, gw) cosine maps, got shape {x.shape}")
@@ -127,8 +137,12 @@ def train_enhancer(
     try:
         torch.manual_seed(int(cfg["seed"]))
         gen = torch.Generator().manual_seed(int(cfg["seed"]))
-        model = Enhancer(int(x_all.shape[1]), int(cfg["width"]), float(cfg["threshold"]))
-        opt = torch.optim.Adam(model.parameters(), lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]))
+        fixed = cfg["threshold"] != "auto"
+        start_threshold = float(cfg["threshold"]) if fixed else 0.5
+        model = Enhancer(int(x_all.shape[1]), int(cfg["width"]), start_threshold, int(cfg["scale"]))
+        opt = torch.optim.Adam(
+            model.parameters(), lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"])
+        )
         n, bs = len(x_all), int(cfg["batch_size"])
         order = torch.randperm(n, generator=gen)
         pos = 0
@@ -152,12 +166,14 @@ def train_enhancer(
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
                 y = torch.where(flip[:, None, None], y.flip(-1), y)
             logits = model(x)
-            logits = F.interpolate(logits, size=(label_size, label_size), mode="bilinear", align_corners=False)
+            logits = F.interpolate(
+                logits, size=(label_size, label_size), mode="bilinear", align_corners=False
+            )
             loss = _loss(logits[:, 0], y, str(cfg["loss"]))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            running.append(float(loss))
+            running.append(float(loss.detach()))
             if len(running) == 50:
                 history.append(float(np.mean(running)))
                 running = []
@@ -170,16 +186,35 @@ def train_enhancer(
     finally:
         torch.use_deterministic_algorithms(prev_det)
     model.eval()
+    if not fixed:
+        model.threshold = calibrate_threshold(model, inputs, targets, cfg["threshold_grid"])
     return model, history
+
+
+def calibrate_threshold(model: Enhancer, inputs: np.ndarray, targets: np.ndarray, grid: list[float]) -> float:
+    """The grid threshold with the best pooled IoU (void ignored) of the model's maps against ``targets``
+    (N, L, L) at the targets' resolution; ties go to the lower threshold."""
+    from fscs.pseudo import IoUCounter, upsample
+
+    probs = enhance(model, inputs)
+    size = targets.shape[-2:]
+    counter = IoUCounter(sorted(float(t) for t in grid))
+    for p, y in zip(probs, np.asarray(targets), strict=True):
+        counter.add("all", upsample(p, size), y == 1, y != 255)
+    ious = [counter.iou("all", i) or 0.0 for i in range(len(counter.thresholds))]
+    return counter.thresholds[int(np.argmax(ious))]
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
 def save_enhancer(path: str | os.PathLike, models: dict[str, Enhancer], config: dict[str, Any]) -> None:
     """torch.save({"state_dict": {name: state_dict}, "config": config}) to ``path`` (write to a temp path).
 
-    ``models`` maps a name (``fold0`` ... or ``all``) to a trained enhancer."""
+    ``models`` maps a name (``fold0`` ... or ``all``) to a trained enhancer; their mask thresholds and
+    input scale go into ``config["thresholds"]`` / ``config["scale"]``."""
     state = {name: {k: v.detach().clone() for k, v in m.state_dict().items()} for name, m in models.items()}
-    torch.save({"state_dict": state, "config": dict(config)}, path)
+    config = {**config, "thresholds": {name: float(m.threshold) for name, m in models.items()}}
+    config["scale"] = int(next(iter(models.values())).scale) if models else int(config.get("scale", 1))
+    torch.save({"state_dict": state, "config": config}, path)
 
 
 def load_enhancer(path: str | os.PathLike, fold: int | str | None = None) -> Enhancer:
@@ -202,7 +237,12 @@ def load_enhancer(path: str | os.PathLike, fold: int | str | None = None) -> Enh
         name = names[0]
     else:
         raise FscsError(f"{path}: no enhancer for fold {fold!r} (holds {names})")
-    model = Enhancer(int(cfg.get("in_channels", 6)), int(cfg.get("width", 128)), float(cfg.get("threshold", 0.5)))
+    model = Enhancer(
+        int(cfg.get("in_channels", 6)),
+        int(cfg.get("width", 128)),
+        float(cfg.get("thresholds", {}).get(name, 0.5)),
+        int(cfg.get("scale", 1)),
+    )
     model.load_state_dict(states[name])
     model.eval()
     return model

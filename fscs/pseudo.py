@@ -7,7 +7,8 @@ Two recipes on the stored last-block CLS query (H, d) and patch keys (H, P, d):
 - ``dino`` (DINO's attention-mass recipe): softmax attention of the CLS query over the patch keys per head
   (scaled by 1/sqrt(d)); keep the smallest set of patches holding ``mass`` of the attention. How the heads
   are combined is ``heads``: ``mean`` (default: the mass rule on the head-averaged attention), ``vote``
-  (a patch is kept by at least half the heads) or ``union`` (kept by any head); measured in reports/pseudo.json.
+  (a patch is kept by at least half the heads) or ``union`` (kept by any head); all measured in
+  reports/pseudo.json.
 
 A *self* map uses an image's own CLS query against its own keys (support pseudo-masks); a *pair* map uses the
 SUPPORT's CLS query against the QUERY's keys (query pseudo-masks, class-conditioned through the support); it
@@ -38,12 +39,20 @@ PROVENANCE = ("backbone", "weights_sha256", "input_size", "patch_size", "grid", 
 
 
 # ----------------------------------------------------------------------------------------------- recipes
-def head_cosine(cls_query: np.ndarray, patch_keys: np.ndarray) -> np.ndarray:
-    """Per-head cosine between the CLS query (H, d) and the patch keys (H, P, d) -> (H, P) float32."""
+def head_cosine(cls_query: np.ndarray, patch_keys: np.ndarray, center: bool = False) -> np.ndarray:
+    """Per-head cosine between the CLS query (H, d) and the patch keys (H, P, d) -> (H, P) float32.
+
+    ``center``: subtract the mean patch key (per head, over the P patches) first. Softmax attention is
+    unchanged by a key component shared by all patches, but the cosine is dominated by it when it is large:
+    DINOv2's last-block keys have |mean key| ~ 0.93 |key|, so the raw cosines of an image all lie in about
+    [0.1, 0.7] and (cos + 1) / 2 >= 0.4 everywhere (reports/pseudo.json measures both).
+    """
     q = np.asarray(cls_query, dtype=np.float32)
     k = np.asarray(patch_keys, dtype=np.float32)
     if q.ndim != 2 or k.ndim != 3 or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[1]:
         raise FscsError(f"head_cosine: shapes {q.shape} and {k.shape} are not (H, d) and (H, P, d)")
+    if center:
+        k = k - k.mean(axis=1, keepdims=True)
     q = q / np.maximum(np.linalg.norm(q, axis=-1, keepdims=True), 1e-6)
     k = k / np.maximum(np.linalg.norm(k, axis=-1, keepdims=True), 1e-6)
     return np.einsum("hd,hpd->hp", q, k).astype(np.float32)
@@ -103,7 +112,7 @@ def _size2(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
 
 def upsample(grid_map: np.ndarray | torch.Tensor, size: int | tuple[int, int]) -> np.ndarray:
     """Bilinear resize (align_corners=False) of a (gh, gw) or (C, gh, gw) map to ``size`` -> float32."""
-    t = torch.as_tensor(np.asarray(grid_map, dtype=np.float32))
+    t = torch.tensor(np.asarray(grid_map, dtype=np.float32))
     if t.ndim not in (2, 3):
         raise FscsError(f"upsample: expected a (gh, gw) or (C, gh, gw) map, got shape {tuple(t.shape)}")
     squeeze = t.ndim == 2
@@ -184,7 +193,9 @@ def provenance(store_attrs: dict) -> dict:
     for key in PROVENANCE + ("layers", "normalization", "code_version"):
         if key in store_attrs:
             v = store_attrs[key]
-            out[key] = v.tolist() if isinstance(v, np.ndarray) else (v.item() if isinstance(v, np.generic) else v)
+            out[key] = (
+                v.tolist() if isinstance(v, np.ndarray) else (v.item() if isinstance(v, np.generic) else v)
+            )
     return out
 
 
@@ -200,6 +211,8 @@ class Labeler:
       threshold is the enhancer's (0.5), see ``mask_threshold``.
     recipe: ``cst`` or ``dino``; threshold: the raw-map threshold (``pseudo.cst_threshold``; a dino map is
       binary, any threshold in (0, 1] works, 0.5 is used).
+    center_keys: subtract the mean patch key before the cosine (``pseudo.center_keys``, see ``head_cosine``).
+    ``Labeler.from_params(store, params, ...)`` builds one from params.yaml's ``pseudo`` section.
 
     ``support_fg(id)`` and ``pair_fg(support_id, query_id, present=True)`` return (gh, gw) float32 in [0, 1];
     ``support_mask`` / ``pair_mask`` also upsample and threshold with ``to_mask``. Self maps are cached.
@@ -211,10 +224,11 @@ class Labeler:
         pseudo_path: str | os.PathLike | None = None,
         enhancer: Any = None,
         recipe: str = "cst",
-        threshold: float = 0.4,
+        threshold: float = 0.5,
         dino_mass: float = 0.6,
         dino_heads: str = "mean",
         fold: int | None = None,
+        center_keys: bool = True,
         cache_size: int = 8192,
     ) -> None:
         if recipe not in RECIPES:
@@ -226,6 +240,7 @@ class Labeler:
         self.threshold = float(threshold) if recipe == "cst" else 0.5
         self.dino_mass = float(dino_mass)
         self.dino_heads = dino_heads
+        self.center_keys = bool(center_keys)
         self.grid = tuple(int(g) for g in store.grid)
         if isinstance(enhancer, str | os.PathLike):
             from fscs.enhancer import load_enhancer
@@ -240,11 +255,42 @@ class Labeler:
         if pseudo_path is not None:
             ids, maps, attrs = read_self_maps(pseudo_path)
             check_provenance(pseudo_path, attrs, dict(store.attrs))
+            made = bool(attrs.get("center_keys", False))
+            if made != self.center_keys:
+                raise FscsError(
+                    f"{pseudo_path}: self maps were made with center_keys={made}, the labeler asks for "
+                    f"{self.center_keys}; re-run `dvc repro pseudo`"
+                )
             if tuple(maps.shape[2:]) != self.grid:
-                raise FscsError(f"{pseudo_path}: self maps are {maps.shape[2:]}, the store's grid is {self.grid}")
+                raise FscsError(
+                    f"{pseudo_path}: self maps are {maps.shape[2:]}, the store's grid is {self.grid}"
+                )
             self._precomputed = {i: maps[r] for r, i in enumerate(ids)}
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_size = cache_size
+
+    @classmethod
+    def from_params(
+        cls,
+        store: Any,
+        params: dict,
+        pseudo_path: str | os.PathLike | None = None,
+        enhancer: Any = None,
+        fold: int | None = None,
+    ) -> Labeler:
+        """A labeler with params.yaml's ``pseudo`` settings (recipe, threshold, dino mass/heads, centring)."""
+        p = params.get("pseudo", {})
+        return cls(
+            store,
+            pseudo_path=pseudo_path,
+            enhancer=enhancer,
+            recipe=p.get("recipe", "cst"),
+            threshold=float(p.get("cst_threshold", 0.5)),
+            dino_mass=float(p.get("dino_mass", 0.6)),
+            dino_heads=p.get("dino_heads", "mean"),
+            fold=fold,
+            center_keys=bool(p.get("center_keys", True)),
+        )
 
     @property
     def mask_threshold(self) -> float:
@@ -258,12 +304,12 @@ class Labeler:
         """Per-head self cosine maps (H, gh, gw) float32."""
         if self._precomputed is not None and image_id in self._precomputed:
             return self._precomputed[image_id].astype(np.float32)
-        cos = head_cosine(self.store.cls_query(image_id), self.store.patch_keys(image_id))
+        cos = head_cosine(self.store.cls_query(image_id), self.store.patch_keys(image_id), self.center_keys)
         return cos.reshape(cos.shape[0], *self.grid)
 
     def pair_cosine(self, support_id: str, query_id: str) -> np.ndarray:
         """Per-head cosine of the support's CLS query with the query's keys (H, gh, gw) float32."""
-        cos = head_cosine(self.store.cls_query(support_id), self.store.patch_keys(query_id))
+        cos = head_cosine(self.store.cls_query(support_id), self.store.patch_keys(query_id), self.center_keys)
         return cos.reshape(cos.shape[0], *self.grid)
 
     def _fg(self, cls_id: str, keys_id: str, cos: np.ndarray | None) -> np.ndarray:
@@ -294,7 +340,7 @@ class Labeler:
         return fg
 
     def pair_fg(self, support_id: str, query_id: str, present: bool = True) -> np.ndarray:
-        """Pair-map foreground of the query for the support's class (gh, gw); zeros when ``present`` is False."""
+        """Pair-map foreground (gh, gw) of the query for the support's class; zeros if not ``present``."""
         if not present:
             return np.zeros(self.grid, dtype=np.float32)
         cos = None if self.recipe == "dino" else self.pair_cosine(support_id, query_id)
@@ -311,3 +357,62 @@ class Labeler:
         if not present:
             return np.zeros(_size2(size), dtype=bool)
         return to_mask(self.pair_fg(support_id, query_id), self.mask_threshold, size)
+
+
+# ------------------------------------------------------------------------------------ quality vs. GT
+class IoUCounter:
+    """Intersection / union counts of thresholded maps against binary targets, per key and threshold.
+
+    ``add(key, fg, target, valid)``: ``fg`` (h, w) float map at the target's size, ``target`` bool (h, w),
+    ``valid`` bool (h, w) (False on void). IoU of a key = sum of intersections / sum of unions (x 100).
+    """
+
+    def __init__(self, thresholds: list[float]) -> None:
+        self.thresholds = [float(t) for t in thresholds]
+        self._t = np.asarray(self.thresholds, dtype=np.float32)[:, None, None]
+        self.inter: dict[Any, np.ndarray] = {}
+        self.union: dict[Any, np.ndarray] = {}
+
+    def add(self, key: Any, fg: np.ndarray, target: np.ndarray, valid: np.ndarray) -> None:
+        pred = fg[None] >= self._t
+        tgt = target & valid
+        inter = (pred & tgt[None]).sum(axis=(1, 2))
+        union = ((pred & valid[None]) | tgt[None]).sum(axis=(1, 2))
+        if key not in self.inter:
+            self.inter[key] = np.zeros(len(self.thresholds), np.int64)
+            self.union[key] = np.zeros(len(self.thresholds), np.int64)
+        self.inter[key] += inter
+        self.union[key] += union
+
+    def iou(self, key: Any, t: int = 0) -> float | None:
+        """IoU (%) of ``key`` at threshold index ``t``; None when the key never had a union."""
+        if key not in self.union or self.union[key][t] == 0:
+            return None
+        return 100.0 * float(self.inter[key][t]) / float(self.union[key][t])
+
+    def per_class(self, t: int = 0) -> dict[str, float]:
+        return {str(k): round(v, 2) for k in sorted(self.union, key=str) if (v := self.iou(k, t)) is not None}
+
+    def miou(self, t: int = 0) -> float:
+        vals = [self.iou(k, t) for k in self.union]
+        vals = [v for v in vals if v is not None]
+        return round(float(np.mean(vals)), 2) if vals else float("nan")
+
+
+def sample_pairs(
+    labels: dict[str, list[int]], classes: list[int], per_label: int, seed: int
+) -> list[tuple[str, str, int]]:
+    """Seeded (support_id, query_id, class) pairs: for each image and each of its labels in ``classes``,
+    ``per_label`` distinct other images having that class as supports (fewer when fewer exist)."""
+    rng = np.random.default_rng(seed)
+    ids = sorted(labels)
+    holders = {int(c): [i for i in ids if int(c) in labels[i]] for c in classes}
+    out = []
+    for q in ids:
+        for c in sorted(int(c) for c in labels[q] if int(c) in holders):
+            others = [i for i in holders[c] if i != q]
+            if not others:
+                continue
+            pick = rng.choice(len(others), size=min(per_label, len(others)), replace=False)
+            out += [(others[int(j)], q, c) for j in sorted(pick)]
+    return out

@@ -28,7 +28,7 @@ TINY = {
     "backbone": {"name": "vit_tiny_random", "input_size": 64, "batch_size": 32},
     "pseudo": {"sweep": [0.4, 0.5]},
     "mixed": {"sweep": [0.1]},
-    "enhancer": {"epochs": 2},
+    "enhancer": {"steps": 10},
     "train": {"epochs": 1, "episodes_per_epoch": 24, "label_size": 32, "patience": 1},
     "study": {"folds": [0]},
 }
