@@ -23,7 +23,9 @@ def offline_template(node_modules: str | Path) -> str:
     for rel in SCRIPTS:
         path = node_modules / rel
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; run `make plots` (npm install vega vega-lite vega-embed)")
+            raise FileNotFoundError(
+                f"{path}: missing; run `make plots` (npm install vega vega-lite vega-embed)"
+            )
         # "</script" inside the inlined code would end the tag early.
         scripts.append("<script>" + path.read_text().replace("</script", "<\\/script") + "</script>")
     return (

@@ -49,7 +49,8 @@ def summarise(runs: dict[str, dict[int, dict]]) -> dict[str, Any]:
             entry[kind] = {m: round(float(np.mean(v)), 2) for m, v in values.items()}
             entry[kind]["std"] = {m: round(float(np.std(v)), 2) for m, v in values.items()}
         entry["folds"] = {
-            str(f): {k: {m: round(float(by_fold[f][k][m]), 2) for m in METRICS} for k in by_fold[f]} for f in folds
+            str(f): {k: {m: round(float(by_fold[f][k][m]), 2) for m in METRICS} for k in by_fold[f]}
+            for f in folds
         }
         summary[setting] = entry
     return summary
@@ -106,7 +107,10 @@ def markdown_report(summary: dict[str, Any], context: dict[str, Any]) -> str:
         lines.append(f"| {setting} | " + " | ".join(cells) + " |")
     if baselines and settings:
         lines += ["", "## Learner minus the best training-free baseline (mIoU / ER points)", ""]
-        lines += ["| setting | " + " | ".join(kinds) + " |", "| --- | " + " | ".join("---" for _ in kinds) + " |"]
+        lines += [
+            "| setting | " + " | ".join(kinds) + " |",
+            "| --- | " + " | ".join("---" for _ in kinds) + " |",
+        ]
         for setting in settings:
             cells = []
             for kind in kinds:
@@ -119,7 +123,8 @@ def markdown_report(summary: dict[str, Any], context: dict[str, Any]) -> str:
         "",
         "## Published numbers (mean of 4 folds, 1-shot, ER / mIoU)",
         "",
-        "From the authors' READMEs (METHOD.md §7). They are **not** directly comparable with the table above: "
+        "From the authors' READMEs (METHOD.md §7). They are **not** directly comparable with the table "
+        "above: "
         "other datasets (PASCAL VOC / COCO vs. MSRC here), another backbone and resolution (DINO ViT-S/8 at "
         "400px, 50x50 tokens), checkpoint selection on the test episodes (we select on validation episodes), "
         "and void counted as background.",

@@ -1,4 +1,4 @@
-"""Project wiring: dvc.yaml parses with every stage, paper configs stay in step with params.yaml, the flow plan."""
+"""Project wiring: dvc.yaml lists every stage, paper configs keep up with params.yaml, the flow plan."""
 
 from __future__ import annotations
 

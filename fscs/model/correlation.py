@@ -21,7 +21,11 @@ def split_heads(tokens: torch.Tensor, num_heads: int) -> torch.Tensor:
     if dim % num_heads:
         raise ValueError(f"embedding dim {dim} is not divisible by {num_heads} heads")
     d = dim // num_heads
-    return tokens.reshape(b, n_layers, t, num_heads, d).permute(0, 1, 3, 2, 4).reshape(b, n_layers * num_heads, t, d)
+    return (
+        tokens.reshape(b, n_layers, t, num_heads, d)
+        .permute(0, 1, 3, 2, 4)
+        .reshape(b, n_layers * num_heads, t, d)
+    )
 
 
 def downsample_support(tokens: torch.Tensor, grid: tuple[int, int], size: int) -> torch.Tensor:
@@ -57,7 +61,15 @@ def prepare_support(
 
 
 def correlate(query: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
-    """Prepared query (B, C, Pq, d) x prepared support (B, C, Ss, d) -> cosine X (B, C, Pq, Ss)."""
+    """Prepared query (B, C, Pq, d) x prepared support (B, C, Ss, d) -> cosine X (B, C, Pq, Ss).
+
+    A query batch of 1 against B supports (one query, several support images) is one larger product per
+    channel instead of B copies of the query."""
+    if query.shape[0] == 1 and support.shape[0] > 1:
+        b, c, ss, d = support.shape
+        s = support.permute(1, 3, 0, 2).reshape(c, d, b * ss)  # C, d, B*Ss
+        x = torch.matmul(query[0], s)  # C, Pq, B*Ss
+        return x.reshape(c, -1, b, ss).permute(2, 0, 1, 3)
     return torch.matmul(query, support.transpose(-1, -2))
 
 

@@ -21,7 +21,7 @@ from torch import nn
 from fscs.errors import FscsError
 from fscs.model.correlation import correlate, prepare_query, prepare_support, resize_mask
 from fscs.model.heads import ClassificationHead, SegmentationHead
-from fscs.model.transformer import CorrelationBlock
+from fscs.model.transformer import CorrelationBlock, GroupNormLast, pool_support
 
 #: Store attributes a checkpoint records and a store must match at load/eval time.
 BACKBONE_KEYS = (
@@ -96,6 +96,11 @@ def config_from_store(store: Any, **sizes: Any) -> CSTConfig:
     )
 
 
+def support_pool(support: torch.Tensor, out_size: int) -> torch.Tensor:
+    """Prepared support (B, C, 1+S*S, d) -> (B, C, 1+S'*S', d): CLS kept, grid vectors average-pooled."""
+    return pool_support(support, out_size)  # same layout: positions on dim 2, features last
+
+
 class CST(nn.Module):
     def __init__(self, config: CSTConfig):
         super().__init__()
@@ -104,13 +109,13 @@ class CST(nn.Module):
         cin = config.num_layers * config.num_heads
         self.block1 = CorrelationBlock(cin, c1, config.pooled_grid, config.attn_heads, config.groups)
         self.block2 = CorrelationBlock(c1, c2, 1, config.attn_heads, config.groups)
-        self.post = nn.Sequential(
-            nn.Conv2d(c2, c2, 1),
-            nn.GroupNorm(config.groups, c2),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(c2, c2, 1),
-            nn.GroupNorm(config.groups, c2),
-            nn.ReLU(inplace=True),
+        self.post = nn.Sequential(  # 2 x (1x1 conv, GN, ReLU), channel-last
+            nn.Linear(c2, c2),
+            GroupNormLast(config.groups, c2),
+            nn.ReLU(),
+            nn.Linear(c2, c2),
+            GroupNormLast(config.groups, c2),
+            nn.ReLU(),
         )
         self.cls_head = ClassificationHead(c2, c2 // 2)
         self.seg_head = SegmentationHead(c2, c2 // 2)
@@ -124,22 +129,29 @@ class CST(nn.Module):
     def prepare_support(self, support_tokens: torch.Tensor) -> torch.Tensor:
         """(B, L, 1+Ps, D) tokens -> (B, L*H, 1+S*S, d) unit per-head vectors, CLS first."""
         self._check_tokens(support_tokens, "support")
-        return prepare_support(support_tokens, self.config.grid, self.config.num_heads, self.config.support_size)
+        return prepare_support(
+            support_tokens, self.config.grid, self.config.num_heads, self.config.support_size
+        )
 
     def forward_prepared(
         self, query: torch.Tensor, support: torch.Tensor, support_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prepared query/support (see prepare_*) and support mask (B, h, w) -> (cls (B,2), seg (B,2,2gh,2gw))."""
+        """Prepared query/support (prepare_*), support mask (B, h, w) -> (cls (B,2), seg (B,2,2gh,2gw)).
+
+        ``query`` may have batch 1 for B supports (one query scored against several support images)."""
         gh, gw = self.config.grid
-        x = correlate(query, support)  # B, L*H, Pq, 1+S*S
+        x = correlate(query, support).permute(0, 2, 3, 1)  # B, Pq, 1+S*S, L*H (channel-last view)
+        # Block 1's attention queries are the support-pooled correlations. The correlation is linear in the
+        # (unit) support vectors, so pooling the support vectors first gives the same numbers far cheaper.
+        pooled = support_pool(support, self.config.pooled_grid)
+        x_pooled = correlate(query, pooled).permute(0, 2, 3, 1)
         mask = resize_mask(support_mask.to(x.device), self.config.support_size)
-        x, mask = self.block1(x, mask)
-        x, _ = self.block2(x, mask)  # B, C, Pq, 2
+        x, mask = self.block1(x, mask, x_pooled)
+        x, _ = self.block2(x, mask)  # B, Pq, 2, C
         x = self.post(x)
-        b, c = x.shape[:2]
-        cls_map = x[..., 0].reshape(b, c, gh, gw)
-        seg_map = x[..., 1].reshape(b, c, gh, gw)
-        return self.cls_head(cls_map), self.seg_head(seg_map)
+        b, c = x.shape[0], x.shape[-1]
+        maps = x.permute(0, 2, 3, 1).reshape(b, 2, c, gh, gw)
+        return self.cls_head(maps[:, 0]), self.seg_head(maps[:, 1])
 
     def forward(
         self, query_tokens: torch.Tensor, support_tokens: torch.Tensor, support_mask: torch.Tensor
@@ -153,20 +165,28 @@ class CST(nn.Module):
         gh, gw = cfg.grid
         want = (cfg.num_layers, 1 + gh * gw, cfg.embed_dim)
         if tokens.dim() != 4 or tuple(tokens.shape[1:]) != want:
-            raise ValueError(f"{what} tokens have shape {tuple(tokens.shape)}, expected (B, {', '.join(map(str, want))})")
+            raise ValueError(
+                f"{what} tokens have shape {tuple(tokens.shape)}, expected (B, {', '.join(map(str, want))})"
+            )
 
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-# ---- checkpoints --------------------------------------------------------------------------------------------
-def save_checkpoint(path: str | os.PathLike, model: CST, **extra: Any) -> None:
-    """Write {"state_dict", "config", **extra} atomically (extra: fold, supervision, epoch, val_miou, ...)."""
+# ---- checkpoints ------------------------------------------------------------------------------------
+def save_checkpoint(
+    path: str | os.PathLike, model: CST, config_extra: dict[str, Any] | None = None, **extra: Any
+) -> None:
+    """Write {"state_dict", "config", **extra} atomically (extra: fold, supervision, epoch, val_miou, ...).
+
+    ``config_extra`` (e.g. label_size, supervision) is merged into the config dict; plain values only."""
     from fscs.io import atomic_path
 
-    payload = {"state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
-    payload["config"] = model.config.to_dict()
+    payload: dict[str, Any] = {
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    }
+    payload["config"] = {**model.config.to_dict(), **(config_extra or {})}
     payload.update(extra)
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
@@ -202,15 +222,16 @@ def load_checkpoint(path: str | os.PathLike, store: Any = None) -> tuple[CST, di
 
 
 def check_store(config: CSTConfig, store: Any, checkpoint: str = "checkpoint") -> None:
-    """FscsError naming the first backbone attribute where the store differs from what the model was trained on."""
+    """FscsError naming the first backbone attribute where the store differs from the training features."""
     have = backbone_attrs(store.attrs)
+    where = getattr(store, "path", "feature store")
     for key, want in config.backbone.items():
         got = have.get(key)
         if got != want:
             raise FscsError(
-                f"{getattr(store, 'path', 'feature store')}: attribute '{key}' is {got!r} but {checkpoint} was "
-                f"trained on features with {want!r}; use a feature store extracted with the same backbone"
+                f"{where}: attribute '{key}' is {got!r} but {checkpoint} was trained on features with "
+                f"{want!r}; use a feature store extracted with the same backbone"
             )
     gh, gw = config.grid
     if tuple(int(v) for v in store.attrs["grid"]) != (gh, gw):
-        raise FscsError(f"{getattr(store, 'path', 'feature store')}: token grid differs from {checkpoint}'s {gh}x{gw}")
+        raise FscsError(f"{where}: token grid differs from {checkpoint}'s {gh}x{gw}")

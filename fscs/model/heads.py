@@ -10,7 +10,8 @@ from torch import nn
 class ClassificationHead(nn.Module):
     """(B, C, gh, gw) -> (B, 2) (absent, present) logits.
 
-    1x1 convs C->C->C/2 with ReLU, 3x3/2 average pooling (padded, so any grid size works), 1x1 convs C/2->C/2->2, global average.
+    1x1 convs C->C->C/2 with ReLU, 3x3/2 average pooling (padded, so any grid size works), 1x1 convs
+    C/2->C/2->2, global average.
     """
 
     def __init__(self, channels: int = 128, hidden: int = 64):

@@ -1,8 +1,12 @@
 """The correlation transformer: attention along the support axis of the correlation tensor (METHOD.md §5).
 
-Tensors are laid out as 2-D "images" (B, C, Pq, Ns): C channels, Pq query tokens, Ns support positions,
-position 0 being the support CLS (or the token derived from it) and positions 1.. an S x S support grid.
-For every query token separately, the block attends from a support-pooled set of positions (the CLS-derived
+Tensors are channel-last, (B, Pq, Ns, C): Pq query tokens, Ns support positions, C channels; position 0 is
+the support CLS (or the token derived from it) and positions 1.. an S x S support grid, row-major.
+(Channel-last makes every 1x1 convolution one large matrix product, several times faster on CPU than
+convolutions over the (C, Pq, Ns) layout; the 1x1 convolutions are therefore ``nn.Linear`` layers, with
+the same parameters.)
+
+For every query token separately, a block attends from a support-pooled set of positions (the CLS-derived
 token kept apart, the grid average-pooled to S' x S') to all Ns positions. Attention logits are plain dot
 products (no 1/sqrt(d) scaling); grid keys whose support-mask cell is 0 are masked out, the CLS key never is.
 """
@@ -14,21 +18,48 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def conv1x1(cin: int, cout: int) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, kernel_size=1)
+class GroupNormLast(nn.Module):
+    """GroupNorm over a channel-last tensor (B, ..., C): statistics per sample and channel group over all
+    positions, as ``nn.GroupNorm`` computes them on the channel-first layout."""
+
+    def __init__(self, groups: int, channels: int, eps: float = 1e-5):
+        super().__init__()
+        if channels % groups:
+            raise ValueError(f"{channels} channels do not split into {groups} groups")
+        self.groups = groups
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, P, N, C) contiguous viewed as (B, C, P, N) is channels_last memory: native kernel, no copy
+        shape = x.shape
+        x4 = x.reshape(shape[0], -1, 1, shape[-1]).permute(0, 3, 1, 2)
+        y = F.group_norm(x4, self.groups, self.weight, self.bias, self.eps)
+        return y.permute(0, 2, 3, 1).reshape(shape)
 
 
-def pool_support(x: torch.Tensor, out_size: int) -> torch.Tensor:
-    """(B, C, Pq, 1+S*S) -> (B, C, Pq, 1+S'*S'): CLS position kept, the S x S grid average-pooled to S'."""
-    b, c, pq, ns = x.shape
+def grid_side(ns: int) -> int:
     s = int(round((ns - 1) ** 0.5))
     if s * s != ns - 1:
         raise ValueError(f"support axis of length {ns} is not 1 + a square grid")
+    return s
+
+
+def pool_support(x: torch.Tensor, out_size: int) -> torch.Tensor:
+    """(B, Pq, 1+S*S, C) -> (B, Pq, 1+S'*S', C): CLS position kept, the S x S grid average-pooled to S'."""
+    b, pq, ns, c = x.shape
+    s = grid_side(ns)
     if s == out_size:
         return x
-    grid = x[..., 1:].reshape(b, c * pq, s, s)
-    pooled = F.adaptive_avg_pool2d(grid, out_size).reshape(b, c, pq, out_size * out_size)
-    return torch.cat([x[..., :1], pooled], dim=-1)
+    grid = x[:, :, 1:]
+    if s % out_size == 0:
+        k = s // out_size
+        pooled = grid.reshape(b, pq, out_size, k, out_size, k, c).mean(dim=(3, 5))
+    else:
+        img = grid.reshape(b * pq, s, s, c).permute(0, 3, 1, 2)
+        pooled = F.adaptive_avg_pool2d(img, out_size).permute(0, 2, 3, 1)
+    return torch.cat([x[:, :, :1], pooled.reshape(b, pq, out_size * out_size, c)], dim=2)
 
 
 def pool_mask(mask: torch.Tensor, out_size: int) -> torch.Tensor:
@@ -38,69 +69,75 @@ def pool_mask(mask: torch.Tensor, out_size: int) -> torch.Tensor:
     return F.adaptive_avg_pool2d(mask.unsqueeze(1), out_size).squeeze(1)
 
 
+def key_mask(mask: torch.Tensor) -> torch.Tensor:
+    """(B, S, S) support mask -> (B, 1+S*S) bool: which keys take part; the CLS key always does."""
+    b = mask.shape[0]
+    cls = torch.ones(b, 1, dtype=torch.bool, device=mask.device)
+    return torch.cat([cls, mask.reshape(b, -1) > 0], dim=1)
+
+
 class SupportAttention(nn.Module):
-    """Multi-head attention along the support axis, one attention per (batch, query token)."""
+    """Multi-head attention along the support axis, one attention per (sample, query token)."""
 
     def __init__(self, cin: int, cout: int, heads: int):
         super().__init__()
         if cout % heads:
             raise ValueError(f"{cout} channels do not split into {heads} heads")
         self.heads = heads
-        self.to_q = conv1x1(cin, cout)
-        self.to_k = conv1x1(cin, cout)
-        self.to_v = conv1x1(cin, cout)
+        self.cout = cout
+        self.to_q = nn.Linear(cin, cout)
+        self.to_kv = nn.Linear(cin, 2 * cout)  # key and value projections as one matrix product
 
     def forward(self, x_q: torch.Tensor, x_kv: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
-        """x_q (B, Cin, Pq, Nq), x_kv (B, Cin, Pq, Nk), key_valid (B, Nk) bool -> (B, Cout, Pq, Nq)."""
-        b, _, pq, nq = x_q.shape
-        nk = x_kv.shape[-1]
-        h = self.heads
-        q = self.to_q(x_q)
-        dh = q.shape[1] // h
-        q = q.reshape(b, h, dh, pq, nq).permute(0, 1, 3, 4, 2)  # B h Pq Nq dh
-        k = self.to_k(x_kv).reshape(b, h, dh, pq, nk).permute(0, 1, 3, 2, 4)  # B h Pq dh Nk
-        v = self.to_v(x_kv).reshape(b, h, dh, pq, nk).permute(0, 1, 3, 4, 2)  # B h Pq Nk dh
-        logits = torch.matmul(q, k)  # B h Pq Nq Nk, no 1/sqrt(dh) scaling
-        bias = torch.zeros(key_valid.shape, dtype=logits.dtype, device=logits.device)
-        bias = bias.masked_fill(~key_valid, float("-inf")).reshape(b, 1, 1, 1, nk)
-        attn = torch.softmax(logits + bias, dim=-1)
-        out = torch.matmul(attn, v)  # B h Pq Nq dh
-        return out.permute(0, 1, 4, 2, 3).reshape(b, h * dh, pq, nq)
+        """x_q (B, Pq, Nq, Cin), x_kv (B, Pq, Nk, Cin), key_valid (B, Nk) bool -> (B, Pq, Nq, Cout)."""
+        b, pq, nq, _ = x_q.shape
+        nk = x_kv.shape[2]
+        h, c = self.heads, self.cout
+        dh = c // h
+        q = self.to_q(x_q).reshape(b * pq, nq, h, dh).transpose(1, 2)
+        kv = self.to_kv(x_kv).reshape(b * pq, nk, 2, h, dh)
+        k = kv[:, :, 0].transpose(1, 2)
+        v = kv[:, :, 1].transpose(1, 2)
+        allowed = key_valid[:, None, None, None, :].expand(b, pq, 1, 1, nk).reshape(b * pq, 1, 1, nk)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=1.0)  # no 1/sqrt(d)
+        return out.transpose(1, 2).reshape(b, pq, nq, c)
 
 
 class CorrelationBlock(nn.Module):
     """One transformer block: pooled-query support attention, aggregation, residual, bottleneck FFN.
 
-    shortcut = ReLU(GN(conv1x1(pooled x)));  a = attention(pooled x -> x)
-    y = GN(ReLU(GN(conv1x1(ReLU(GN(a))))) + shortcut);  out = GN(y + FFN(y)), FFN = conv1x1 C->C/4, ReLU,
-    conv1x1 C/4->C.
+    shortcut = ReLU(GN(W_s pooled x));  a = attention(pooled x -> x)
+    y = GN(ReLU(GN(W_a ReLU(GN(a)))) + shortcut);  out = GN(y + FFN(y)), FFN = Linear C->C/4, ReLU, C/4->C.
     """
 
-    def __init__(self, cin: int, cout: int, out_size: int, heads: int = 8, groups: int = 4, ffn_ratio: int = 4):
+    def __init__(
+        self, cin: int, cout: int, out_size: int, heads: int = 8, groups: int = 4, ffn_ratio: int = 4
+    ):
         super().__init__()
         self.out_size = out_size
-        self.shortcut = nn.Sequential(conv1x1(cin, cout), nn.GroupNorm(groups, cout), nn.ReLU(inplace=True))
+        self.shortcut = nn.Sequential(nn.Linear(cin, cout), GroupNormLast(groups, cout), nn.ReLU())
         self.attn = SupportAttention(cin, cout, heads)
         self.aggregate = nn.Sequential(
-            nn.GroupNorm(groups, cout),
-            nn.ReLU(inplace=True),
-            conv1x1(cout, cout),
-            nn.GroupNorm(groups, cout),
-            nn.ReLU(inplace=True),
+            GroupNormLast(groups, cout),
+            nn.ReLU(),
+            nn.Linear(cout, cout),
+            GroupNormLast(groups, cout),
+            nn.ReLU(),
         )
-        self.norm = nn.GroupNorm(groups, cout)
-        hidden = max(cout // ffn_ratio, groups)
-        self.ffn = nn.Sequential(conv1x1(cout, hidden), nn.ReLU(inplace=True), conv1x1(hidden, cout))
-        self.ffn_norm = nn.GroupNorm(groups, cout)
+        self.norm = GroupNormLast(groups, cout)
+        hidden = max(cout // ffn_ratio, 1)
+        self.ffn = nn.Sequential(nn.Linear(cout, hidden), nn.ReLU(), nn.Linear(hidden, cout))
+        self.ffn_norm = GroupNormLast(groups, cout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, Cin, Pq, 1+S*S), mask (B, S, S) float -> (B, Cout, Pq, 1+S'*S'), pooled mask (B, S', S')."""
-        b = x.shape[0]
-        key_valid = torch.cat(
-            [torch.ones(b, 1, dtype=torch.bool, device=x.device), mask.reshape(b, -1) > 0], dim=1
-        )
-        x_q = pool_support(x, self.out_size)
-        y = self.aggregate(self.attn(x_q, x, key_valid)) + self.shortcut(x_q)
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor, x_pooled: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, Pq, 1+S*S, Cin), mask (B, S, S) float -> (B, Pq, 1+S'*S', Cout), pooled mask (B, S', S').
+
+        ``x_pooled``: the support-pooled x if the caller has it already (else pooled here).
+        """
+        x_q = pool_support(x, self.out_size) if x_pooled is None else x_pooled
+        y = self.aggregate(self.attn(x_q, x, key_mask(mask))) + self.shortcut(x_q)
         y = self.norm(y)
         y = self.ffn_norm(y + self.ffn(y))
         return y, pool_mask(mask, self.out_size)

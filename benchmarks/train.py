@@ -1,0 +1,226 @@
+"""Benchmark CST training and evaluation from the feature store against re-encoding images every episode.
+
+    python -m benchmarks.train [--backbone NAME] [--input-size 224] [--features data/features/msrc.h5]
+                               [--batches 3] [--batch 12] [--threads 2] [--eval-episodes 8]
+
+The reference code runs the frozen backbone on the query and the support image of every training episode.
+Here training reads stored tokens. Both designs run in this process, same threads, same model
+initialisation, same 1-way 1-shot episodes (MSRC train split, fold 0 training classes, GT supervision so no
+pseudo-label files are needed), same CST training step (forward, loss, backward, Adam):
+
+- ``store``: tokens from RAM (`TokenBank`, loaded once, as `stages.train` does) -> CST step;
+- ``re-encode``: decode both images, preprocess, backbone forward (no grad), then the same CST step.
+
+Rows: episodes/s (after one warm-up batch, mean over the timed batches), seconds per episode, the ratio to
+the re-encode row, and the peak RSS while the row ran (Linux: the peak is reset before each row). Then
+evaluation: `CSTPredictor.predict` episodes/s per (way, shot) on test episodes (fresh predictor: no pair
+cache hits), the pairs/s behind it, and the same episodes with re-encoding every image of every episode.
+
+Without ``--features`` (or when it was made with another backbone) the needed images are extracted into a
+temporary store first (not timed). The default backbone is params.yaml's (the offline DINOv2 ViT-S/14 at
+224); ``vit_tiny_random`` is used when it cannot be built. Numbers on a shared machine are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fscs.errors import FscsError
+
+
+def reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build_backbone(name: str, input_size: int) -> Any:
+    from fscs.backbone import create_backbone
+
+    try:
+        return create_backbone(name, input_size)
+    except Exception as exc:  # noqa: BLE001 - fall back to the tiny backbone, say so
+        print(f"backbone {name!r} unavailable ({exc}); using vit_tiny_random")
+        return create_backbone("vit_tiny_random", 64)
+
+
+def open_store(path: str | None, backbone: Any, ids: list[str], paths: list[str], tmp: Path) -> Any:
+    from fscs.backbone import extract_to_store
+    from fscs.store import FeatureStore
+
+    if path and Path(path).is_file():
+        store = FeatureStore(path)
+        same = all(
+            store.attrs.get(k) == v
+            for k, v in backbone.store_attrs().items()
+            if k in ("backbone", "input_size")
+        )
+        if same and all(i in store for i in ids):
+            return store
+        store.close()
+        print(f"{path}: other backbone or images missing; extracting the benchmark images")
+    out = tmp / "bench.h5"
+    extract_to_store(backbone, ids, paths, out, batch_size=8, progress=False)
+    return FeatureStore(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--backbone", default=None, help="default: params.yaml backbone.name")
+    parser.add_argument("--input-size", type=int, default=None)
+    parser.add_argument("--index", default="data/index/msrc.parquet")
+    parser.add_argument("--folds", default="data/episodes/msrc/folds.json")
+    parser.add_argument("--episodes", default="data/episodes/msrc")
+    parser.add_argument("--features", default="data/features/msrc.h5")
+    parser.add_argument("--fold", type=int, default=0)
+    parser.add_argument("--batch", type=int, default=None, help="default: train.batch_size")
+    parser.add_argument("--batches", type=int, default=3, help="timed batches per row (plus one warm-up)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--eval-episodes", type=int, default=8, help="test episodes per (way, shot)")
+    args = parser.parse_args(argv)
+
+    from fscs.cst_predictor import CSTPredictor, TokenBank
+    from fscs.data.episodes import TrainEpisodeSampler, read_episodes
+    from fscs.data.folds import fold_classes, read_folds
+    from fscs.data.images import load_rgb
+    from fscs.data.index import read_index
+    from fscs.model.cst import CST, config_from_store, count_parameters
+    from fscs.params import load_params
+    from fscs.targets import Targets
+    from fscs.train import Batcher, TrainConfig, episode_loss
+
+    params = load_params(args.params)
+    cfg = TrainConfig.from_params(params.get("train", {}))
+    bb = params.get("backbone", {})
+    name = args.backbone or bb.get("name", "vit_tiny_random")
+    input_size = int(args.input_size or bb.get("input_size", 224))
+    bs = int(args.batch or cfg.batch_size)
+    torch.set_num_threads(args.threads)
+
+    index = read_index(args.index)
+    folds = read_folds(args.folds)
+    classes = fold_classes(folds, args.fold, "train")
+    sampler = TrainEpisodeSampler(index.reset_index(drop=True), classes, folds["train_split"], seed=123)
+    rng = np.random.Generator(np.random.PCG64(123))
+    train_eps = [sampler.sample(rng) for _ in range(bs * (args.batches + 1))]
+    test = read_episodes(Path(args.episodes) / "test.parquet")
+    test = test[test["fold"] == args.fold]
+    eval_eps = {
+        (w, s): test[(test["way"] == w) & (test["shot"] == s)].head(args.eval_episodes)
+        for w, s in sorted(set(zip(test["way"], test["shot"], strict=True)))
+    }
+    ids = sorted(
+        {e.query_id for e in train_eps}
+        | {e.support_ids[0][0] for e in train_eps}
+        | {str(q) for df in eval_eps.values() for q in df["query_id"]}
+        | {str(s) for df in eval_eps.values() for ss in df["support_ids"] for sh in ss for s in sh}
+    )
+    paths = [str(index.loc[i, "image_path"]) for i in ids]
+
+    backbone = build_backbone(name, input_size)
+    layers = bb.get("layers", "all")
+    with tempfile.TemporaryDirectory() as tmpdir:
+        store = open_store(args.features, backbone, ids, paths, Path(tmpdir))
+        tokens = TokenBank(store, ids)
+        model_cfg = config_from_store(store, **cfg.model)
+        targets = Targets("pixel", index, cfg.label_size)
+        batcher = Batcher(tokens, targets)
+        for e in train_eps:  # GT masks read once, outside the timings (both designs cache them)
+            batcher([e])
+        print(
+            f"backbone {backbone.name} @ {input_size} ({backbone.grid[0]}x{backbone.grid[1]} tokens), CST "
+            f"support grid {model_cfg.support_size}, batch {bs}, {args.threads} threads, "
+            f"label size {cfg.label_size}"
+        )
+
+        def encode(image_ids: list[str]) -> torch.Tensor:
+            with torch.no_grad():
+                x = backbone.preprocess_batch([load_rgb(index.loc[i, "image_path"]) for i in image_ids])
+                return backbone.extract(x, layers).tokens
+
+        def run_row(reencode: bool) -> tuple[float, float]:
+            torch.manual_seed(0)
+            model = CST(model_cfg)
+            opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+            times = []
+            reset_peak_rss()
+            for b in range(args.batches + 1):
+                chunk = train_eps[b * bs : (b + 1) * bs]
+                t0 = time.perf_counter()
+                q, s, m, target, presence = batcher(chunk)
+                if reencode:
+                    q = encode([e.query_id for e in chunk])
+                    s = encode([e.support_ids[0][0] for e in chunk])
+                loss = episode_loss(model, q, s, m, target, presence, cfg.cls_weight)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                if b > 0:
+                    times.append(time.perf_counter() - t0)
+            return bs * len(times) / sum(times), peak_rss_mb()
+
+        rows = {}
+        for label, reencode in (("re-encode (reference design)", True), ("feature store (fscs)", False)):
+            rows[label] = run_row(reencode)
+        base = rows["re-encode (reference design)"][0]
+        print(f"\nTraining, 1-way 1-shot episodes, CST {count_parameters(CST(model_cfg))} parameters")
+        print("| design | episodes/s | s/episode | ratio | peak RSS MB |\n| --- | --- | --- | --- | --- |")
+        for label, (eps, rss) in rows.items():
+            print(f"| {label} | {eps:.2f} | {1 / eps:.3f} | {eps / base:.1f}x | {rss:.0f} |")
+
+        torch.manual_seed(0)
+        model = CST(model_cfg).eval()
+        print("\nEvaluation (CSTPredictor.predict, no pair-cache hits)")
+        print("| way-shot | episodes | episodes/s | pairs/s | re-encode episodes/s | ratio |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for (w, s), df in eval_eps.items():
+            pred = CSTPredictor(
+                model, tokens, targets.test_support_mask, True, batch_size=cfg.eval_batch_size
+            )
+            t0 = time.perf_counter()
+            for row in df.itertuples():
+                pred.predict(row.query_id, row.support_classes, row.support_ids)
+            dt = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                for row in df.itertuples():
+                    sup = [str(x) for sh in row.support_ids for x in sh]
+                    qs = encode([row.query_id]).expand(len(sup), -1, -1, -1)
+                    ss = encode(sup)
+                    pairs = zip(row.support_classes, row.support_ids, strict=True)
+                    masks = [targets.test_support_mask(x, c) for c, sh in pairs for x in sh]
+                    model(qs, ss, torch.from_numpy(np.stack(masks)))
+            dt_ref = time.perf_counter() - t0
+            n = len(df)
+            rate, pairs, ref = n / dt, pred.pairs_computed / dt, n / dt_ref
+            print(f"| {w}-way {s}-shot | {n} | {rate:.2f} | {pairs:.1f} | {ref:.2f} | {rate / ref:.1f}x |")
+        store.close()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except FscsError as exc:
+        raise SystemExit(f"error: {exc}") from None

@@ -1,0 +1,203 @@
+"""The episode predictor over a trained CST model and the feature store (the `fscs.evaluation` protocol).
+
+``predict(query_id, support_classes, support_ids)`` scores every (query, support image) pair of the episode
+independently (N classes x K shots, batched in one forward pass) and averages over the K shots of a class:
+presence probability p(present) (N,) and foreground probability maps (N, 2gh, 2gw). The decision rules
+(presence > 0.5, argmax / 0.5 on foreground) are applied by `fscs.evaluation`.
+
+Support masks come from a callable ``support_mask(image_id, class_id) -> bool (h, w)``; the setting's
+test-time rule is `fscs.targets.Targets.test_support_mask` (GT for ``pixel``, raw self pseudo-mask for
+``image``, enhanced self pseudo-mask for ``mixed``).
+
+A pair's result depends only on (query, support, support mask); with ``mask_depends_on_class`` False (pseudo
+masks) the class is not part of the key. Results are cached, so a pair shared by several episodes (episode i
+of each (way, shot) list shares its query and usually its first support) is computed once.
+`prefetch(episodes)` computes all distinct pairs of an episode list up front, sorted by query, in large
+batches; each image's prepared (normalized, per-head, support-downsampled) features are computed once and
+kept in a bounded cache, so a query or support image shared by many pairs is prepared once.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from fscs.model.cst import CST
+
+
+class TokenBank:
+    """Backbone tokens of a set of images held in RAM (float16), read from a FeatureStore once."""
+
+    def __init__(self, store: Any, image_ids: Iterable[str] = (), progress: bool | None = None):
+        self.store = store
+        ids = list(dict.fromkeys(str(i) for i in image_ids))
+        self._row: dict[str, int] = {}
+        self._data: torch.Tensor | None = None
+        self._extra: dict[str, torch.Tensor] = {}
+        if ids:
+            first = np.asarray(store.tokens(ids[0]))
+            data = torch.empty((len(ids), *first.shape), dtype=torch.float16)
+            for r, image_id in enumerate(
+                tqdm(ids, desc="loading tokens", disable=None if progress else True)
+            ):
+                data[r] = torch.from_numpy(np.asarray(store.tokens(image_id), dtype=np.float16))
+                self._row[image_id] = r
+            self._data = data
+
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self._row or image_id in self._extra
+
+    def get(self, image_ids: Sequence[str]) -> torch.Tensor:
+        """(B, L, 1+P, D) float16 tokens of the images, in order (read from the store if not preloaded)."""
+        rows = [self._row.get(i, -1) for i in image_ids]
+        if self._data is not None and all(r >= 0 for r in rows):
+            return self._data[torch.tensor(rows, dtype=torch.long)]
+        out = []
+        for image_id, r in zip(image_ids, rows, strict=True):
+            if r >= 0:
+                out.append(self._data[r])
+                continue
+            t = self._extra.get(image_id)
+            if t is None:
+                t = torch.from_numpy(np.asarray(self.store.tokens(image_id), dtype=np.float16))
+                if len(self._extra) >= 512:
+                    self._extra.pop(next(iter(self._extra)))
+                self._extra[image_id] = t
+            out.append(t)
+        return torch.stack(out)
+
+
+class CSTPredictor:
+    """N-way K-shot predictions of a CST model from stored tokens.
+
+    model: a `CST` (put in eval mode here); tokens: a `TokenBank` (or a FeatureStore, wrapped);
+    support_mask: ``(image_id, class_id) -> bool mask``; mask_depends_on_class: whether that mask changes
+    with the class (GT masks) or not (pseudo-masks), which decides the cache key.
+    """
+
+    def __init__(
+        self,
+        model: CST,
+        tokens: Any,
+        support_mask: Callable[[str, int], np.ndarray],
+        mask_depends_on_class: bool = True,
+        batch_size: int = 32,
+        cache_size: int = 100_000,
+    ):
+        self.model = model.eval()
+        self.tokens = tokens if isinstance(tokens, TokenBank) else TokenBank(tokens)
+        self.support_mask = support_mask
+        self.mask_depends_on_class = bool(mask_depends_on_class)
+        self.batch_size = int(batch_size)
+        self.cache_size = int(cache_size)
+        self._cache: OrderedDict[tuple, tuple[float, np.ndarray]] = OrderedDict()
+        self.pairs_computed = 0
+        self._prepared: dict[str, OrderedDict[str, torch.Tensor]] = {
+            "query": OrderedDict(),
+            "support": OrderedDict(),
+        }
+        self.prepared_cache_mb = {"query": 256.0, "support": 1024.0}
+
+    def _prepared_features(self, kind: str, image_ids: Sequence[str]) -> torch.Tensor:
+        """Prepared query (B, C, Pq, d) or support (B, C, 1+S*S, d) features, float32, via the cache."""
+        cache = self._prepared[kind]
+        todo = [i for i in dict.fromkeys(image_ids) if i not in cache]
+        if todo:
+            raw = self.tokens.get(todo)
+            prep = self.model.prepare_query(raw) if kind == "query" else self.model.prepare_support(raw)
+            for i, image_id in enumerate(todo):
+                cache[image_id] = prep[i].clone()
+        for image_id in image_ids:
+            cache.move_to_end(image_id)
+        out = torch.stack([cache[i] for i in image_ids])
+        budget = self.prepared_cache_mb[kind] * 2**20
+        item = out[0].numel() * out.element_size()
+        while len(cache) > max(1, int(budget // item)):
+            cache.popitem(last=False)
+        return out
+
+    def _key(self, query_id: str, support_id: str, class_id: int) -> tuple:
+        return (query_id, support_id, int(class_id) if self.mask_depends_on_class else None)
+
+    @torch.inference_mode()
+    def _run(self, pairs: list[tuple[str, str, int]]) -> list[tuple[float, np.ndarray]]:
+        """Forward (query, support, class) pairs in one batch -> [(p_present, p_fg (2gh, 2gw))]."""
+        queries = [p[0] for p in pairs]
+        q = self._prepared_features("query", queries[:1] if len(set(queries)) == 1 else queries)
+        s = self._prepared_features("support", [p[1] for p in pairs])
+        m = torch.from_numpy(np.stack([np.asarray(self.support_mask(p[1], p[2]), dtype=bool) for p in pairs]))
+        cls_logits, seg_logits = self.model.forward_prepared(q, s, m)
+        present = torch.softmax(cls_logits.float(), dim=1)[:, 1].numpy()
+        fg = torch.softmax(seg_logits.float(), dim=1)[:, 1].numpy()
+        self.pairs_computed += len(pairs)
+        return [(float(present[i]), fg[i]) for i in range(len(pairs))]
+
+    def _store(self, key: tuple, value: tuple[float, np.ndarray]) -> None:
+        self._cache[key] = value
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+
+    def pair_scores(self, pairs: Sequence[tuple[str, str, int]]) -> list[tuple[float, np.ndarray]]:
+        """(p_present, p_fg) for each (query, support, class), from the cache or computed in batches."""
+        keys = [self._key(*p) for p in pairs]
+        todo: dict[tuple, tuple[str, str, int]] = {}
+        for k, p in zip(keys, pairs, strict=True):
+            if k not in self._cache and k not in todo:
+                todo[k] = p
+        items = list(todo.items())
+        for start in range(0, len(items), self.batch_size):
+            chunk = items[start : start + self.batch_size]
+            for (k, _), value in zip(chunk, self._run([p for _, p in chunk]), strict=True):
+                self._store(k, value)
+        return [self._cache[k] for k in keys]
+
+    def predict(
+        self, query_id: str, support_classes: Sequence[int], support_ids: Sequence[Sequence[str]]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """presence probability (N,) and foreground probability (N, 2gh, 2gw), averaged over the K shots."""
+        pairs = [
+            (str(query_id), str(s), int(c))
+            for c, shots in zip(support_classes, support_ids, strict=True)
+            for s in shots
+        ]
+        scores = self.pair_scores(pairs)
+        presence, fg, i = [], [], 0
+        for shots in support_ids:
+            k = len(shots)
+            group = scores[i : i + k]
+            i += k
+            presence.append(np.mean([g[0] for g in group]))
+            fg.append(np.mean(np.stack([g[1] for g in group]), axis=0))
+        return np.asarray(presence, dtype=np.float32), np.stack(fg).astype(np.float32)
+
+    def prefetch(self, episodes: Any, progress: bool | None = None) -> int:
+        """Compute every pair of an episode frame in large batches (then `predict` reads the cache).
+
+        Returns the number of distinct pairs computed."""
+        pairs: dict[tuple, tuple[str, str, int]] = {}
+        for row in episodes.itertuples(index=False):
+            for c, shots in zip(row.support_classes, row.support_ids, strict=True):
+                for s in shots:
+                    p = (str(row.query_id), str(s), int(c))
+                    k = self._key(*p)
+                    if k not in self._cache:
+                        pairs.setdefault(k, p)
+        items = sorted(pairs.values())  # by query: its prepared features are reused batch after batch
+        if len(items) > self.cache_size:
+            self.cache_size = len(items) + len(self._cache)
+        bar = tqdm(total=len(items), desc="pairs", unit="pair", disable=None if progress else True)
+        by_query: dict[str, list[tuple[str, str, int]]] = {}
+        for p in items:
+            by_query.setdefault(p[0], []).append(p)
+        for group in by_query.values():  # one query per batch: its features are shared, not copied
+            for start in range(0, len(group), self.batch_size):
+                chunk = group[start : start + self.batch_size]
+                self.pair_scores(chunk)
+                bar.update(len(chunk))
+        bar.close()
+        return len(items)

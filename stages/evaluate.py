@@ -1,0 +1,126 @@
+"""Stage `evaluate@{supervision}-{fold}`: score a CST checkpoint on the fixed TEST episodes of a fold.
+
+    python -m stages.evaluate --supervision image --fold 0 --checkpoint models/cst/image/fold0.pt
+        --index data/index/msrc.parquet --folds data/episodes/msrc/folds.json --episodes data/episodes/msrc
+        --features data/features/msrc.h5 --pseudo data/pseudo/msrc.h5 --enhanced data/pseudo/msrc-enhanced.h5
+        --enhancer models/enhancer.pt --out reports/eval/image/fold0.json
+
+Every (way, shot) of ``<episodes>/test.parquet`` for the fold is run through `fscs.evaluation.run_episodes`
+with a `CSTPredictor` (pairs independent, K shots averaged). Test-time support masks follow the setting: GT
+for ``pixel``, the raw self pseudo-mask for ``image``, the enhanced self pseudo-mask for ``mixed``
+(``--enhancer``; ``--enhanced`` is not needed here). Masks are made at the checkpoint's ``label_size``.
+
+Cross-dataset: point ``--index``, ``--folds``, ``--episodes``, ``--features`` (and ``--pseudo``, optional:
+self maps are recomputed from the store without it) at another dataset's artifacts; the store must come from
+the backbone the checkpoint was trained on (same name, weights, input size, layers), else the stage stops
+with the attribute that differs.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from fscs.errors import FscsError
+from fscs.io import write_json
+from fscs.params import load_params
+from stages._common import run_stage, stage_parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = stage_parser(__doc__.splitlines()[0])
+    parser.add_argument("--supervision", required=True, choices=("image", "mixed", "pixel"))
+    parser.add_argument("--fold", required=True, type=int)
+    parser.add_argument("--checkpoint", required=True, help="CST checkpoint (models/cst/<sup>/fold<f>.pt)")
+    parser.add_argument("--index", required=True)
+    parser.add_argument("--folds", required=True)
+    parser.add_argument("--episodes", required=True, help="episode folder holding test.parquet")
+    parser.add_argument("--features", required=True)
+    parser.add_argument("--pseudo", help="pseudo-label file (optional: self maps recomputed from the store)")
+    parser.add_argument("--enhanced", help="enhanced pseudo-label file (accepted for symmetry; unused)")
+    parser.add_argument("--enhancer", help="enhancer checkpoint; required for the mixed setting")
+    parser.add_argument("--out", required=True, help="evaluation JSON to write")
+    parser.add_argument("--batch-size", type=int, default=None, help="pairs per forward pass")
+    args = parser.parse_args(argv)
+
+    params = load_params(args.params)
+    void = str((params.get("evaluate") or {}).get("void", "ignore"))
+    train_params = params.get("train") or {}
+    threads = int(train_params.get("threads", 2))
+    batch_size = int(args.batch_size or train_params.get("eval_batch_size", 16))
+
+    import torch
+
+    from fscs.cst_predictor import CSTPredictor, TokenBank
+    from fscs.data.episodes import read_episodes
+    from fscs.data.folds import fold_classes, read_folds
+    from fscs.data.index import read_index
+    from fscs.evaluation import evaluation_json, run_episodes
+    from fscs.metrics import check_void
+    from fscs.model.cst import load_checkpoint, read_checkpoint
+    from fscs.store import FeatureStore
+    from fscs.targets import targets_for
+
+    check_void(void)
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    ckpt = read_checkpoint(args.checkpoint)
+    trained_as = ckpt.get("supervision")
+    if trained_as is not None and trained_as != args.supervision:
+        raise FscsError(
+            f"{args.checkpoint}: trained with supervision '{trained_as}', evaluated as '{args.supervision}'"
+        )
+    label_size = int(ckpt["config"].get("label_size", 112))
+    index = read_index(args.index)
+    folds = read_folds(args.folds)
+    classes = fold_classes(folds, args.fold, "test")
+    test_path = Path(args.episodes) / "test.parquet"
+    episodes = read_episodes(test_path)
+    episodes = episodes[episodes["fold"] == args.fold].reset_index(drop=True)
+    if episodes.empty:
+        raise FscsError(f"{test_path}: no test episodes for fold {args.fold}")
+
+    t0 = time.perf_counter()
+    with FeatureStore(args.features) as store:
+        model, _ = load_checkpoint(args.checkpoint, store=store)
+        if args.supervision == "mixed" and not args.enhancer:
+            raise FscsError("supervision 'mixed' needs --enhancer (its test support masks are enhanced)")
+        enhancer_fold = ckpt.get("fold", args.fold)  # cross-dataset: the enhancer of the checkpoint's fold
+        targets = targets_for(
+            args.supervision,
+            params,
+            store,
+            index,
+            label_size,
+            fold=enhancer_fold,
+            pseudo=args.pseudo,
+            enhancer=args.enhancer,
+            for_training=False,
+        )
+        ids = [str(i) for i in episodes["query_id"]]
+        ids += [str(s) for ss in episodes["support_ids"] for shots in ss for s in shots]
+        missing = sorted({i for i in ids if i not in store})
+        if missing:
+            raise FscsError(
+                f"{args.features}: {len(missing)} episode images are not in the store (first: {missing[0]!r})"
+            )
+        tokens = TokenBank(store, ids, progress=None)
+        predictor = CSTPredictor(
+            model,
+            tokens,
+            targets.test_support_mask,
+            targets.test_mask_depends_on_class,
+            batch_size=batch_size,
+        )
+        pairs = predictor.prefetch(episodes, progress=None)
+        results = run_episodes(episodes, predictor, index, classes, void=void, progress=None)
+    seconds = time.perf_counter() - t0
+    doc = evaluation_json(args.fold, args.supervision, void, results)
+    doc["run"] = {"pairs": int(pairs), "seconds": round(seconds, 1), "checkpoint_epoch": ckpt.get("epoch")}
+    write_json(args.out, doc)
+    summary = "; ".join(f"{k} ER {v['er']} mIoU {v['miou']}" for k, v in doc["results"].items())
+    print(f"evaluate {args.supervision} fold {args.fold}: {summary} ({pairs} pairs, {seconds:.0f}s)")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,164 @@
+"""Stage `train@{supervision}-{fold}`: train one CST model from the feature store.
+
+    python -m stages.train --supervision image --fold 0 --index data/index/msrc.parquet
+        --folds data/episodes/msrc/folds.json --episodes data/episodes/msrc --features data/features/msrc.h5
+        --pseudo data/pseudo/msrc.h5 --enhanced data/pseudo/msrc-enhanced.h5 --enhancer models/enhancer.pt
+        --out models/cst/image/fold0.pt --curve reports/curves/image-fold0.csv
+
+Reads only stored tokens (the backbone never runs); the tokens of every image the fold's training and
+validation episodes can touch are loaded into RAM once. Params: ``train`` (schedule, loss, ``label_size``,
+``model`` overrides), ``pseudo`` (recipe and threshold of the pseudo-labels), ``backbone`` (the store must
+match), ``evaluate.void``. Model selection uses the fold's 1-way 1-shot validation episodes
+(``<episodes>/val.parquet``, train split, training classes), never the test episodes.
+Writes the checkpoint (``fscs.model.cst``) and the learning curve CSV (epoch, train_loss, val_er, val_miou,
+seconds).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+from fscs.errors import FscsError
+from fscs.io import atomic_path
+from fscs.params import load_params, section
+from stages._common import run_stage, stage_parser
+
+
+def add_data_arguments(parser: Any, out_help: str) -> None:
+    parser.add_argument("--supervision", required=True, choices=("image", "mixed", "pixel"))
+    parser.add_argument("--fold", required=True, type=int)
+    parser.add_argument("--index", required=True, help="image index (data/index/<ds>.parquet)")
+    parser.add_argument("--folds", required=True, help="folds file (data/episodes/<ds>/folds.json)")
+    parser.add_argument("--episodes", required=True, help="episode folder holding val.parquet / test.parquet")
+    parser.add_argument("--features", required=True, help="feature store (data/features/<ds>.h5)")
+    parser.add_argument("--pseudo", help="pseudo-label file (data/pseudo/<ds>.h5); image and mixed settings")
+    parser.add_argument("--enhanced", help="enhanced pseudo-label file (labelled subset); mixed setting")
+    parser.add_argument("--enhancer", help="enhancer checkpoint (models/enhancer.pt); mixed setting")
+    parser.add_argument("--out", required=True, help=out_help)
+
+
+def curve_csv(rows: list[dict[str, Any]]) -> str:
+    from fscs.train import CURVE_COLUMNS
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(CURVE_COLUMNS), lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CURVE_COLUMNS})
+    return buf.getvalue()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = stage_parser(__doc__.splitlines()[0])
+    add_data_arguments(parser, "checkpoint to write (models/cst/<supervision>/fold<f>.pt)")
+    parser.add_argument("--curve", required=True, help="learning curve CSV to write")
+    args = parser.parse_args(argv)
+
+    params = load_params(args.params)
+    from fscs.train import TrainConfig
+
+    cfg = TrainConfig.from_params(section(params, "train"))
+    void = str((params.get("evaluate") or {}).get("void", "ignore"))
+
+    import torch
+
+    from fscs.cst_predictor import TokenBank
+    from fscs.data.episodes import read_episodes
+    from fscs.data.folds import fold_classes, read_folds
+    from fscs.data.index import read_index
+    from fscs.model.cst import config_from_store, count_parameters, save_checkpoint
+    from fscs.store import FeatureStore, expected_attrs
+    from fscs.targets import labeler_kwargs, targets_for
+    from fscs.train import train, training_images
+
+    torch.set_num_threads(int(cfg.threads))
+    index = read_index(args.index)
+    folds = read_folds(args.folds)
+    train_classes = fold_classes(folds, args.fold, "train")
+    split = str(folds["train_split"])
+    val_path = Path(args.episodes) / "val.parquet"
+    val = read_episodes(val_path)
+    val = val[(val["fold"] == args.fold) & (val["way"] == 1) & (val["shot"] == 1)].reset_index(drop=True)
+    if val.empty:
+        raise FscsError(f"{val_path}: no 1-way 1-shot validation episodes for fold {args.fold}")
+
+    with FeatureStore(args.features, expect=expected_attrs(params)) as store:
+        targets = targets_for(
+            args.supervision,
+            params,
+            store,
+            index,
+            cfg.label_size,
+            fold=args.fold,
+            pseudo=args.pseudo,
+            enhancer=args.enhancer,
+            enhanced=args.enhanced,
+        )
+        ids = training_images(index, split, train_classes)
+        if not ids:
+            raise FscsError(f"{args.index}: no '{split}' images with fold {args.fold}'s training classes")
+        ids += [str(i) for i in val["query_id"]] + [
+            str(s) for ss in val["support_ids"] for sh in ss for s in sh
+        ]
+        missing = sorted({i for i in ids if i not in store})
+        if missing:
+            raise FscsError(
+                f"{args.features}: {len(missing)} training images are not in the store "
+                f"(first: {missing[0]!r}); re-run `dvc repro extract`"
+            )
+        tokens = TokenBank(store, ids, progress=None)
+        model_cfg = config_from_store(store, **cfg.model)
+
+        def report(row: dict[str, Any]) -> None:
+            print(
+                f"epoch {row['epoch']}: loss {row['train_loss']:.4f}  val ER {row['val_er']}  "
+                f"val mIoU {row['val_miou']}  ({row['seconds']:.0f}s)",
+                flush=True,
+            )
+
+        result = train(
+            config=cfg,
+            tokens=tokens,
+            model_config=model_cfg,
+            targets=targets,
+            index=index,
+            train_split=split,
+            train_classes=train_classes,
+            fold=args.fold,
+            val_episodes=val,
+            void=void,
+            on_epoch=report,
+        )
+    from dataclasses import asdict
+
+    save_checkpoint(
+        args.out,
+        result.model,
+        config_extra={
+            "label_size": int(cfg.label_size),
+            "supervision": args.supervision,
+            "pseudo": {
+                k: v for k, v in labeler_kwargs(params).items() if isinstance(v, int | float | str | bool)
+            },
+        },
+        fold=int(args.fold),
+        supervision=args.supervision,
+        epoch=int(result.best_epoch),
+        val_miou=result.best_val_miou,
+        train={k: v for k, v in asdict(cfg).items() if k != "model"},
+        curve=result.curve,
+    )
+    with atomic_path(args.curve) as tmp:
+        tmp.write_text(curve_csv(result.curve))
+    n_params = count_parameters(result.model)
+    print(
+        f"train {args.supervision} fold {args.fold}: {len(result.curve)} epochs in {result.seconds:.0f}s, "
+        f"best epoch {result.best_epoch} (val mIoU {result.best_val_miou}), {n_params} params -> {args.out}"
+    )
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,376 @@
+"""CST training: targets per supervision, a toy overfit, determinism, and the train/evaluate stages."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from fscs.cst_predictor import CSTPredictor, TokenBank
+from fscs.model import CSTConfig
+from fscs.targets import Targets
+from fscs.train import TrainConfig, episode_loss, train
+
+L, H, D, G = 2, 2, 16, (4, 4)
+SIZE = 16  # mask / label size: 4 pixels per token
+
+
+def toy_dataset(tmp_path, n_per_class: int = 6, seed: int = 0):
+    """Images of class 1 or 2: a rectangle of tokens near the class prototype, the rest near a per-image
+    background vector. Returns (index, store)."""
+    rng = np.random.default_rng(seed)
+    protos = rng.standard_normal((3, L, D)).astype(np.float32)
+    rows, data = [], {}
+    for i in range(2 * n_per_class):
+        c = 1 + i % 2
+        h, w = rng.integers(2, 4, size=2)
+        y, x = rng.integers(0, 4 - h + 1), rng.integers(0, 4 - w + 1)
+        fg = np.zeros(G, dtype=bool)
+        fg[y : y + h, x : x + w] = True
+        bg_vec = rng.standard_normal((L, D)).astype(np.float32)
+        tok = np.empty((L, 1 + 16, D), dtype=np.float32)
+        for p in range(16):
+            base = protos[c] if fg.flat[p] else bg_vec
+            tok[:, 1 + p] = base + 0.2 * rng.standard_normal((L, D))
+        tok[:, 0] = protos[c] + 0.5 * rng.standard_normal((L, D))
+        mask = np.kron(fg, np.ones((4, 4), dtype=np.uint8)).astype(np.uint8) * c
+        mask[0, 0] = 255  # a void pixel
+        path = tmp_path / f"m{i}.png"
+        Image.fromarray(mask, mode="L").save(path)
+        image_id = f"img{i:02d}"
+        data[image_id] = tok.astype(np.float16)
+        rows.append(
+            {
+                "image_id": image_id,
+                "split": "train",
+                "image_path": "",
+                "mask_path": str(path),
+                "height": SIZE,
+                "width": SIZE,
+                "classes": [c],
+                "class_pixels": [int((mask == c).sum())],
+            }
+        )
+    index = pd.DataFrame(rows).set_index("image_id", drop=False).rename_axis(None)
+
+    class Store:
+        attrs = {"backbone": "toy", "grid": list(G), "num_heads": H, "layers": list(range(L))}
+
+        def tokens(self, image_id):
+            return data[image_id]
+
+    return index, Store()
+
+
+def val_frame(index: pd.DataFrame) -> pd.DataFrame:
+    ids = list(index.index)
+    rows = []
+    for e, q in enumerate(ids):
+        c = int(index.loc[q, "classes"][0])
+        same = [i for i in ids if i != q and int(index.loc[i, "classes"][0]) == c]
+        for k, cls in enumerate((c, 3 - c)):
+            pool = same if cls == c else [i for i in ids if int(index.loc[i, "classes"][0]) == cls]
+            rows.append(
+                {
+                    "fold": 0,
+                    "episode": 2 * e + k,
+                    "way": 1,
+                    "shot": 1,
+                    "query_id": q,
+                    "support_classes": [cls],
+                    "support_ids": [[pool[e % len(pool)]]],
+                    "labels": [int(cls == c)],
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def model_config() -> CSTConfig:
+    return CSTConfig(
+        num_layers=L, num_heads=H, embed_dim=D, grid=G, support_size=4, channels=(16, 32), pooled_grid=2
+    )
+
+
+def run_train(index, store, val, **cfg):
+    base = dict(seed=0, epochs=2, episodes_per_epoch=16, batch_size=8, label_size=SIZE, patience=0, threads=1)
+    base.update(cfg)
+    config = TrainConfig(**base)
+    targets = Targets("pixel", index, SIZE)
+    return train(
+        config=config,
+        tokens=TokenBank(store, list(index.index)),
+        model_config=model_config(),
+        targets=targets,
+        index=index,
+        train_split="train",
+        train_classes=[1, 2],
+        fold=0,
+        val_episodes=val,
+        progress=False,
+    )
+
+
+def test_pixel_targets_and_presence(tmp_path):
+    index, _ = toy_dataset(tmp_path, n_per_class=2)
+    t = Targets("pixel", index, SIZE)
+    q = "img00"  # class 1
+    target = t.query_target(q, "img02", 1)
+    assert target.shape == (SIZE, SIZE) and target.dtype == np.uint8
+    assert set(np.unique(target)) <= {0, 1, 255} and (target == 1).any() and target[0, 0] == 255
+    assert not (t.query_target(q, "img01", 2) == 1).any()  # class absent: background (void kept ignored)
+    assert t.presence(q, 1) == 1 and t.presence(q, 2) == 0
+    sm = t.support_mask("img02", 1)
+    assert sm.dtype == bool and sm.any() and np.array_equal(sm, t.test_support_mask("img02", 1))
+
+
+class FakeLabeler:
+    enhancer = None
+
+    def support_mask(self, image_id, size):
+        m = np.zeros((size, size), dtype=bool)
+        m[: size // 2] = True
+        return m
+
+    def pair_mask(self, support_id, query_id, size, present=True):
+        m = np.zeros((size, size), dtype=bool)
+        if present:
+            m[:, : size // 2] = True
+        return m
+
+
+def test_image_and_mixed_targets(tmp_path):
+    index, _ = toy_dataset(tmp_path, n_per_class=2)
+    t = Targets("image", index, 8, labeler=FakeLabeler())
+    assert t.support_mask("img02", 1)[:4].all() and not t.support_mask("img02", 1)[4:].any()
+    assert t.query_target("img00", "img02", 1)[:, :4].all()  # present: pair pseudo-mask
+    assert not t.query_target("img00", "img01", 2).any()  # absent: all background
+    lab = FakeLabeler()
+    lab.enhancer = object()
+    m = Targets("mixed", index, 8, labeler=lab, labelled_ids={"img00"})
+    gt = Targets("pixel", index, 8)
+    assert np.array_equal(m.query_target("img00", "img02", 1), gt.query_target("img00", "img02", 1))
+    assert np.array_equal(m.support_mask("img00", 1), gt.support_mask("img00", 1))
+    assert np.array_equal(m.support_mask("img02", 1), lab.support_mask("img02", 8))  # unlabelled: pseudo
+    assert np.array_equal(m.test_support_mask("img00", 1), lab.support_mask("img00", 8))  # test rule
+    with pytest.raises(Exception, match="enhancer"):
+        Targets("mixed", index, 8, labeler=FakeLabeler())
+
+
+def test_training_is_deterministic(tmp_path):
+    index, store = toy_dataset(tmp_path)
+    a = run_train(index, store, val_frame(index))
+    b = run_train(index, store, val_frame(index))
+    for k, v in a.model.state_dict().items():
+        assert torch.equal(v, b.model.state_dict()[k]), k
+    assert [r["train_loss"] for r in a.curve] == [r["train_loss"] for r in b.curve]
+    assert len(a.curve) == 2 and a.curve[0]["val_miou"] is not None
+
+
+def test_tiny_model_overfits_toy_episodes(tmp_path):
+    index, store = toy_dataset(tmp_path)
+    val = val_frame(index)
+    torch.manual_seed(0)
+    res = run_train(index, store, val, epochs=12, episodes_per_epoch=64, lr=3e-3, patience=0)
+    losses = [r["train_loss"] for r in res.curve]
+    print("toy losses", losses, "val mIoU", [r["val_miou"] for r in res.curve])
+    assert losses[-1] < losses[0] / 5
+    # the toy masks are recovered: IoU of (fg prob >= 0.5) with the GT object, class-present pairs
+    targets = Targets("pixel", index, SIZE)
+    pred = CSTPredictor(res.model, TokenBank(store, list(index.index)), targets.test_support_mask)
+    inter = union = 0
+    correct = 0
+    for row in val.itertuples():
+        presence, fg = pred.predict(row.query_id, row.support_classes, row.support_ids)
+        correct += int((presence[0] > 0.5) == bool(row.labels[0]))
+        up = torch.nn.functional.interpolate(torch.from_numpy(fg)[None], size=(SIZE, SIZE), mode="bilinear")[
+            0, 0
+        ]
+        gt = targets.gt(row.query_id)
+        valid = gt != 255
+        p = (up.numpy() >= 0.5) & valid
+        g = (gt == row.support_classes[0]) & valid
+        inter += (p & g).sum()
+        union += (p | g).sum()
+    iou = inter / union
+    print("toy IoU", iou, "presence accuracy", correct / len(val))
+    assert iou > 0.8
+    assert correct / len(val) > 0.9
+
+
+def test_loss_ignores_void_and_handles_empty_targets():
+    torch.manual_seed(0)
+    from fscs.model import CST
+
+    model = CST(model_config())
+    q = torch.randn(2, L, 17, D)
+    target = torch.full((2, SIZE, SIZE), 255, dtype=torch.long)
+    loss = episode_loss(model, q, q, torch.ones(2, 4, 4), target, torch.tensor([0, 1]), 0.1)
+    assert torch.isfinite(loss)
+
+
+# ---- the train and evaluate stages on a tiny VOC dataset with the tiny random ViT ----------------------
+@pytest.fixture
+def tiny_artifacts(tmp_path, voc_fixture):
+    import yaml
+
+    from stages import extract, prepare
+
+    params = dict(voc_fixture.params)
+    params["episodes"] = {**params["episodes"], "test_per_fold": 6, "val_per_fold": 4}
+    params["backbone"] = {"name": "vit_tiny_random", "input_size": 32, "layers": "all", "batch_size": 16}
+    params["pseudo"] = {"recipe": "cst", "cst_threshold": 0.4}
+    params["train"] = {
+        "seed": 0,
+        "epochs": 2,
+        "episodes_per_epoch": 8,
+        "batch_size": 4,
+        "label_size": 16,
+        "patience": 1,
+        "threads": 1,
+        "model": {"support_size": 4, "channels": [16, 32], "pooled_grid": 2},
+    }
+    params["evaluate"] = {"void": "ignore"}
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(params))
+    d = tmp_path / "data"
+    prepare.main(["--params", str(p), "--index", str(d / "index.parquet"), "--episodes", str(d / "episodes")])
+    extract.main(
+        [
+            "--params",
+            str(p),
+            "--index",
+            str(d / "index.parquet"),
+            "--out",
+            str(d / "features.h5"),
+            "--report",
+            str(tmp_path / "extract.json"),
+        ]
+    )
+    return tmp_path, p, d
+
+
+def test_train_and_evaluate_stages(tiny_artifacts, capsys):
+    import json
+
+    import yaml
+
+    from fscs.errors import FscsError
+    from fscs.model import read_checkpoint
+    from stages import evaluate
+    from stages import train as train_stage
+
+    tmp_path, p, d = tiny_artifacts
+    common = [
+        "--params",
+        str(p),
+        "--supervision",
+        "image",
+        "--fold",
+        "0",
+        "--index",
+        str(d / "index.parquet"),
+        "--folds",
+        str(d / "episodes" / "folds.json"),
+        "--episodes",
+        str(d / "episodes"),
+        "--features",
+        str(d / "features.h5"),
+    ]
+    ckpt_path = tmp_path / "models" / "fold0.pt"
+    curve = tmp_path / "curve.csv"
+    train_stage.main([*common, "--out", str(ckpt_path), "--curve", str(curve)])
+    ckpt = read_checkpoint(ckpt_path)
+    assert ckpt["supervision"] == "image" and ckpt["fold"] == 0 and ckpt["config"]["label_size"] == 16
+    assert ckpt["config"]["backbone"]["backbone"] == "vit_tiny_random"
+    lines = curve.read_text().splitlines()
+    assert lines[0] == "epoch,train_loss,val_er,val_miou,seconds" and len(lines) == 3
+
+    out = tmp_path / "eval.json"
+    evaluate.main([*common, "--checkpoint", str(ckpt_path), "--out", str(out)])
+    doc = json.loads(out.read_text())
+    assert doc["fold"] == 0 and doc["supervision"] == "image" and doc["void"] == "ignore"
+    assert set(doc["results"]) == {"1way1shot", "1way5shot", "2way1shot", "2way5shot"}
+    for r in doc["results"].values():
+        assert r["episodes"] == 6 and 0 <= r["er"] <= 100 and 0 <= r["miou"] <= 100
+    assert set(doc["per_class_iou"]["1way1shot"]) == {"1", "2", "3"}
+
+    # a store from another backbone configuration is refused, naming the attribute
+    params = yaml.safe_load(p.read_text())
+    params["backbone"]["input_size"] = 40
+    p2 = tmp_path / "params40.yaml"
+    p2.write_text(yaml.safe_dump(params))
+    from stages import extract
+
+    extract.main(
+        [
+            "--params",
+            str(p2),
+            "--index",
+            str(d / "index.parquet"),
+            "--out",
+            str(d / "f40.h5"),
+            "--report",
+            str(tmp_path / "e40.json"),
+        ]
+    )
+    bad = [a if a != str(d / "features.h5") else str(d / "f40.h5") for a in common]
+    with pytest.raises(FscsError, match="input_size"):
+        evaluate.main([*bad, "--checkpoint", str(ckpt_path), "--out", str(tmp_path / "bad.json")])
+    assert not (tmp_path / "bad.json").exists()
+    with pytest.raises(FscsError, match="trained with supervision 'image'"):
+        evaluate.main([*common[:3], "pixel", *common[4:], "--checkpoint", str(ckpt_path), "--out", str(out)])
+
+
+def test_train_stage_mixed_supervision(tiny_artifacts):
+    from fscs.enhancer import Enhancer, save_enhancer, write_enhanced
+    from fscs.model import read_checkpoint
+    from fscs.store import FeatureStore
+    from stages import evaluate
+    from stages import train as train_stage
+
+    tmp_path, p, d = tiny_artifacts
+    torch.manual_seed(0)
+    with FeatureStore(d / "features.h5") as store:
+        ids = list(store.image_ids)
+        heads, grid = store.num_heads, store.grid
+    save_enhancer(tmp_path / "enhancer.pt", {"all": Enhancer(in_channels=heads)}, {"in_channels": heads})
+    labelled = [i for i in ids if i.startswith("train_1")]
+    maps = np.full((len(ids), *grid), 0.5, dtype=np.float16)
+    write_enhanced(tmp_path / "enhanced.h5", ids, {"all": maps}, labelled, {})
+    common = [
+        "--params",
+        str(p),
+        "--supervision",
+        "mixed",
+        "--fold",
+        "0",
+        "--index",
+        str(d / "index.parquet"),
+    ]
+    common += ["--folds", str(d / "episodes" / "folds.json"), "--episodes", str(d / "episodes")]
+    common += ["--features", str(d / "features.h5"), "--enhancer", str(tmp_path / "enhancer.pt")]
+    out = tmp_path / "mixed.pt"
+    train_stage.main(
+        [
+            *common,
+            "--enhanced",
+            str(tmp_path / "enhanced.h5"),
+            "--out",
+            str(out),
+            "--curve",
+            str(tmp_path / "c.csv"),
+        ]
+    )
+    assert read_checkpoint(out)["supervision"] == "mixed"
+    evaluate.main([*common, "--checkpoint", str(out), "--out", str(tmp_path / "mixed.json")])
+    assert (tmp_path / "mixed.json").is_file()
+
+
+def test_model_selection_rule():
+    from fscs.train import improves
+
+    assert improves(10.0, None) and improves(10.0, 5.0) and not improves(5.0, 10.0) and not improves(5.0, 5.0)
+    assert improves(0.0, 0.0)  # all-background epochs: the later (more trained) one is kept
+    assert not improves(0.0, 3.0) and improves(None, None)
