@@ -133,7 +133,7 @@ def test_metrics_diff_compares_two_settings_key_by_key(tiny_repo):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     try:
         run(["dvc", "repro", "report"], repo, env)
-        diff = json.loads(run(["dvc", "metrics", "diff", "--json"], repo, env).stdout)
+        diff = json.loads(run(["dvc", "metrics", "diff", "--all", "--json"], repo, env).stdout)
         summary = diff["reports/summary.json"]
         assert "1way1shot.miou" in summary and "2way1shot.er" in summary
         assert summary["1way1shot.miou"]["old"] is not None and summary["1way1shot.miou"]["new"] is not None

@@ -182,3 +182,33 @@ def test_real_checkpoint_on_msrc(tmp_path):
         pred = np.asarray(m) == 1
     iou = (pred & gt).sum() / max((pred | gt).sum(), 1)
     assert doc["classes"][0]["present"] and iou > 0.2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not MSRC.is_dir(), reason="needs ../shared/data/msrc-v2")
+def test_real_backbone_on_msrc_images(tmp_path):
+    """`fscs predict` end to end with the offline DINOv2 backbone on real MSRC photos of different sizes
+    (an untrained CST: this checks the path — encoding, pseudo support masks, files — not accuracy)."""
+    import torch
+
+    from fscs.backbone import create_backbone
+    from fscs.model.cst import CST, config_from_store, save_checkpoint
+
+    bb = create_backbone("dinov2_vits14_imgfocus", 224)
+    torch.manual_seed(0)
+    model = CST(config_from_store(SimpleNamespace(attrs=bb.store_attrs("all")), support_size=6))
+    ckpt = tmp_path / "fold0.pt"
+    extra = {"label_size": 64, "supervision": "image", "pseudo": {"recipe": "cst", "cst_threshold": 0.5}}
+    save_checkpoint(ckpt, model, config_extra=extra, fold=0, supervision="image", epoch=0, val_miou=0.0)
+    jpg = MSRC / "JPEGImages"
+    supports = [f"{jpg / '1_1_s.jpg'}:grass", f"{jpg / '1_2_s.jpg'}:grass", f"{jpg / '2_1_s.jpg'}:tree"]
+    queries = [jpg / "1_3_s.jpg", jpg / "3_1_s.jpg"]
+    out = tmp_path / "pred"
+    cli_main(_args(ckpt, supports, queries, out))
+    for q in queries:
+        doc = json.loads((out / f"{q.stem}.json").read_text())
+        assert [c["name"] for c in doc["classes"]] == ["grass", "tree"]
+        assert [c["shots"] for c in doc["classes"]] == [2, 1]
+        with Image.open(q) as img, Image.open(out / f"{q.stem}_mask.png") as m:
+            assert m.size == img.size
+            assert set(np.unique(np.asarray(m))) <= {0, 1, 2}
