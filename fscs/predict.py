@@ -33,18 +33,6 @@ import numpy as np
 
 from fscs.errors import FscsError
 
-#: store/backbone attributes a freshly built backbone must share with the checkpoint's training features
-MATCH_KEYS = (
-    "backbone",
-    "arch",
-    "weights_sha256",
-    "input_size",
-    "patch_size",
-    "grid",
-    "num_heads",
-    "embed_dim",
-)
-
 
 @dataclass
 class SupportSpec:
@@ -113,7 +101,10 @@ def _load_mask_fg(path: str, shape: tuple[int, int]) -> np.ndarray:
 def check_backbone(backbone: Any, config_backbone: dict[str, Any], checkpoint: str, layers: Any) -> None:
     """FscsError unless the built backbone matches what the checkpoint was trained on."""
     have = backbone.store_attrs(layers)
-    for key in MATCH_KEYS:
+    from fscs.model.cst import BACKBONE_KEYS
+
+    # A backbone built here extracts the checkpoint's layers itself; the store-layout keys do not apply.
+    for key in (k for k in BACKBONE_KEYS if k not in ("layers", "normalization", "code_version")):
         if key not in config_backbone:
             continue
         want, got = config_backbone[key], have.get(key)
