@@ -149,25 +149,29 @@ CKPT = ROOT / "models" / "cst" / "pixel" / "fold0.pt"
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (CKPT.is_file() and MSRC.is_dir()), reason="needs a trained checkpoint and MSRC")
-def test_real_checkpoint_on_msrc(tmp_path):
-    """A trained pixel-level checkpoint finds a test class in MSRC images (GT support masks)."""
+def test_real_checkpoint_on_msrc_matches_the_evaluation_path(tmp_path):
+    """`fscs predict` on MSRC photos (backbone run on the images) gives the evaluation path's answers
+    (stored float16 tokens, GT support masks): same presence decisions, nearly the same pixels."""
+    from fscs.cst_predictor import CSTPredictor, TokenBank
     from fscs.data.images import load_mask
     from fscs.data.index import read_index
-    from fscs.model.cst import read_checkpoint
+    from fscs.evaluation import decide
+    from fscs.model.cst import load_checkpoint
+    from fscs.params import load_params
+    from fscs.store import FeatureStore
+    from fscs.targets import targets_for
 
     index_path = ROOT / "data" / "index" / "msrc.parquet"
     folds_path = ROOT / "data" / "episodes" / "msrc" / "folds.json"
-    if not (index_path.is_file() and folds_path.is_file()):
-        pytest.skip("needs data/index/msrc.parquet and folds.json")
-    fold = int(read_checkpoint(CKPT).get("fold", 0))
+    features = ROOT / "data" / "features" / "msrc.h5"
+    if not (index_path.is_file() and folds_path.is_file() and features.is_file()):
+        pytest.skip("needs the default pipeline's index, folds and feature store")
     folds = json.loads(folds_path.read_text())
     index = read_index(index_path)
     val = index[index["split"] == folds["test_split"]]
-    cls = int(folds["folds"][str(fold)]["test"][0])
+    cls = int(folds["folds"]["0"]["test"][0])
     with_cls = [i for i, cs in zip(val.index, val["classes"], strict=True) if cls in cs]
-    if len(with_cls) < 3:
-        pytest.skip("too few images of the class")
-    sup, query = with_cls[:2], with_cls[2]
+    sup, queries = with_cls[:2], with_cls[2:6]
     supports = []
     for s in sup:
         m = (load_mask(index.loc[s, "mask_path"]) == cls).astype(np.uint8)
@@ -175,13 +179,22 @@ def test_real_checkpoint_on_msrc(tmp_path):
         Image.fromarray(m, mode="L").save(mp)
         supports.append(f"{index.loc[s, 'image_path']}:{folds['classes'][str(cls)]}:{mp}")
     out = tmp_path / "pred"
-    cli_main(_args(CKPT, supports, [index.loc[query, "image_path"]], out))
-    doc = json.loads(next(p for p in out.glob("*.json") if p.name != "predictions.json").read_text())
-    gt = load_mask(index.loc[query, "mask_path"]) == cls
-    with Image.open(out / doc["mask"]) as m:
-        pred = np.asarray(m) == 1
-    iou = (pred & gt).sum() / max((pred | gt).sum(), 1)
-    assert doc["classes"][0]["present"] and iou > 0.2
+    cli_main(_args(CKPT, supports, [index.loc[q, "image_path"] for q in queries], out))
+
+    with FeatureStore(features) as store:
+        model, ckpt = load_checkpoint(CKPT, store=store)
+        size = int(ckpt["config"]["label_size"])
+        targets = targets_for("pixel", load_params(ROOT / "params.yaml"), store, index, size, fold=0)
+        reference = CSTPredictor(model, TokenBank(store, sup + queries), targets.test_support_mask)
+        for q in queries:
+            doc = json.loads((out / f"{q}.json").read_text())
+            presence, fg = reference.predict(q, [cls], [sup])
+            hw = (int(index.loc[q, "height"]), int(index.loc[q, "width"]))
+            _, labels = decide(presence, fg, hw)
+            assert doc["classes"][0]["probability"] == pytest.approx(float(presence[0]), abs=0.03)
+            with Image.open(out / doc["mask"]) as m:
+                agree = (np.asarray(m) == labels).mean()
+            assert agree > 0.97, (q, agree)
 
 
 @pytest.mark.slow
