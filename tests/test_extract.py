@@ -144,13 +144,20 @@ KILLER = textwrap.dedent(
 )
 
 
-def test_kill_9_mid_way_then_resume_gives_identical_store(tmp_path):
-    df, index, params_file, params = setup(tmp_path, n=7, batch_size=2)
-    out = tmp_path / "f.h5"
+def extract_then_kill(tmp_path, index, out, after_rows: int) -> subprocess.CompletedProcess:
+    """Run an extraction in a subprocess that kill -9s itself once `after_rows` rows are flushed."""
     script = tmp_path / "killer.py"
     script.write_text(KILLER)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, str(script), str(index), str(out), "4"], env=env, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, str(script), str(index), str(out), str(after_rows)], env=env, cwd=ROOT
+    )
+
+
+def test_kill_9_mid_way_then_resume_gives_identical_store(tmp_path):
+    df, index, params_file, params = setup(tmp_path, n=7, batch_size=2)
+    out = tmp_path / "f.h5"
+    proc = extract_then_kill(tmp_path, index, out, after_rows=4)
     assert proc.returncode == -9  # killed after two batches were flushed
     assert partial_path(out).exists() and not out.exists()
     with pytest.raises(FscsError, match="not found .*unfinished"):
@@ -173,10 +180,7 @@ def test_kill_9_mid_way_then_resume_gives_identical_store(tmp_path):
 def test_partial_for_other_images_is_rebuilt(tmp_path):
     df, index, params_file, params = setup(tmp_path, n=5, batch_size=2)
     out = tmp_path / "f.h5"
-    script = tmp_path / "killer.py"
-    script.write_text(KILLER)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    subprocess.run([sys.executable, str(script), str(index), str(out), "2"], env=env, cwd=ROOT)
+    extract_then_kill(tmp_path, index, out, after_rows=2)
     assert partial_path(out).exists()
     df.iloc[1:].to_parquet(index)  # a different image list, same params
     stage.main(argv(tmp_path, index, params_file))

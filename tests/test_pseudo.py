@@ -303,22 +303,18 @@ def test_overlay_and_grid(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ stage
+def pseudo_argv(w, out, report, plot) -> list[str]:
+    """The pseudo stage's arguments on the tiny world."""
+    inputs = ["--params", w.params, "--index", w.index, "--folds", w.folds, "--features", w.store]
+    return [str(a) for a in [*inputs, "--out", out, "--report", report, "--plot", plot]]
+
+
 def test_pseudo_stage(tiny_world):
     from stages import pseudo as stage
 
     w = tiny_world
     out, report, plot = w.tmp / "pseudo.h5", w.tmp / "pseudo.json", w.tmp / "plots" / "p.csv"
-    argv = [
-        "--params",
-        str(w.params),
-        "--index",
-        str(w.index),
-        "--folds",
-        str(w.folds),
-        "--features",
-        str(w.store),
-    ]
-    stage.main([*argv, "--out", str(out), "--report", str(report), "--plot", str(plot)])
+    stage.main(pseudo_argv(w, out, report, plot))
     ids, maps, attrs = read_self_maps(out)
     assert maps.shape == (len(ids), HEADS, *GRID) and maps.dtype == np.float16
     assert attrs["recipe"] == "cst" and attrs["backbone"] == "vit_tiny_random"
@@ -373,17 +369,7 @@ def test_labeler_checks_provenance(tiny_world):
 
     w = tiny_world
     out = w.tmp / "pseudo.h5"
-    argv = [
-        "--params",
-        str(w.params),
-        "--index",
-        str(w.index),
-        "--folds",
-        str(w.folds),
-        "--features",
-        str(w.store),
-    ]
-    stage.main([*argv, "--out", str(out), "--report", str(w.tmp / "r.json"), "--plot", str(w.tmp / "p.csv")])
+    stage.main(pseudo_argv(w, out, w.tmp / "r.json", w.tmp / "p.csv"))
     with h5py.File(out, "r+") as f:
         f.attrs["backbone"] = "dino_vits8"
     with FeatureStore(w.store) as store, pytest.raises(FscsError, match="backbone"):
