@@ -1,8 +1,10 @@
 """The episode predictor over a trained CST model and the feature store (the `fscs.evaluation` protocol).
 
 ``predict(query_id, support_classes, support_ids)`` scores every (query, support image) pair of the episode
-independently (N classes x K shots, batched in one forward pass) and averages over the K shots of a class:
-presence probability p(present) (N,) and foreground probability maps (N, 2gh, 2gw). The decision rules
+independently (N classes x K shots, batched in one forward pass) and combines the K shots of a class by the
+model's ``kshot`` rule (``mean_prob``: mean probability; ``mean_logit``: mean log-odds, so shots that agree
+reinforce each other instead of being pulled to the middle by one that misses): presence probability
+p(present) (N,) and foreground probability maps (N, 2gh, 2gw). The decision rules
 (presence > 0.5, argmax / 0.5 on foreground) are applied by `fscs.evaluation`.
 
 Support masks come from a callable ``support_mask(image_id, class_id) -> bool (h, w)``; the setting's
@@ -28,6 +30,16 @@ import torch
 from tqdm import tqdm
 
 from fscs.model.cst import CST
+
+
+def _mean(p: np.ndarray) -> np.ndarray:
+    return p.mean(axis=0)
+
+
+def combine_shots(p: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """K shots' probabilities (K, ...) -> the probability of their mean log-odds."""
+    q = np.clip(p.astype(np.float64), eps, 1 - eps)
+    return 1.0 / (1.0 + np.exp(-np.log(q / (1 - q)).mean(axis=0)))
 
 
 class TokenBank:
@@ -166,13 +178,14 @@ class CSTPredictor:
             for s in shots
         ]
         scores = self.pair_scores(pairs)
+        combine = combine_shots if self.model.config.kshot == "mean_logit" else _mean
         presence, fg, i = [], [], 0
         for shots in support_ids:
             k = len(shots)
             group = scores[i : i + k]
             i += k
-            presence.append(np.mean([g[0] for g in group]))
-            fg.append(np.mean(np.stack([g[1] for g in group]), axis=0))
+            presence.append(combine(np.asarray([g[0] for g in group])))
+            fg.append(combine(np.stack([g[1] for g in group])))
         return np.asarray(presence, dtype=np.float32), np.stack(fg).astype(np.float32)
 
     def prefetch(self, episodes: Any, progress: bool | None = None) -> int:

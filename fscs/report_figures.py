@@ -39,6 +39,7 @@ def prediction_grid(
 
     from fscs.cst_predictor import CSTPredictor, TokenBank
     from fscs.data.episodes import read_episodes
+    from fscs.data.folds import class_names, read_folds
     from fscs.data.index import read_index
     from fscs.model.cst import load_checkpoint
     from fscs.store import FeatureStore
@@ -82,6 +83,7 @@ def prediction_grid(
                 for_training=False,
                 pseudo=str(data / "pseudo" / f"{name}.h5"),
                 enhancer=str(Path(models_dir).parent / "enhancer.pt"),
+                class_names=class_names(read_folds(Path(episodes_dir) / "folds.json")),
             )
             predictor = CSTPredictor(
                 model, tokens, targets.test_support_mask, targets.test_mask_depends_on_class

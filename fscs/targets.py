@@ -18,6 +18,13 @@ setting has masks for except ``pixel``, whose learner was trained on GT support 
 ``pixel`` -> GT == c; ``image`` -> raw self pseudo-mask; ``mixed`` -> enhanced self pseudo-mask (the same
 enhancer that labelled its training images). Pseudo support masks do not depend on the class.
 
+Stuff classes (``pseudo.stuff_masks: complement``, classes named in ``pseudo.stuff_classes``): an attention
+pseudo-mask covers the salient object, not the grass or sky around it, so for a stuff class the image and
+mixed settings use its complement (support mask, query target when present, test support mask). Measured on
+MSRC's training split: IoU with the stuff class's GT 0.41 for the complement against 0.17 for the mask in
+images that also hold an object, 0.28 against 0.27 in stuff-only images (reports/README.md). It needs only
+the class's name, which every episode has.
+
 Query targets are uint8: 0 background, 1 foreground, 255 ignored. The presence label of class c is 1 iff c
 is among the query's image-level labels (index ``classes``), as in the episode files.
 """
@@ -91,6 +98,7 @@ class Targets:
         label_size: int,
         labeler: Any = None,
         labelled_ids: set[str] | None = None,
+        complement_classes: set[int] | None = None,
     ):
         self.supervision = check_supervision(supervision)
         self.index = index
@@ -101,6 +109,7 @@ class Targets:
             raise FscsError("supervision 'mixed' needs the pseudo-label enhancer (Labeler(enhancer=...))")
         self.labeler = labeler
         self.labelled = set(labelled_ids or ()) if supervision == "mixed" else set()
+        self.complement = {int(c) for c in complement_classes or ()} if supervision != "pixel" else set()
         self.gt = GtMasks(index, self.label_size)
         self._pseudo_support: dict[str, np.ndarray] = {}
         self._classes: dict[str, frozenset[int]] = {}
@@ -131,21 +140,26 @@ class Targets:
             self._pseudo_support[image_id] = hit
         return hit
 
+    def _class_pseudo_mask(self, image_id: str, class_id: int) -> np.ndarray:
+        """The self pseudo-mask, or its complement for a stuff class (see the module docstring)."""
+        mask = self._pseudo_support_mask(image_id)
+        return ~mask if int(class_id) in self.complement else mask
+
     def support_mask(self, image_id: str, class_id: int) -> np.ndarray:
         """Training support mask, bool (label_size, label_size)."""
         if self.supervision == "pixel" or image_id in self.labelled:
             return self._gt_fg(image_id, class_id)
-        return self._pseudo_support_mask(image_id)
+        return self._class_pseudo_mask(image_id, class_id)
 
     def test_support_mask(self, image_id: str, class_id: int) -> np.ndarray:
         """Evaluation support mask, bool (label_size, label_size): GT for pixel, else the self pseudo-mask."""
         if self.supervision == "pixel":
             return self._gt_fg(image_id, class_id)
-        return self._pseudo_support_mask(image_id)
+        return self._class_pseudo_mask(image_id, class_id)
 
     @property
     def test_mask_depends_on_class(self) -> bool:
-        return self.supervision == "pixel"
+        return self.supervision == "pixel" or bool(self.complement)
 
     def query_target(self, query_id: str, support_id: str, class_id: int) -> np.ndarray:
         """Training target of the query for the support's class: uint8 (label_size, label_size), 0/1/255."""
@@ -155,6 +169,8 @@ class Targets:
             target[gt == VOID] = VOID
             return target
         present = bool(self.presence(query_id, class_id))
+        if present and int(class_id) in self.complement:
+            return (~self._pseudo_support_mask(query_id)).astype(np.uint8)
         return self.labeler.pair_mask(support_id, query_id, self.label_size, present=present).astype(np.uint8)
 
 
@@ -190,22 +206,26 @@ def targets_for(
     enhancer: str | None = None,
     enhanced: str | None = None,
     for_training: bool = True,
+    class_names: dict[int, str] | None = None,
 ) -> Targets:
     """The setting's `Targets` (with a Labeler for image / mixed); errors name a missing input file.
 
     ``for_training`` False: only test-time support masks are needed (no labelled subset for mixed).
-    ``fold``: which fold's enhancer (evaluation passes the checkpoint's fold)."""
+    ``fold``: which fold's enhancer (evaluation passes the checkpoint's fold). ``class_names`` ({id: name},
+    `fscs.data.folds.class_names`) is needed when ``pseudo.stuff_masks`` is ``complement``."""
     from fscs.pseudo import Labeler
 
     sup = supervision
     if sup == "pixel":
         return Targets("pixel", index, label_size)
     kw = labeler_kwargs(params)
+    complement = complement_classes(params, class_names)
     pseudo_path = pseudo if pseudo and Path(pseudo).is_file() else None
     if pseudo and pseudo_path is None:
         raise FscsError(f"{pseudo}: pseudo-label file not found; run `dvc repro pseudo`")
     if sup == "image":
-        return Targets("image", index, label_size, labeler=Labeler(store, pseudo_path, **kw))
+        labeler = Labeler(store, pseudo_path, **kw)
+        return Targets("image", index, label_size, labeler=labeler, complement_classes=complement)
     if not enhancer or (for_training and not enhanced):
         raise FscsError("supervision 'mixed' needs --enhancer and --enhanced (run `dvc repro enhancer`)")
     kw["recipe"] = "cst"  # the enhancer works on the cst recipe's per-head cosine maps
@@ -213,4 +233,27 @@ def targets_for(
 
     labelled = read_labelled_ids(enhanced) if for_training else set()
     labeler = Labeler(store, pseudo_path, enhancer=enhancer, fold=fold, **kw)
-    return Targets("mixed", index, label_size, labeler=labeler, labelled_ids=labelled)
+    return Targets(
+        "mixed", index, label_size, labeler=labeler, labelled_ids=labelled, complement_classes=complement
+    )
+
+
+STUFF_MASKS = ("same", "complement")
+
+
+def complement_classes(params: dict[str, Any], names: dict[int, str] | None) -> set[int]:
+    """Class ids whose pseudo-masks are complemented: ``pseudo.stuff_classes`` (by name) when
+    ``pseudo.stuff_masks`` is ``complement`` (default ``same``: no class is)."""
+    pseudo = params.get("pseudo", {}) or {}
+    rule = pseudo.get("stuff_masks", "same")
+    if rule not in STUFF_MASKS:
+        raise FscsError(f"params: pseudo.stuff_masks must be one of {STUFF_MASKS}, got {rule!r}")
+    if rule == "same":
+        return set()
+    if names is None:
+        raise FscsError("pseudo.stuff_masks 'complement' needs the dataset's class names (folds.json)")
+    wanted = list(pseudo.get("stuff_classes") or [])
+    unknown = sorted(set(wanted) - set(names.values()))
+    if unknown:
+        raise FscsError(f"params: pseudo.stuff_classes names unknown classes {unknown}")
+    return {cid for cid, name in names.items() if name in wanted}

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from fscs.cst_predictor import CSTPredictor, TokenBank
     from fscs.data.episodes import read_episodes
-    from fscs.data.folds import fold_classes, read_folds
+    from fscs.data.folds import class_names, fold_classes, read_folds
     from fscs.data.index import read_index
     from fscs.evaluation import evaluation_json, run_episodes
     from fscs.metrics import check_void
@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
             pseudo=args.pseudo,
             enhancer=args.enhancer,
             for_training=False,
+            class_names=class_names(folds),
         )
         ids = [str(i) for i in episodes["query_id"]]
         ids += [str(s) for ss in episodes["support_ids"] for shots in ss for s in shots]

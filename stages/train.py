@@ -10,18 +10,16 @@ validation episodes can touch are loaded into RAM once. Params: ``train`` (sched
 ``model`` overrides), ``pseudo`` (recipe and threshold of the pseudo-labels), ``backbone`` (the store must
 match), ``evaluate.void``. Model selection uses the fold's 1-way 1-shot validation episodes
 (``<episodes>/val.parquet``, train split, training classes), never the test episodes.
-Writes the checkpoint (``fscs.model.cst``) and the learning curve CSV (epoch, train_loss, val_er, val_miou,
-seconds).
+Writes the checkpoint (``fscs.model.cst``) and the learning curve CSV (``fscs.train.CURVE_COLUMNS``: step,
+learning rate, loss, validation ER / mIoU and the threshold-free pixel signals, seconds).
 """
 
 from __future__ import annotations
 
 import csv
 import io
-from pathlib import Path
 from typing import Any
 
-from fscs.errors import FscsError
 from fscs.io import atomic_path
 from fscs.params import load_params, section
 from stages._common import run_stage, stage_parser
@@ -61,78 +59,28 @@ def main(argv: list[str] | None = None) -> None:
     from fscs.train import TrainConfig
 
     cfg = TrainConfig.from_params(section(params, "train"))
-    void = str((params.get("evaluate") or {}).get("void", "ignore"))
 
     import torch
 
-    from fscs.cst_predictor import TokenBank
-    from fscs.data.episodes import read_episodes
-    from fscs.data.folds import fold_classes, read_folds
-    from fscs.data.index import read_index
-    from fscs.model.cst import config_from_store, count_parameters, save_checkpoint
-    from fscs.store import FeatureStore, expected_attrs
-    from fscs.targets import labeler_kwargs, targets_for
-    from fscs.train import train, training_images
+    from fscs.train_cell import load_cell, train_cell
 
     torch.set_num_threads(int(cfg.threads))
-    index = read_index(args.index)
-    folds = read_folds(args.folds)
-    train_classes = fold_classes(folds, args.fold, "train")
-    split = str(folds["train_split"])
-    val_path = Path(args.episodes) / "val.parquet"
-    val = read_episodes(val_path)
-    val = val[(val["fold"] == args.fold) & (val["way"] == 1) & (val["shot"] == 1)].reset_index(drop=True)
-    if val.empty:
-        raise FscsError(f"{val_path}: no 1-way 1-shot validation episodes for fold {args.fold}")
+    paths = {k: getattr(args, k) for k in ("index", "folds", "episodes", "features", "pseudo", "enhanced")}
+    cell = load_cell(params, args.supervision, args.fold, {**paths, "enhancer": args.enhancer})
 
-    with FeatureStore(args.features, expect=expected_attrs(params)) as store:
-        targets = targets_for(
-            args.supervision,
-            params,
-            store,
-            index,
-            cfg.label_size,
-            fold=args.fold,
-            pseudo=args.pseudo,
-            enhancer=args.enhancer,
-            enhanced=args.enhanced,
+    def report(row: dict[str, Any]) -> None:
+        print(
+            f"epoch {row['epoch']}: loss {row['train_loss']:.4f}  val ER {row.get('val_er')}  "
+            f"val mIoU {row.get('val_miou')}  AUC {row.get('val_auc')}  ({row['seconds']:.0f}s)",
+            flush=True,
         )
-        ids = training_images(index, split, train_classes)
-        if not ids:
-            raise FscsError(f"{args.index}: no '{split}' images with fold {args.fold}'s training classes")
-        ids += [str(i) for i in val["query_id"]] + [
-            str(s) for ss in val["support_ids"] for sh in ss for s in sh
-        ]
-        missing = sorted({i for i in ids if i not in store})
-        if missing:
-            raise FscsError(
-                f"{args.features}: {len(missing)} training images are not in the store "
-                f"(first: {missing[0]!r}); re-run `dvc repro extract`"
-            )
-        tokens = TokenBank(store, ids, progress=None)
-        model_cfg = config_from_store(store, **cfg.model)
 
-        def report(row: dict[str, Any]) -> None:
-            print(
-                f"epoch {row['epoch']}: loss {row['train_loss']:.4f}  val ER {row['val_er']}  "
-                f"val mIoU {row['val_miou']}  ({row['seconds']:.0f}s)",
-                flush=True,
-            )
-
-        result = train(
-            config=cfg,
-            tokens=tokens,
-            model_config=model_cfg,
-            targets=targets,
-            index=index,
-            train_split=split,
-            train_classes=train_classes,
-            fold=args.fold,
-            val_episodes=val,
-            void=void,
-            on_epoch=report,
-        )
+    with cell.store:
+        result = train_cell(cell, cfg, on_epoch=report)
     from dataclasses import asdict
+
+    from fscs.model.cst import count_parameters, save_checkpoint
+    from fscs.targets import labeler_kwargs
 
     save_checkpoint(
         args.out,

@@ -11,7 +11,7 @@ from PIL import Image
 from fscs.cst_predictor import CSTPredictor, TokenBank
 from fscs.model import CSTConfig
 from fscs.targets import Targets
-from fscs.train import TrainConfig, episode_loss, train
+from fscs.train import CURVE_COLUMNS, TrainConfig, episode_loss, train
 
 L, H, D, G = 2, 2, 16, (4, 4)
 SIZE = 16  # mask / label size: 4 pixels per token
@@ -206,7 +206,8 @@ def test_loss_ignores_void_and_handles_empty_targets():
     model = CST(model_config())
     q = torch.randn(2, L, 17, D)
     target = torch.full((2, SIZE, SIZE), 255, dtype=torch.long)
-    loss = episode_loss(model, q, q, torch.ones(2, 4, 4), target, torch.tensor([0, 1]), 0.1)
+    prepared = model.prepare_query(q), model.prepare_support(q)
+    loss = episode_loss(model, *prepared, torch.ones(2, 4, 4), target, torch.tensor([0, 1]), 0.1)
     assert torch.isfinite(loss)
 
 
@@ -285,7 +286,10 @@ def test_train_and_evaluate_stages(tiny_artifacts, capsys):
     assert ckpt["supervision"] == "image" and ckpt["fold"] == 0 and ckpt["config"]["label_size"] == 16
     assert ckpt["config"]["backbone"]["backbone"] == "vit_tiny_random"
     lines = curve.read_text().splitlines()
-    assert lines[0] == "epoch,train_loss,val_er,val_miou,seconds" and len(lines) == 3
+    assert lines[0].split(",") == list(CURVE_COLUMNS) and len(lines) == 3
+    rows = [dict(zip(CURVE_COLUMNS, line.split(","), strict=True)) for line in lines[1:]]
+    assert [int(r["step"]) for r in rows] == [int(r["epoch"]) * int(rows[0]["step"]) for r in rows]
+    assert all(0.0 <= float(r["val_auc"]) <= 1.0 and 0.0 <= float(r["val_fg_fraction"]) <= 1.0 for r in rows)
 
     out = tmp_path / "eval.json"
     evaluate.main([*common, "--checkpoint", str(ckpt_path), "--out", str(out)])
@@ -374,3 +378,45 @@ def test_model_selection_rule():
     assert improves(10.0, None) and improves(10.0, 5.0) and not improves(5.0, 10.0) and not improves(5.0, 5.0)
     assert improves(0.0, 0.0)  # all-background epochs: the later (more trained) one is kept
     assert not improves(0.0, 3.0) and improves(None, None)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    from fscs.train import lr_factor
+
+    f = [lr_factor(s, 100, "cosine", 0.1) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)  # 10 warmup steps, linear
+    assert all(a >= b for a, b in zip(f[9:], f[10:], strict=False))  # then non-increasing
+    assert f[-1] < 0.001 and f[55] == pytest.approx(0.5, abs=0.02)
+    assert {lr_factor(s, 100, "constant", 0.1) for s in range(100)} == {1.0}
+
+
+def test_pixel_signals_tell_unlearned_from_underconfident():
+    from fscs.train import pixel_signals
+
+    rng = np.random.default_rng(0)
+    labels = rng.random(20000) < 0.2
+    # under-confident but ranked right: every score below 0.5, foreground higher than background
+    shy = np.where(labels, 0.3, 0.1) + rng.normal(0, 0.02, labels.size)
+    s = pixel_signals(shy, labels)
+    assert s["auc"] > 0.99 and s["best_iou"] > 0.95 and s["fg_fraction"] == 0.0
+    assert 0.1 < s["best_threshold"] < 0.3
+    # not learned: scores unrelated to the labels
+    s = pixel_signals(rng.random(labels.size), labels)
+    assert abs(s["auc"] - 0.5) < 0.03 and s["best_iou"] < 0.3
+
+
+def test_he_init_starts_at_the_foreground_prior():
+    from fscs.model import CST
+
+    torch.manual_seed(0)
+    cfg = model_config()
+    cfg.init, cfg.fg_prior = "he", 0.2
+    model = CST(cfg)
+    q = torch.randn(3, L, 17, D)
+    cls_logits, seg_logits = model(q, q, torch.ones(3, 4, 4))
+    p_fg = torch.softmax(seg_logits, dim=1)[:, 1]
+    assert p_fg.mean().item() == pytest.approx(0.2, abs=0.02)
+    assert torch.softmax(cls_logits, dim=1)[:, 1].mean().item() == pytest.approx(0.5, abs=0.02)
+    with pytest.raises(ValueError, match="init"):
+        cfg.init = "xavier"
+        CST(cfg)

@@ -98,3 +98,8 @@ def fold_classes(folds: dict[str, Any], fold: int | str, role: str) -> list[int]
     if role not in ("test", "train"):
         raise ValueError(role)
     return list(folds["folds"][key][role])
+
+
+def class_names(folds: dict[str, Any]) -> dict[int, str]:
+    """{class id: name} of the dataset the folds file was made from."""
+    return {int(c): str(n) for c, n in folds["classes"].items()}

@@ -1,0 +1,84 @@
+"""Measured runs of the CST learner: train one (supervision, fold) cell under several `train` overrides in one
+process (tokens and targets loaded once) and print each run's learning curve on VALIDATION episodes.
+
+    python -m experiments.learner_sweep --supervision pixel --fold 0 \
+        --set epochs=8 --set batch_size=4 --vs "init=he" --vs "init=he,schedule=cosine,warmup=0.1"
+
+``--set k=v`` applies to every run; each ``--vs`` is one run's extra overrides (``model.init=he`` reaches
+``train.model``). Values are parsed as YAML. Never reads the test episodes. Results go to stdout and, with
+``--out``, to a CSV (one row per run and epoch) so a sweep is kept with its numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from fscs.train import TrainConfig
+from fscs.train_cell import load_cell, train_cell
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """'a=1,model.init=he' -> {'a': 1, 'model': {'init': 'he'}}."""
+    out: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, _, value = part.partition("=")
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value)
+    return out
+
+
+def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = merged(out.get(k, {}), v) if isinstance(v, dict) else v
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--supervision", required=True, choices=("image", "mixed", "pixel"))
+    ap.add_argument("--fold", type=int, action="append", required=True)
+    ap.add_argument("--set", action="append", default=[], help="override for every run (k=v)")
+    ap.add_argument("--vs", action="append", default=[""], help="one run's overrides (k=v,k2=v2)")
+    ap.add_argument("--out", help="CSV of every run's curve")
+    args = ap.parse_args()
+    params = yaml.safe_load(Path(args.params).read_text())
+    base = merged(params["train"], parse_overrides(",".join(args.set)))
+    runs = args.vs[1:] or [""]
+    rows = []
+    for fold in args.fold:
+        cell = load_cell(params, args.supervision, fold)
+        for spec in runs:
+            section = merged(base, parse_overrides(spec))
+            result = train_cell(cell, TrainConfig.from_params(section), progress=False)
+            for r in result.curve:
+                rows.append({"supervision": args.supervision, "fold": fold, "run": spec or "base", **r})
+            last = result.curve[-1]
+            print(
+                f"fold {fold} [{spec or 'base'}] best epoch {result.best_epoch} "
+                f"val mIoU {result.best_val_miou} | last: ER {last.get('val_er')} "
+                f"AUC {last.get('val_auc')} bestIoU {last.get('val_best_iou')} | {result.seconds:.0f}s",
+                flush=True,
+            )
+            print(
+                pd.DataFrame(result.curve)
+                .drop(columns=["val_best_threshold"], errors="ignore")
+                .to_string(index=False),
+                flush=True,
+            )
+    if args.out:
+        pd.DataFrame(rows).to_csv(args.out, index=False)
+
+
+if __name__ == "__main__":
+    main()
