@@ -30,6 +30,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from fscs.config import backbone_section
 from fscs.errors import FscsError
 
 #: Bump when the layout of the store or the meaning of its contents changes.
@@ -80,16 +81,14 @@ def resolve_layers(layers: Any, depth: int) -> list[int]:
 
 def expected_attrs(params: dict[str, Any]) -> dict[str, Any]:
     """The ``expect`` dict for `FeatureStore` from params.yaml (whole file or its ``backbone`` section)."""
-    bb = params.get("backbone", params)
-    if not isinstance(bb, dict) or "name" not in bb:
-        raise FscsError("params: missing section 'backbone' (with at least 'name')")
-    from fscs.backbone import DEFAULT_INPUT_SIZE, resolve_arch  # local: keep store importable without torch
+    bb = backbone_section(params)
+    from fscs.backbone import resolve_arch  # local: keep store importable without torch
 
     return {
-        "backbone": str(bb["name"]),
-        "arch": resolve_arch(str(bb["name"]), bb.get("arch")),
-        "input_size": int(bb.get("input_size", DEFAULT_INPUT_SIZE)),
-        "layers": bb.get("layers", "all"),
+        "backbone": bb.name,
+        "arch": resolve_arch(bb.name, bb.arch),
+        "input_size": bb.input_size,
+        "layers": bb.layers,
         "normalization": NORMALIZATION,
         "code_version": STORE_VERSION,
     }
