@@ -550,17 +550,12 @@ def backbone_from_params(params: dict[str, Any]) -> Backbone:
 
 def check_images(paths: list[str]) -> None:
     """Cheaply check that every image exists and decodes (JPEGs at reduced scale); names the bad file."""
-    from PIL import Image
+    from fscs.data.images import open_image
 
     for path in paths:
-        try:
-            with Image.open(path) as im:
-                im.draft("RGB", (64, 64))
-                im.load()
-        except FileNotFoundError:
-            raise FscsError(f"{path}: image file not found") from None
-        except Exception as exc:  # noqa: BLE001 - PIL raises many types for broken files
-            raise FscsError(f"{path}: image does not decode ({exc})") from None
+        with open_image(path) as im:
+            im.draft("RGB", (64, 64))
+            im.load()
 
 
 def extract_to_store(

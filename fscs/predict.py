@@ -81,15 +81,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # ---- loading and checks --------------------------------------------------------------------------------
 def _load_mask_fg(path: str, shape: tuple[int, int]) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    from fscs.data.images import WIDE_GREY, open_image
 
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("L") if im.mode not in ("P", "L", "1", "I", "I;16") else im)
-    except FileNotFoundError as exc:
-        raise FscsError(f"{path}: mask file not found") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise FscsError(f"{path}: mask does not decode ({exc})") from exc
+    with open_image(path, "mask") as im:
+        arr = np.asarray(im.convert("L") if im.mode not in ("P", "L", "1", *WIDE_GREY) else im)
     if arr.ndim != 2:
         raise FscsError(f"{path}: mask must be a single-channel PNG, got shape {arr.shape}")
     if arr.shape != tuple(shape):

@@ -156,7 +156,7 @@ def build_index(dataset: dict[str, Any]) -> tuple[pd.DataFrame, dict[int, str]]:
             mask_dir=dataset.get("mask_dir", voc.DEFAULT_MASK_DIR),
             split_dir=dataset.get("split_dir", voc.DEFAULT_SPLIT_DIR),
         )
-        classes = voc.read_class_list(root)
+        classes = voc.voc_class_list(root)
         rows = [
             record(image_id, split, image_path, mask_path, classes, mcp)
             for image_id, split, image_path, mask_path in tqdm(
