@@ -16,6 +16,8 @@ VOID = 255
 #: Environment variable that raises Pillow's decompression-bomb limit (pixels) for images meant to be huge.
 PIXEL_LIMIT_ENV = "FSCS_MAX_IMAGE_PIXELS"
 
+_PILLOW_PIXEL_LIMIT = Image.MAX_IMAGE_PIXELS
+
 #: Pillow modes of greyscale images wider than 8 bits (16-bit PNGs open as one of these).
 WIDE_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
@@ -23,8 +25,8 @@ WIDE_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 @contextmanager
 def open_image(path: str | os.PathLike, what: str = "image") -> Iterator[Image.Image]:
     """`Image.open` whose failures (inside the block too) become one FscsError line naming the file."""
-    if os.environ.get(PIXEL_LIMIT_ENV):
-        Image.MAX_IMAGE_PIXELS = int(os.environ[PIXEL_LIMIT_ENV])
+    limit = os.environ.get(PIXEL_LIMIT_ENV)
+    Image.MAX_IMAGE_PIXELS = int(limit) if limit else _PILLOW_PIXEL_LIMIT
     try:
         with Image.open(path) as im:
             yield im
