@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
 
     config = load_config(args.params)
     dataset, folds_p, ep = config.need("dataset"), config.folds, config.episodes
-    splits = dataset_splits(dataset.model_dump(exclude_none=True))
+    splits = dataset_splits(dataset)
     ways, shots, n_test, n_val, seed, too_few = (
         ep.ways,
         ep.shots,
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
         ep.too_few_images,
     )
 
-    index, classes = build_index(dataset.model_dump(exclude_none=True))
+    index, classes = build_index(dataset)
     folds = make_folds(
         dataset.name,
         classes,
