@@ -1,5 +1,6 @@
 """`make ui` (flows.serve) stops cleanly: SIGTERM ends the server and the deployment within seconds, and a
-dead server ends the serve loop with a message. Stand-in children replace Prefect so the test is fast."""
+dead server ends the serve loop with a message (stand-in children replace Prefect, so this is fast); and the
+served flow cannot be pointed at another folder."""
 
 from __future__ import annotations
 
@@ -77,3 +78,12 @@ def test_dead_server_ends_the_serve_loop_with_a_message(tmp_path):
     assert proc.returncode == 1
     assert "the Prefect server exited (code 0); stopping the deployment" in err
     assert not any(alive(p) for p in children)
+
+
+def test_the_flow_has_no_folder_parameter():
+    """The Prefect API has no authentication: a caller may pick settings and folds, never the folder."""
+    from flows.pipeline import ROOT as FLOW_ROOT
+    from flows.pipeline import fscs_pipeline
+
+    assert set(fscs_pipeline.parameters.properties) == {"supervisions", "folds"}
+    assert FLOW_ROOT == ROOT
