@@ -23,13 +23,15 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     create_model,
-    model_validator,
+    field_validator,
 )
 
 from fscs.errors import FscsError
 
-SUPERVISIONS = ("image", "mixed", "pixel")
+Supervision = Literal["image", "mixed", "pixel"]
+SUPERVISIONS: tuple[str, ...] = typing.get_args(Supervision)
 
 
 def _as_list(value: Any) -> Any:
@@ -163,17 +165,17 @@ class EvaluateConfig(Section):
 
 
 class StudyConfig(Section):
-    supervisions: Annotated[list[Literal["image", "mixed", "pixel"]], Field(min_length=1)] = list(
-        SUPERVISIONS
-    )
+    supervisions: Annotated[list[Supervision], Field(min_length=1)] = list(SUPERVISIONS)
     folds: Annotated[list[Count], Field(min_length=1)] = [0, 1, 2, 3]
-    compare: Literal["image", "mixed", "pixel"] = "pixel"
+    compare: Supervision = "pixel"  # the setting whose numbers go into reports/summary.json
 
-    @model_validator(mode="after")
-    def _compare_is_studied(self) -> StudyConfig:
-        if self.compare not in self.supervisions:
-            raise ValueError(f"study.compare={self.compare!r} is not one of {self.supervisions}")
-        return self
+    @field_validator("compare")
+    @classmethod
+    def _compare_is_studied(cls, compare: str, info: ValidationInfo) -> str:
+        studied = info.data.get("supervisions", [])
+        if compare not in studied:
+            raise ValueError(f"one of study.supervisions {studied}")
+        return compare
 
 
 # ---- the train section: TrainConfig (fscs.train) is its home; here only its field types are checked ----

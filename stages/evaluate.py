@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from fscs.config import checkpoint_label_size, load_config
+from fscs.config import SUPERVISIONS, checkpoint_label_size, load_config
 from fscs.errors import FscsError
 from fscs.io import write_json
 from stages._common import run_stage, stage_parser
@@ -29,7 +29,7 @@ from stages._common import run_stage, stage_parser
 
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__.splitlines()[0])
-    parser.add_argument("--supervision", required=True, choices=("image", "mixed", "pixel"))
+    parser.add_argument("--supervision", required=True, choices=SUPERVISIONS)
     parser.add_argument("--fold", required=True, type=int)
     parser.add_argument("--checkpoint", required=True, help="CST checkpoint (models/cst/<sup>/fold<f>.pt)")
     parser.add_argument("--index", required=True)
