@@ -162,8 +162,6 @@ class FeatureStore:
                     f"{self.path}: feature store written without checksums ({', '.join(unchecked)}; an older "
                     "fscs); re-run `dvc repro extract`"
                 )
-            if not bool(np.all(self._read("done", slice(None)))):
-                raise FscsError(f"{self.path}: feature store has unwritten rows; re-run `dvc repro extract`")
             if expect:
                 check_attrs(self.attrs, expect, str(self.path))
             self.image_ids: list[str] = [_plain(s) for s in self._f["image_ids"][:]]
@@ -172,6 +170,8 @@ class FeatureStore:
                     f"{self.path}: the image_ids dataset does not match its checksum (the file is damaged); "
                     "re-run `dvc repro extract`"
                 )
+            if not bool(np.all(self._read("done", slice(None)))):
+                raise FscsError(f"{self.path}: feature store has unwritten rows; re-run `dvc repro extract`")
             self._row = {iid: r for r, iid in enumerate(self.image_ids)}
         except BaseException:
             self._f.close()
@@ -209,11 +209,12 @@ class FeatureStore:
 
     # ---- per-image reads -----------------------------------------------------------------------------
     def _read(self, name: str, rows: int | slice, *rest: Any) -> np.ndarray:
-        """``name[rows, *rest]``; a row failing its checksum is refused naming the file, dataset and rows."""
+        """``name[rows, *rest]``; a row failing its checksum is refused naming the file, the dataset and every
+        damaged row of it (found by reading the dataset once, on this error path only)."""
         try:
             return self._f[name][(rows, *rest)]
         except OSError as exc:
-            bad = self.damaged_rows(name) if isinstance(rows, slice) else [rows]
+            bad = self.damaged_rows(name) or ([] if isinstance(rows, slice) else [rows])
             listed = ", ".join(f"{r} ({self.image_ids[r]!r})" for r in bad[:10]) if bad else "unknown"
             more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
             raise FscsError(
