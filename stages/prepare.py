@@ -33,14 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     config = load_config(args.params)
     dataset, folds_p, ep = config.need("dataset"), config.folds, config.episodes
     splits = dataset_splits(dataset)
-    ways, shots, n_test, n_val, seed, too_few = (
-        ep.ways,
-        ep.shots,
-        ep.test_per_fold,
-        ep.val_per_fold,
-        ep.seed,
-        ep.too_few_images,
-    )
+    ways, shots = ep.ways, ep.shots
 
     index, classes = build_index(dataset)
     folds = make_folds(
@@ -52,8 +45,12 @@ def main(argv: list[str] | None = None) -> None:
         dataset.train_split,
         dataset.test_split,
     )
-    test, dropped_test = episode_lists(index, folds, "test", ways, shots, n_test, seed, too_few)
-    val, dropped_val = episode_lists(index, folds, "val", ways, shots, n_val, seed, too_few)
+    test, dropped_test = episode_lists(
+        index, folds, "test", ways, shots, ep.test_per_fold, ep.seed, ep.too_few_images
+    )
+    val, dropped_val = episode_lists(
+        index, folds, "val", ways, shots, ep.val_per_fold, ep.seed, ep.too_few_images
+    )
     folds["too_few_images"] = dropped_test + dropped_val
     for d in folds["too_few_images"]:
         print(
