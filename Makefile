@@ -53,3 +53,4 @@ plots:  ## render learning curves and the threshold sweep with dvc plots into re
 bench:  ## print the extraction and training benchmarks
 	$(PY) -m benchmarks.extract
 	$(PY) -m benchmarks.train
+	$(PY) -m benchmarks.store_checksum

@@ -1,7 +1,9 @@
 """The fscs study as a Prefect flow: one task per DVC stage, each running `dvc repro --single-item`.
 
 DVC keeps deciding what is stale and caches the outputs; Prefect shows each stage, its logs and duration.
-Stages run one after another because DVC holds a repository lock during `repro`.
+Stages run one after another because DVC holds a repository lock during `repro`. The flow always runs in
+this project (the folder holding this file): the Prefect API has no authentication, so the folder is not a
+flow parameter a caller could point elsewhere.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
 from prefect import flow, get_run_logger, task
+
+from fscs.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_STAGES = ["prepare", "extract", "pseudo", "enhancer"]
@@ -59,24 +62,22 @@ def dvc_repro(stage: str, repo: str) -> str:
 
 
 @flow(name="fscs-pipeline", log_prints=True)
-def fscs_pipeline(
-    supervisions: list[str] | None = None, folds: list[int] | None = None, repo: str | None = None
-) -> list[str]:
+def fscs_pipeline(supervisions: list[str] | None = None, folds: list[int] | None = None) -> list[str]:
     """Run the study's stages for the chosen supervision settings and folds (default: params.yaml `study`).
 
     The report stage runs only when every setting and fold of params.yaml `study` is selected, because it
     reads all of their evaluation files.
     """
-    repo = str(Path(repo or ROOT).resolve())
-    study = yaml.safe_load((Path(repo) / "params.yaml").read_text())["study"]
-    supervisions = supervisions or study["supervisions"]
-    folds = folds if folds is not None else study["folds"]
-    unknown = sorted(set(supervisions) - set(study["supervisions"])) + sorted(
-        str(f) for f in set(folds) - set(study["folds"])
+    repo = str(ROOT)
+    study = load_config(ROOT / "params.yaml").study
+    supervisions = supervisions or list(study.supervisions)
+    folds = folds if folds is not None else list(study.folds)
+    unknown = sorted(set(supervisions) - set(study.supervisions)) + sorted(
+        str(f) for f in set(folds) - set(study.folds)
     )
     if unknown:
         raise ValueError(f"not in params.yaml study: {unknown}")
-    complete = set(supervisions) == set(study["supervisions"]) and set(folds) == set(study["folds"])
+    complete = set(supervisions) == set(study.supervisions) and set(folds) == set(study.folds)
     done = []
     for stage in stage_plan(supervisions, folds, with_report=complete):
         done.append(dvc_repro(stage, repo))

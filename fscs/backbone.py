@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fscs.config import backbone_section
 from fscs.errors import FscsError
 
 DEFAULT_INPUT_SIZE = 224
@@ -540,15 +541,8 @@ def _check_size_and_create(arch: str, input_size: int) -> torch.nn.Module:
 
 def backbone_from_params(params: dict[str, Any]) -> Backbone:
     """`create_backbone` from params.yaml (the whole file or its ``backbone`` section)."""
-    bb = params.get("backbone", params)
-    if not isinstance(bb, dict) or "name" not in bb:
-        raise FscsError("params: missing section 'backbone' (with at least 'name')")
-    return create_backbone(
-        str(bb["name"]),
-        int(bb.get("input_size", DEFAULT_INPUT_SIZE)),
-        bb.get("arch"),
-        fused=bool(bb.get("fused", True)),
-    )
+    bb = backbone_section(params)
+    return create_backbone(bb.name, bb.input_size, bb.arch, fused=bb.fused)
 
 
 # ---- extraction into a store ------------------------------------------------------------------------------
@@ -556,17 +550,12 @@ def backbone_from_params(params: dict[str, Any]) -> Backbone:
 
 def check_images(paths: list[str]) -> None:
     """Cheaply check that every image exists and decodes (JPEGs at reduced scale); names the bad file."""
-    from PIL import Image
+    from fscs.data.images import open_image
 
     for path in paths:
-        try:
-            with Image.open(path) as im:
-                im.draft("RGB", (64, 64))
-                im.load()
-        except FileNotFoundError:
-            raise FscsError(f"{path}: image file not found") from None
-        except Exception as exc:  # noqa: BLE001 - PIL raises many types for broken files
-            raise FscsError(f"{path}: image does not decode ({exc})") from None
+        with open_image(path) as im:
+            im.draft("RGB", (64, 64))
+            im.load()
 
 
 def extract_to_store(

@@ -27,23 +27,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fscs.config import EnhancerConfig
 from fscs.errors import FscsError
 
-DEFAULT_CONFIG: dict[str, Any] = {
-    "in_channels": 6,
-    "width": 128,
-    "threshold": "auto",  # a number, or "auto": the grid value with the best IoU on the training samples
-    "threshold_grid": [0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7],
-    "scale": 1,  # input maps upsampled bilinearly by this factor; the output is at the scaled size
-    "loss": "bce",  # bce | bce_dice
-    "steps": 600,
-    "batch_size": 16,
-    "lr": 1e-3,
-    "weight_decay": 0.0,
-    "label_size": 64,
-    "flip": True,
-    "seed": 0,
-}
+#: The enhancer's own settings, defaults from `fscs.config.EnhancerConfig` (the section's other keys are the
+#: enhancer stage's). threshold: a number, or "auto": the grid value with the best IoU on the training
+#: samples; scale: input maps upsampled bilinearly by this factor (the output is at the scaled size).
+DEFAULT_CONFIG: dict[str, Any] = EnhancerConfig().model_dump(
+    include={
+        "in_channels",
+        "width",
+        "threshold",
+        "threshold_grid",
+        "scale",
+        "loss",
+        "steps",
+        "batch_size",
+        "lr",
+        "weight_decay",
+        "label_size",
+        "flip",
+        "seed",
+    }
+)
 
 
 class Enhancer(nn.Module):

@@ -31,7 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from fscs.config import checkpoint_label_size
 from fscs.errors import FscsError
+from fscs.params import load_params
 
 
 @dataclass
@@ -79,15 +81,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # ---- loading and checks --------------------------------------------------------------------------------
 def _load_mask_fg(path: str, shape: tuple[int, int]) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    from fscs.data.images import WIDE_GREY, open_image
 
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("L") if im.mode not in ("P", "L", "1", "I", "I;16") else im)
-    except FileNotFoundError as exc:
-        raise FscsError(f"{path}: mask file not found") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise FscsError(f"{path}: mask does not decode ({exc})") from exc
+    with open_image(path, "mask") as im:
+        arr = np.asarray(im.convert("L") if im.mode not in ("P", "L", "1", *WIDE_GREY) else im)
     if arr.ndim != 2:
         raise FscsError(f"{path}: mask must be a single-channel PNG, got shape {arr.shape}")
     if arr.shape != tuple(shape):
@@ -118,6 +115,34 @@ def check_backbone(backbone: Any, config_backbone: dict[str, Any], checkpoint: s
                 f"{got!r}; "
                 "use a checkpoint trained with this backbone (or the same weights)"
             )
+
+
+def check_sizes(model_config: Any, backbone: Any, layers: Any, checkpoint: str) -> None:
+    """FscsError unless the backbone's tokens have the shape the CST weights expect (a checkpoint whose
+    weights come from one backbone and whose config names another is refused here, before any work)."""
+    have = {
+        "num_layers": len(backbone.resolve_layers(layers)),
+        "num_heads": int(backbone.num_heads),
+        "embed_dim": int(backbone.provenance.embed_dim),
+        "grid": tuple(int(g) for g in backbone.grid),
+    }
+    for key, got in have.items():
+        want = getattr(model_config, key)
+        want = tuple(int(g) for g in want) if key == "grid" else int(want)
+        if want != got:
+            raise FscsError(
+                f"{checkpoint}: its CST weights expect {key}={want!r}, but the backbone its config names "
+                f"({backbone.name} at {backbone.input_size}) gives {got!r}; the checkpoint's weights and "
+                "config do not belong together"
+            )
+
+
+def recorded_pseudo(recorded: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``pseudo`` settings a checkpoint records (Labeler keyword form) as params' ``pseudo`` keys."""
+    out = dict(recorded or {})
+    if "threshold" in out:
+        out["cst_threshold"] = out.pop("threshold")
+    return out
 
 
 def _safe_stem(path: str, used: set[str]) -> str:
@@ -155,9 +180,10 @@ class Predictor:
         self.layers = list(bb["layers"]) if isinstance(bb.get("layers"), list) else "all"
         self.backbone = create_backbone(str(bb["backbone"]), int(bb["input_size"]), bb.get("arch"))
         check_backbone(self.backbone, bb, self.checkpoint, self.layers)
+        check_sizes(self.model.config, self.backbone, self.layers, self.checkpoint)
         config = self.ckpt.get("config", {})
-        self.mask_size = int(config.get("label_size", bb["input_size"]))
-        self.pseudo = {**(self.params.get("pseudo") or {}), **(config.get("pseudo") or {})}
+        self.mask_size = checkpoint_label_size(self.ckpt, checkpoint)
+        self.pseudo = {**(self.params.get("pseudo") or {}), **recorded_pseudo(config.get("pseudo"))}
 
     def encode(self, images: list[np.ndarray], batch_size: int = 8) -> list[dict[str, np.ndarray]]:
         """Tokens, CLS query and patch keys per image, rounded to float16 as in the feature store."""
@@ -204,11 +230,7 @@ class Predictor:
 
 def read_params(path: str | None) -> dict[str, Any]:
     """The params file when given (its ``pseudo`` and ``backbone`` sections are used), else {}."""
-    if path is None:
-        return {}
-    from fscs.params import load_params
-
-    return load_params(path)
+    return {} if path is None else load_params(path)
 
 
 class _MemoryStore:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fscs.config import validate_section
 from fscs.errors import FscsError
 
 RECIPES = ("cst", "dino")
@@ -278,18 +279,19 @@ class Labeler:
         enhancer: Any = None,
         fold: int | None = None,
     ) -> Labeler:
-        """A labeler with params.yaml's ``pseudo`` settings (recipe, threshold, dino mass/heads, centring)."""
-        p = params.get("pseudo", {})
+        """A labeler with params.yaml's ``pseudo`` settings (recipe, threshold, dino mass/heads, centring),
+        validated by `fscs.config.PseudoConfig` (its defaults for absent keys)."""
+        p = validate_section("pseudo", params.get("pseudo"))
         return cls(
             store,
             pseudo_path=pseudo_path,
             enhancer=enhancer,
-            recipe=p.get("recipe", "cst"),
-            threshold=float(p.get("cst_threshold", 0.5)),
-            dino_mass=float(p.get("dino_mass", 0.6)),
-            dino_heads=p.get("dino_heads", "mean"),
+            recipe=p.recipe,
+            threshold=p.cst_threshold,
+            dino_mass=p.dino_mass,
+            dino_heads=p.dino_heads,
             fold=fold,
-            center_keys=bool(p.get("center_keys", True)),
+            center_keys=p.center_keys,
         )
 
     @property

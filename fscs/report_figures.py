@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from fscs.config import checkpoint_label_size
 from fscs.data.images import VOID, load_mask, load_rgb
 from fscs.evaluation import decide
 from fscs.overlay import overlay, save_grid
@@ -72,7 +73,7 @@ def prediction_grid(
         for supervision in supervisions:
             checkpoint = Path(models_dir) / supervision / f"fold{fold}.pt"
             model, ckpt = load_checkpoint(checkpoint, store=store)
-            label_size = int(ckpt["config"].get("label_size", 112))
+            label_size = checkpoint_label_size(ckpt, checkpoint)
             targets = targets_for(
                 supervision,
                 params,

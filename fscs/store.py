@@ -11,7 +11,12 @@ Layout (row r = one image, one image per HDF5 chunk so a read touches only that 
 Attributes: ``backbone``, ``arch``, ``weights_sha256``, ``source``, ``input_size``, ``patch_size``,
 ``grid`` [gh, gw], ``layers`` (resolved block indices), ``depth``, ``num_heads``, ``embed_dim``,
 ``normalization``, ``code_version``, ``fused`` (which CPU path computed it, see fscs.backbone) and
-``complete`` (True only after the last write). `FeatureStore` compares ``backbone``, ``arch``,
+``complete`` (True only after the last write) and ``image_ids_sha256``.
+
+Integrity: every row of ``tokens``, ``cls_query``, ``patch_keys`` (and ``done``) carries HDF5's Fletcher32
+checksum, verified by HDF5 on each read; a damaged row is refused with the file, the dataset and the rows
+named. ``image_ids`` (variable-length strings, which HDF5 cannot filter) is checked against its SHA-256 on
+open. `FeatureStore` compares ``backbone``, ``arch``,
 ``input_size``, ``layers`` ("all" means every block of ``depth``), ``normalization`` and ``code_version``
 with what the params ask for (`expected_attrs`), plus any other key given in ``expect``.
 
@@ -22,6 +27,7 @@ partial file when it opens and was started for the same attributes and image lis
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -30,10 +36,14 @@ from typing import Any
 import h5py
 import numpy as np
 
+from fscs.config import backbone_section
 from fscs.errors import FscsError
 
-#: Bump when the layout of the store or the meaning of its contents changes.
-STORE_VERSION = 1
+#: Bump when the layout of the store or the meaning of its contents changes (2: Fletcher32 checksums).
+STORE_VERSION = 2
+
+#: Datasets written with HDF5's Fletcher32 filter: a checksum per chunk (per image row), verified on read.
+CHECKSUMMED = ("tokens", "cls_query", "patch_keys", "done")
 
 #: How images become tokens; recorded in the store so a change of recipe invalidates it.
 NORMALIZATION = (
@@ -80,16 +90,14 @@ def resolve_layers(layers: Any, depth: int) -> list[int]:
 
 def expected_attrs(params: dict[str, Any]) -> dict[str, Any]:
     """The ``expect`` dict for `FeatureStore` from params.yaml (whole file or its ``backbone`` section)."""
-    bb = params.get("backbone", params)
-    if not isinstance(bb, dict) or "name" not in bb:
-        raise FscsError("params: missing section 'backbone' (with at least 'name')")
-    from fscs.backbone import DEFAULT_INPUT_SIZE, resolve_arch  # local: keep store importable without torch
+    bb = backbone_section(params)
+    from fscs.backbone import resolve_arch  # local: keep store importable without torch
 
     return {
-        "backbone": str(bb["name"]),
-        "arch": resolve_arch(str(bb["name"]), bb.get("arch")),
-        "input_size": int(bb.get("input_size", DEFAULT_INPUT_SIZE)),
-        "layers": bb.get("layers", "all"),
+        "backbone": bb.name,
+        "arch": resolve_arch(bb.name, bb.arch),
+        "input_size": bb.input_size,
+        "layers": bb.layers,
         "normalization": NORMALIZATION,
         "code_version": STORE_VERSION,
     }
@@ -148,11 +156,22 @@ class FeatureStore:
                 raise FscsError(
                     f"{self.path}: feature store lacks datasets {missing}; re-run `dvc repro extract`"
                 )
-            if not bool(np.all(self._f["done"][:])):
-                raise FscsError(f"{self.path}: feature store has unwritten rows; re-run `dvc repro extract`")
+            unchecked = [d for d in CHECKSUMMED if not self._f[d].fletcher32]
+            if unchecked:
+                raise FscsError(
+                    f"{self.path}: feature store written without checksums ({', '.join(unchecked)}; an older "
+                    "fscs); re-run `dvc repro extract`"
+                )
             if expect:
                 check_attrs(self.attrs, expect, str(self.path))
             self.image_ids: list[str] = [_plain(s) for s in self._f["image_ids"][:]]
+            if ids_digest(self.image_ids) != self.attrs.get("image_ids_sha256"):
+                raise FscsError(
+                    f"{self.path}: the image_ids dataset does not match its checksum (the file is damaged); "
+                    "re-run `dvc repro extract`"
+                )
+            if not bool(np.all(self._read("done", slice(None)))):
+                raise FscsError(f"{self.path}: feature store has unwritten rows; re-run `dvc repro extract`")
             self._row = {iid: r for r, iid in enumerate(self.image_ids)}
         except BaseException:
             self._f.close()
@@ -189,27 +208,53 @@ class FeatureStore:
             raise FscsError(f"{self.path}: image id {image_id!r} is not in the feature store") from None
 
     # ---- per-image reads -----------------------------------------------------------------------------
+    def _read(self, name: str, rows: int | slice, *rest: Any) -> np.ndarray:
+        """``name[rows, *rest]``; a row failing its checksum is refused naming the file, the dataset and every
+        damaged row of it (found by reading the dataset once, on this error path only)."""
+        try:
+            return self._f[name][(rows, *rest)]
+        except OSError as exc:
+            bad = self.damaged_rows(name) or ([] if isinstance(rows, slice) else [rows])
+            listed = ", ".join(f"{r} ({self.image_ids[r]!r})" for r in bad[:10]) if bad else "unknown"
+            more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+            raise FscsError(
+                f"{self.path}: dataset '{name}' is damaged: rows {listed}{more} fail their checksum "
+                f"({exc}); re-run `dvc repro extract`"
+            ) from None
+
+    def damaged_rows(self, name: str) -> list[int]:
+        """The rows of dataset ``name`` whose chunk fails its checksum (reads each row once)."""
+        bad = []
+        for r in range(self._f[name].shape[0]):
+            try:
+                self._f[name][r]
+            except OSError:
+                bad.append(r)
+        return bad
+
     def tokens(self, image_id: str) -> np.ndarray:
         """(L, 1+P, D) float16: selected blocks' normed outputs, CLS first."""
-        return self._f["tokens"][self.row(image_id)]
+        return self._read("tokens", self.row(image_id))
 
     def cls_tokens(self, image_id: str) -> np.ndarray:
         """(L, D) float16: the CLS token of each selected block."""
-        return self._f["tokens"][self.row(image_id), :, 0]
+        return self._read("tokens", self.row(image_id), slice(None), 0)
 
     def cls_query(self, image_id: str) -> np.ndarray:
         """(H, d) float16: the last block's CLS query."""
-        return self._f["cls_query"][self.row(image_id)]
+        return self._read("cls_query", self.row(image_id))
 
     def patch_keys(self, image_id: str) -> np.ndarray:
         """(H, P, d) float16: the last block's patch keys."""
-        return self._f["patch_keys"][self.row(image_id)]
+        return self._read("patch_keys", self.row(image_id))
 
     def read_all(self, name: str) -> np.ndarray:
         """A whole dataset in memory (e.g. 'cls_query'); mind the size of 'tokens'."""
         if name not in DATASETS:
             raise FscsError(f"{self.path}: no dataset {name!r} (have {list(DATASETS)})")
-        return self._f[name][:]
+        if name == "image_ids":
+            return self._f[name][:]
+        return self._read(name, slice(None))
 
     def close(self) -> None:
         self._f.close()
@@ -269,6 +314,7 @@ class StoreWriter:
             ok = all(k in have and _plain(have[k]) == _plain(_to_attr(v)) for k, v in self.attrs.items())
             ok = ok and all(d in f for d in DATASETS) and not have.get("complete", False)
             ok = ok and [_plain(s) for s in f["image_ids"][:]] == self.image_ids
+            ok = ok and f["done"][:].shape == (len(self.image_ids),)  # reading verifies its checksum
             n = len(self.image_ids)
             for name, shape in self.shapes.items():
                 ok = ok and f[name].shape == (n, *shape)
@@ -291,10 +337,13 @@ class StoreWriter:
             )
             for name in ("tokens", "cls_query", "patch_keys"):
                 shape = self.shapes[name]
-                f.create_dataset(name, shape=(n, *shape), dtype=np.float16, chunks=(1, *shape))
-            f.create_dataset("done", shape=(n,), dtype=bool, fillvalue=False)
+                f.create_dataset(
+                    name, shape=(n, *shape), dtype=np.float16, chunks=(1, *shape), fletcher32=True
+                )
+            f.create_dataset("done", shape=(n,), dtype=bool, fillvalue=False, fletcher32=True)
             for k, v in self.attrs.items():
                 f.attrs[k] = _to_attr(v)
+            f.attrs["image_ids_sha256"] = ids_digest(self.image_ids)
             f.attrs["complete"] = False
             f.flush()
         except BaseException:
@@ -353,6 +402,11 @@ def _to_attr(v: Any) -> Any:
     if isinstance(v, list | tuple):
         return np.asarray(v)
     return v
+
+
+def ids_digest(image_ids: Sequence[str]) -> str:
+    """SHA-256 of the image id list (one id a line), recorded in the store and checked on open."""
+    return hashlib.sha256("".join(f"{i}\n" for i in image_ids).encode()).hexdigest()
 
 
 def iter_batches(n: int, batch_size: int) -> Iterator[list[int]]:

@@ -16,45 +16,15 @@ from __future__ import annotations
 import os
 import time
 
-from fscs.baselines import BASELINES, STATS, run_baselines
+from fscs.baselines import run_baselines
+from fscs.config import load_config
 from fscs.data.folds import read_folds
 from fscs.data.index import read_index
-from fscs.errors import FscsError
 from fscs.evaluation import load_episodes
 from fscs.io import write_json
-from fscs.metrics import VOID_MODES
-from fscs.params import load_params, section
 from fscs.pseudo import Labeler
 from fscs.store import FeatureStore, expected_attrs
 from stages._common import run_stage, stage_parser
-
-DEFAULTS = {
-    "names": list(BASELINES),
-    "layer": -1,
-    "presence_stats": list(STATS),
-    "gate": True,
-    "cache_images": 2048,
-}
-
-
-def baseline_params(params: dict) -> tuple[str, dict]:
-    """(void, baselines config) from params.evaluate, with defaults and checks."""
-    ev = section(params, "evaluate")
-    void = ev.get("void", "ignore")
-    if void not in VOID_MODES:
-        raise FscsError(f"params: evaluate.void must be one of {VOID_MODES}, got {void!r}")
-    cfg = {**DEFAULTS, **(ev.get("baselines") or {})}
-    unknown = [n for n in cfg["names"] if n not in BASELINES]
-    if unknown or not cfg["names"]:
-        raise FscsError(f"params: evaluate.baselines.names must be a non-empty subset of {list(BASELINES)}")
-    bad = [s for s in cfg["presence_stats"] if s not in STATS]
-    if bad or not cfg["presence_stats"]:
-        raise FscsError(
-            f"params: evaluate.baselines.presence_stats must be a non-empty subset of {list(STATS)}"
-        )
-    if not isinstance(cfg["layer"], int) or isinstance(cfg["layer"], bool):
-        raise FscsError(f"params: evaluate.baselines.layer must be a block index, got {cfg['layer']!r}")
-    return void, cfg
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -70,8 +40,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     start = time.perf_counter()
 
-    params = load_params(args.params)
-    void, cfg = baseline_params(params)
+    config = load_config(args.params)
+    params = config.params()
+    void, cfg = config.evaluate.void, config.evaluate.baselines
     index = read_index(args.index)
     folds = read_folds(args.folds)
     test = load_episodes(os.path.join(args.episodes, "test.parquet"), fold=args.fold)
@@ -79,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     with FeatureStore(args.features, expect=expected_attrs(params)) as store:
         labeler = Labeler.from_params(store, params, pseudo_path=args.pseudo)
         out = run_baselines(
-            cfg["names"],
+            list(cfg.names),
             args.fold,
             test,
             val,
@@ -88,10 +59,10 @@ def main(argv: list[str] | None = None) -> None:
             store,
             labeler,
             void=void,
-            layer=cfg["layer"],
-            gate=bool(cfg["gate"]),
-            stats=cfg["presence_stats"],
-            cache_size=int(cfg["cache_images"]),
+            layer=cfg.layer,
+            gate=cfg.gate,
+            stats=list(cfg.presence_stats),
+            cache_size=cfg.cache_images,
             progress=not args.quiet,
         )
     write_json(args.out, out)

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from fscs.config import Config, load_config
 from fscs.data.folds import read_folds
 from fscs.data.images import VOID, load_mask, load_rgb
 from fscs.data.index import read_index
@@ -65,7 +66,6 @@ from fscs.errors import FscsError
 from fscs.io import atomic_path, write_json
 from fscs.labelled import select_labelled
 from fscs.overlay import overlay, save_grid
-from fscs.params import load_params, section
 from fscs.pseudo import (
     IoUCounter,
     check_provenance,
@@ -80,60 +80,16 @@ from fscs.store import FeatureStore, expected_attrs
 from stages._common import run_stage, stage_parser
 from stages.pseudo import pseudo_config, stuff_ids, train_images
 
-INPUTS = ("self", "pair", "both")
+
+def enhancer_config(config: Config) -> dict:
+    """The validated ``enhancer`` section as a dict."""
+    return config.enhancer.model_dump()
 
 
-def enhancer_config(params: dict) -> dict:
-    """Validated ``enhancer`` section merged over the library defaults, plus the stage's own keys."""
-    e = section(params, "enhancer")
-    cfg = {
-        **DEFAULT_CONFIG,
-        "inputs": "both",
-        "pairs_per_label": 2,
-        "per_fold": True,
-        "train_classes": "all",
-        "threads": 1,
-        "figures": 6,
-    }
-    unknown = [k for k in e if k not in cfg]
-    if unknown:
-        raise FscsError(f"params: unknown enhancer keys {unknown} (known: {sorted(cfg)})")
-    cfg.update(e)
-    if cfg["inputs"] not in INPUTS:
-        raise FscsError(f"params: enhancer.inputs must be one of {INPUTS}, got {cfg['inputs']!r}")
-    if cfg["train_classes"] not in ("all", "objects"):
-        raise FscsError(
-            f"params: enhancer.train_classes must be 'all' or 'objects', got {cfg['train_classes']!r}"
-        )
-    if cfg["loss"] not in ("bce", "bce_dice"):
-        raise FscsError(f"params: enhancer.loss must be 'bce' or 'bce_dice', got {cfg['loss']!r}")
-    for key in ("steps", "batch_size", "label_size", "threads", "pairs_per_label"):
-        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
-            raise FscsError(f"params: enhancer.{key} must be a positive integer, got {cfg[key]!r}")
-    t = cfg["threshold"]
-    if t != "auto" and (not isinstance(t, int | float) or isinstance(t, bool) or not 0 < t < 1):
-        raise FscsError(f"params: enhancer.threshold must be 'auto' or a number in (0, 1), got {t!r}")
-    if not isinstance(cfg["lr"], int | float) or cfg["lr"] <= 0:
-        raise FscsError(f"params: enhancer.lr must be a positive number, got {cfg['lr']!r}")
-    return cfg
-
-
-def mixed_config(params: dict) -> dict:
-    m = section(params, "mixed")
-    fraction = m.get("fraction", 0.1)
-    sweep = m.get("sweep", [fraction])
-    sweep = sweep if isinstance(sweep, list) else [sweep]
-    for f in [fraction, *sweep]:
-        if not isinstance(f, int | float) or not 0 < float(f) <= 1:
-            raise FscsError(f"params: mixed fractions must be numbers in (0, 1], got {f!r}")
-    seed = m.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise FscsError(f"params: mixed.seed must be a non-negative integer, got {seed!r}")
-    return {
-        "fraction": float(fraction),
-        "sweep": sorted({float(f) for f in sweep} | {float(fraction)}),
-        "seed": seed,
-    }
+def mixed_config(config: Config) -> dict:
+    """The validated ``mixed`` section as a dict; the sweep always includes the fraction, sorted."""
+    m = config.mixed
+    return {"fraction": m.fraction, "sweep": sorted(set(m.sweep) | {m.fraction}), "seed": m.seed}
 
 
 class Data:
@@ -364,8 +320,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     start = time.perf_counter()
 
-    params = load_params(args.params)
-    pcfg, cfg, mixed = pseudo_config(params), enhancer_config(params), mixed_config(params)
+    config = load_config(args.params)
+    params = config.params()
+    pcfg, cfg, mixed = pseudo_config(config), enhancer_config(config), mixed_config(config)
     index, folds = read_index(args.index), read_folds(args.folds)
     torch.set_num_threads(int(cfg["threads"]))
     with FeatureStore(args.features, expect=expected_attrs(params)) as store:

@@ -21,15 +21,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from fscs.config import SUPERVISIONS, checkpoint_label_size, load_config
 from fscs.errors import FscsError
 from fscs.io import write_json
-from fscs.params import load_params
 from stages._common import run_stage, stage_parser
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__.splitlines()[0])
-    parser.add_argument("--supervision", required=True, choices=("image", "mixed", "pixel"))
+    parser.add_argument("--supervision", required=True, choices=SUPERVISIONS)
     parser.add_argument("--fold", required=True, type=int)
     parser.add_argument("--checkpoint", required=True, help="CST checkpoint (models/cst/<sup>/fold<f>.pt)")
     parser.add_argument("--index", required=True)
@@ -43,11 +43,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="pairs per forward pass")
     args = parser.parse_args(argv)
 
-    params = load_params(args.params)
-    void = str((params.get("evaluate") or {}).get("void", "ignore"))
-    train_params = params.get("train") or {}
-    threads = int(train_params.get("threads", 2))
-    batch_size = int(args.batch_size or train_params.get("eval_batch_size", 16))
+    config = load_config(args.params)
+    params = config.params()
+    void = config.evaluate.void
+    threads = config.train.threads
+    batch_size = args.batch_size or config.train.eval_batch_size
 
     import torch
 
@@ -56,12 +56,10 @@ def main(argv: list[str] | None = None) -> None:
     from fscs.data.folds import class_names, fold_classes, read_folds
     from fscs.data.index import read_index
     from fscs.evaluation import evaluation_json, run_episodes
-    from fscs.metrics import check_void
     from fscs.model.cst import load_checkpoint, read_checkpoint
     from fscs.store import FeatureStore
     from fscs.targets import targets_for
 
-    check_void(void)
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
     ckpt = read_checkpoint(args.checkpoint)
@@ -70,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         raise FscsError(
             f"{args.checkpoint}: trained with supervision '{trained_as}', evaluated as '{args.supervision}'"
         )
-    label_size = int(ckpt["config"].get("label_size", 112))
+    label_size = checkpoint_label_size(ckpt, args.checkpoint)
     index = read_index(args.index)
     folds = read_folds(args.folds)
     classes = fold_classes(folds, args.fold, "test")

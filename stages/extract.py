@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from fscs.config import load_config
 from fscs.errors import FscsError
 from fscs.io import write_json
-from fscs.params import load_params, section
 from stages._common import run_stage, stage_parser
 
 
@@ -56,12 +56,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report", required=True, help="extraction report JSON")
     args = parser.parse_args(argv)
 
-    params = load_params(args.params)
-    bb = section(params, "backbone")
+    config = load_config(args.params)
+    bb = config.need("backbone")
     ids, paths = read_image_list(args.index)
-    layers = bb.get("layers", "all")
-    batch_size = int(bb.get("batch_size", 8))
-    threads = int(bb.get("threads") or default_threads())
+    layers, batch_size = bb.layers, bb.batch_size
+    threads = bb.threads or default_threads()
 
     import torch
 
@@ -71,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
     t0 = time.perf_counter()
-    backbone = backbone_from_params(params)
+    backbone = backbone_from_params(config.params())
     load_s = time.perf_counter() - t0
     stats = extract_to_store(
         backbone, ids, paths, args.out, layers=layers, batch_size=batch_size, check=False

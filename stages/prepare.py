@@ -15,27 +15,12 @@ import os
 import sys
 import time
 
+from fscs.config import load_config
 from fscs.data.episodes import episode_lists, write_episodes
 from fscs.data.folds import make_folds
 from fscs.data.index import build_index, dataset_splits, write_index
-from fscs.errors import FscsError
 from fscs.io import write_json
-from fscs.params import load_params, section
 from stages._common import run_stage, stage_parser
-
-
-def _int_list(value, key: str) -> list[int]:
-    values = value if isinstance(value, list) else [value]
-    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
-        raise FscsError(f"params: episodes.{key} must be a list of positive integers, got {value!r}")
-    return [int(v) for v in values]
-
-
-def _count(value, key: str) -> int:
-    """A non-negative integer param (episodes.<key>)."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise FscsError(f"params: episodes.{key} must be a non-negative integer, got {value!r}")
-    return value
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,30 +30,27 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     start = time.perf_counter()
 
-    params = load_params(args.params)
-    dataset = section(params, "dataset")
-    folds_p = section(params, "folds")
-    episodes_p = section(params, "episodes")
+    config = load_config(args.params)
+    dataset, folds_p, ep = config.need("dataset"), config.folds, config.episodes
     splits = dataset_splits(dataset)
-    ways = _int_list(episodes_p.get("ways", [1]), "ways")
-    shots = _int_list(episodes_p.get("shots", [1]), "shots")
-    n_test = _count(episodes_p.get("test_per_fold", 1000), "test_per_fold")
-    n_val = _count(episodes_p.get("val_per_fold", 100), "val_per_fold")
-    seed = _count(episodes_p.get("seed", 0), "seed")
-    too_few = episodes_p.get("too_few_images", "error")
+    ways, shots = ep.ways, ep.shots
 
     index, classes = build_index(dataset)
     folds = make_folds(
-        dataset.get("name", "dataset"),
+        dataset.name,
         classes,
-        dataset.get("exclude_classes") or [],
-        folds_p.get("n", 4),
-        folds_p.get("order", "contiguous"),
-        dataset["train_split"],
-        dataset["test_split"],
+        list(dataset.exclude_classes),
+        folds_p.n,
+        folds_p.order,
+        dataset.train_split,
+        dataset.test_split,
     )
-    test, dropped_test = episode_lists(index, folds, "test", ways, shots, n_test, seed, too_few)
-    val, dropped_val = episode_lists(index, folds, "val", ways, shots, n_val, seed, too_few)
+    test, dropped_test = episode_lists(
+        index, folds, "test", ways, shots, ep.test_per_fold, ep.seed, ep.too_few_images
+    )
+    val, dropped_val = episode_lists(
+        index, folds, "val", ways, shots, ep.val_per_fold, ep.seed, ep.too_few_images
+    )
     folds["too_few_images"] = dropped_test + dropped_val
     for d in folds["too_few_images"]:
         print(

@@ -34,15 +34,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from fscs.config import Config, load_config
 from fscs.data.folds import read_folds
 from fscs.data.images import VOID, load_mask
 from fscs.data.index import read_index
 from fscs.errors import FscsError
 from fscs.io import atomic_path, write_json
-from fscs.params import load_params, section
 from fscs.pseudo import (
     DINO_HEADS,
-    RECIPES,
     IoUCounter,
     cst_foreground,
     dino_foreground,
@@ -56,47 +55,11 @@ from fscs.store import FeatureStore, expected_attrs
 from stages._common import run_stage, stage_parser
 
 
-def pseudo_config(params: dict) -> dict:
-    """Validated ``pseudo`` section with defaults for the optional keys."""
-    p = section(params, "pseudo")
-    cfg = {
-        "recipe": p.get("recipe", "cst"),
-        "cst_threshold": p.get("cst_threshold", 0.4),
-        "dino_mass": p.get("dino_mass", 0.6),
-        "dino_heads": p.get("dino_heads", "mean"),
-        "dino_mass_sweep": p.get("dino_mass_sweep", [0.4, 0.5, 0.6, 0.7, 0.8]),
-        "sweep": p.get("sweep", [0.4]),
-        "pairs_per_label": p.get("pairs_per_label", 2),
-        "seed": p.get("seed", 0),
-        "stuff_classes": p.get("stuff_classes", []) or [],
-        "center_keys": p.get("center_keys", True),
-    }
-    if not isinstance(cfg["center_keys"], bool):
-        raise FscsError(f"params: pseudo.center_keys must be true or false, got {cfg['center_keys']!r}")
-    if cfg["recipe"] not in RECIPES:
-        raise FscsError(f"params: pseudo.recipe must be one of {RECIPES}, got {cfg['recipe']!r}")
-    if cfg["dino_heads"] not in DINO_HEADS:
-        raise FscsError(f"params: pseudo.dino_heads must be one of {DINO_HEADS}, got {cfg['dino_heads']!r}")
-    for key in ("cst_threshold", "dino_mass"):
-        if not isinstance(cfg[key], int | float) or not 0 < float(cfg[key]) <= 1:
-            raise FscsError(f"params: pseudo.{key} must be a number in (0, 1], got {cfg[key]!r}")
-        cfg[key] = float(cfg[key])
-    for key in ("sweep", "dino_mass_sweep"):
-        vals = cfg[key] if isinstance(cfg[key], list) else [cfg[key]]
-        if not vals or not all(isinstance(v, int | float) and 0 < float(v) <= 1 for v in vals):
-            raise FscsError(f"params: pseudo.{key} must be a list of numbers in (0, 1], got {cfg[key]!r}")
-        cfg[key] = sorted({float(v) for v in vals})
-    cfg["sweep"] = sorted(
-        set(cfg["sweep"]) | {cfg["cst_threshold"]}
-    )  # the configured threshold is always measured
+def pseudo_config(config: Config) -> dict:
+    """The validated ``pseudo`` section as a dict; the sweeps always include the configured value, sorted."""
+    cfg = config.pseudo.model_dump()
+    cfg["sweep"] = sorted(set(cfg["sweep"]) | {cfg["cst_threshold"]})
     cfg["dino_mass_sweep"] = sorted(set(cfg["dino_mass_sweep"]) | {cfg["dino_mass"]})
-    for key in ("pairs_per_label", "seed"):
-        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 0:
-            raise FscsError(f"params: pseudo.{key} must be a non-negative integer, got {cfg[key]!r}")
-    if not isinstance(cfg["stuff_classes"], list):
-        raise FscsError(
-            f"params: pseudo.stuff_classes must be a list of class names, got {cfg['stuff_classes']!r}"
-        )
     return cfg
 
 
@@ -243,8 +206,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     start = time.perf_counter()
 
-    params = load_params(args.params)
-    cfg = pseudo_config(params)
+    config = load_config(args.params)
+    params = config.params()
+    cfg = pseudo_config(config)
     torch.set_num_threads(1)  # small maps: more threads only add contention
     index = read_index(args.index)
     folds = read_folds(args.folds)

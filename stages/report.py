@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from fscs.config import load_config
 from fscs.errors import FscsError
 from fscs.io import atomic_path, write_json
-from fscs.params import load_params, section
 from fscs.report import load_eval_dir, markdown_report, metrics_json, summarise, summary_json
 from fscs.store import FeatureStore
 from stages._common import run_stage, stage_parser
@@ -27,10 +27,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--figures", required=True)
     args = parser.parse_args(argv)
 
-    params = load_params(args.params)
-    study = section(params, "study")
-    if study["compare"] not in study["supervisions"]:
-        raise FscsError(f"params: study.compare={study['compare']!r} is not one of {study['supervisions']}")
+    config = load_config(args.params)
+    params = config.params()
+    study = params["study"]
     missing = [
         str(Path(args.eval_dir) / s / f"fold{f}.json")
         for s in study["supervisions"]
@@ -49,13 +48,13 @@ def main(argv: list[str] | None = None) -> None:
     figures = qualitative_figures(args, params, study)
     readme_dir = Path(args.readme).parent
     context = {
-        "dataset": params["dataset"]["name"],
+        "dataset": config.need("dataset").name,
         "backbone": attrs["backbone"],
         "input_size": int(attrs["input_size"]),
         "grid": "x".join(str(int(g)) for g in attrs["grid"]),
         "folds": ", ".join(str(f) for f in study["folds"]),
         "episodes": per_kind,
-        "void": params["evaluate"]["void"],
+        "void": config.evaluate.void,
         "figures": [str(Path(f).resolve().relative_to(readme_dir.resolve())) for f in figures],
     }
     write_json(args.metrics, metrics_json(summary))

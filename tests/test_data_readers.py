@@ -49,6 +49,7 @@ def test_voc_index_roundtrip(voc_fixture, tmp_path):
 
 def test_voc_default_classes_and_paths(voc_fixture, monkeypatch):
     (voc_fixture.root / "classes.txt").unlink()
+    (voc_fixture.root / "Annotations").mkdir()  # PASCAL VOC's own folder: the built-in names apply
     # only 6 of the 20 VOC ids are used by the fixture, so the built-in list reads it
     index, classes = build_index(dataset_params(voc_fixture.root))
     assert list(classes.values()) == list(VOC_CLASSES)

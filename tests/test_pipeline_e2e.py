@@ -3,6 +3,7 @@ Prefect flow over it, the no-op re-run and `dvc metrics diff` between two superv
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -145,12 +146,16 @@ def test_prefect_flow_runs_each_stage_as_a_task(tiny_repo):
     from prefect.client.schemas.objects import StateType
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.pipeline import fscs_pipeline, stage_plan
+    from flows.pipeline import stage_plan
 
     repo, env = tiny_repo
     os.environ["PATH"] = env["PATH"]
+    # the flow runs in the project holding it (no folder parameter): load the tiny repo's own copy
+    spec = importlib.util.spec_from_file_location("tiny_pipeline", repo / "flows" / "pipeline.py")
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)
     with prefect_test_harness(server_startup_timeout=180):
-        state = fscs_pipeline(repo=str(repo), return_state=True)
+        state = tiny.fscs_pipeline(return_state=True)
         assert state.type == StateType.COMPLETED
         done = state.result()
     assert done == stage_plan(["image", "mixed", "pixel"], [0])

@@ -103,3 +103,16 @@ def fold_classes(folds: dict[str, Any], fold: int | str, role: str) -> list[int]
 def class_names(folds: dict[str, Any]) -> dict[int, str]:
     """{class id: name} of the dataset the folds file was made from."""
     return {int(c): str(n) for c, n in folds["classes"].items()}
+
+
+def training_classes(folds: dict[str, Any], fold: int | str) -> list[int]:
+    """The fold's training classes that 1-way 1-shot training episodes can use.
+
+    A class prepare recorded in ``too_few_images`` (``episodes.too_few_images: drop``) with fewer than 2
+    images in the train split is left out: the rule the fold's validation episodes already follow."""
+    rare = {
+        int(d["class"])
+        for d in folds.get("too_few_images", [])
+        if d["split"] == folds["train_split"] and int(d["fold"]) == int(fold) and int(d["images"]) < 2
+    }
+    return [c for c in fold_classes(folds, fold, "train") if c not in rare]

@@ -27,12 +27,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from fscs.config import DatasetConfig, validate_section
 from fscs.data import voc
 from fscs.data.images import VOID, load_mask, load_rgb
 from fscs.errors import FscsError
 from fscs.io import atomic_path
-
-LAYOUTS = ("voc", "coco_json", "coco_png")
 
 INDEX_SCHEMA = pa.schema(
     [
@@ -124,39 +123,31 @@ def record(
     }
 
 
-def dataset_splits(dataset: dict[str, Any]) -> list[str]:
+def dataset_splits(dataset: DatasetConfig) -> list[str]:
     """The splits to index: train_split then test_split (once if they are the same)."""
-    for key in ("train_split", "test_split"):
-        if not isinstance(dataset.get(key), str) or not dataset[key]:
-            raise FscsError(f"params: dataset.{key} must be a split name")
-    return list(dict.fromkeys([dataset["train_split"], dataset["test_split"]]))
+    return list(dict.fromkeys([dataset.train_split, dataset.test_split]))
 
 
-def build_index(dataset: dict[str, Any]) -> tuple[pd.DataFrame, dict[int, str]]:
+def build_index(dataset: dict[str, Any] | DatasetConfig) -> tuple[pd.DataFrame, dict[int, str]]:
     """Read the dataset described by params' `dataset` section: (index frame, {class id: name}).
 
-    Keys: `name`, `root`, `layout` (voc | coco_json | coco_png), `train_split`, `test_split`,
-    `min_class_pixels`; optional `mask_dir` (voc: default SegmentationClass, e.g. SegmentationClassAug;
-    coco_png: default annotations), `split_dir` (voc: default ImageSets/Segmentation), `mask_cache`
-    (coco_json: where rendered masks go, default data/raw/masks_rendered/<name>). Folder keys are relative
-    to `root` unless absolute.
+    Keys (`fscs.config.DatasetConfig`): `name`, `root`, `layout` (voc | coco_json | coco_png),
+    `train_split`, `test_split`, `min_class_pixels`; optional `mask_dir` (voc: default SegmentationClass,
+    e.g. SegmentationClassAug; coco_png: default annotations), `split_dir` (voc: default
+    ImageSets/Segmentation), `mask_cache` (coco_json: where rendered masks go, default
+    data/raw/masks_rendered/<name>). Folder keys are relative to `root` unless absolute.
     """
-    layout = dataset.get("layout", "voc")
-    root = dataset.get("root")
-    if not isinstance(root, str) or not root:
-        raise FscsError("params: dataset.root must be a folder path")
-    root = os.path.normpath(root)
-    splits = dataset_splits(dataset)
-    mcp = dataset.get("min_class_pixels", 0)
-    min_pixels(mcp, 1, 1)  # validate early
+    d = dataset if isinstance(dataset, DatasetConfig) else validate_section("dataset", dataset)
+    layout, root, mcp = d.layout, os.path.normpath(d.root), d.min_class_pixels
+    splits = dataset_splits(d)
     if layout == "voc":
         entries = voc.voc_entries(
             root,
             splits,
-            mask_dir=dataset.get("mask_dir", voc.DEFAULT_MASK_DIR),
-            split_dir=dataset.get("split_dir", voc.DEFAULT_SPLIT_DIR),
+            mask_dir=d.mask_dir or voc.DEFAULT_MASK_DIR,
+            split_dir=d.split_dir or voc.DEFAULT_SPLIT_DIR,
         )
-        classes = voc.read_class_list(root)
+        classes = voc.voc_class_list(root)
         rows = [
             record(image_id, split, image_path, mask_path, classes, mcp)
             for image_id, split, image_path, mask_path in tqdm(
@@ -166,16 +157,12 @@ def build_index(dataset: dict[str, Any]) -> tuple[pd.DataFrame, dict[int, str]]:
     elif layout == "coco_png":
         from fscs.data import coco
 
-        rows, classes = coco.coco_png_rows(root, splits, mcp, mask_dir=dataset.get("mask_dir", "annotations"))
+        rows, classes = coco.coco_png_rows(root, splits, mcp, mask_dir=d.mask_dir or "annotations")
     elif layout == "coco_json":
         from fscs.data import coco
 
-        cache = dataset.get("mask_cache") or os.path.join(
-            "data", "raw", "masks_rendered", dataset.get("name", "coco")
-        )
+        cache = d.mask_cache or os.path.join("data", "raw", "masks_rendered", d.name)
         rows, classes = coco.coco_json_rows(root, splits, mcp, cache_dir=cache)
-    else:
-        raise FscsError(f"params: dataset.layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     return rows_to_frame(rows), classes
 
 

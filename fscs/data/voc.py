@@ -75,6 +75,22 @@ def read_class_list(root: str, default: tuple[str, ...] = VOC_CLASSES) -> dict[i
     return {i + 1: name for i, name in enumerate(default)}
 
 
+#: A folder PASCAL VOC ships (XML box annotations) and a converted dataset such as MSRC does not.
+VOC_MARKER = "Annotations"
+
+
+def voc_class_list(root: str) -> dict[int, str]:
+    """The classes of a VOC-layout folder: its `classes.txt`; without one, the 20 VOC names, but only for
+    PASCAL VOC itself, recognised by its `Annotations/` folder (mask ids of another dataset would otherwise
+    be read silently under VOC's names)."""
+    if os.path.isfile(os.path.join(root, "classes.txt")) or os.path.isdir(os.path.join(root, VOC_MARKER)):
+        return read_class_list(root)
+    raise FscsError(
+        f"{os.path.join(root, 'classes.txt')}: not found; a VOC-layout dataset names its classes there (one "
+        f"'id<TAB>name' a line); only PASCAL VOC itself (recognised by its {VOC_MARKER}/ folder) may omit it"
+    )
+
+
 def read_split_list(split_dir: str, split: str) -> list[str]:
     """Image ids of a split list `<split_dir>/<split>.txt`, in file order.
 
