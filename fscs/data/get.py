@@ -112,6 +112,7 @@ DATASETS: dict[str, Source] = {
         layout="coco_json",
     ),
     "msrc": Source(
+        # Microsoft publishes no checksum; this md5 is the one public dataset loaders list for the archive.
         files=(
             Remote(
                 "msrc_objcategimagedatabase_v2.zip",
