@@ -32,7 +32,8 @@ def upstream_first(repo: str | Path, targets: list[str]) -> list[str]:
     from dvc.repo import Repo
 
     with Repo(str(repo)) as dvc_repo:
-        stages = {stage.addressing: stage for stage in dvc_repo.index.stages}
+        named = ((getattr(stage, "name", None), stage) for stage in dvc_repo.index.stages)
+        stages = {name: stage for name, stage in named if name}  # dvc.yaml stages (not .dvc files)
         unknown = [t for t in targets if t not in stages]
         if unknown:
             raise ValueError(f"not stages of {repo}/dvc.yaml: {unknown}")
@@ -40,7 +41,7 @@ def upstream_first(repo: str | Path, targets: list[str]) -> list[str]:
         needed = set().union(*({stages[t], *nx.descendants(graph, stages[t])} for t in targets))
         position = {stage: str(i).zfill(6) for i, stage in enumerate(stages.values())}
         order = nx.lexicographical_topological_sort(graph.subgraph(needed).reverse(), key=position.get)
-        return [stage.addressing for stage in order]
+        return [stage.name for stage in order]
 
 
 def _dvc_env() -> dict[str, str]:
