@@ -382,7 +382,8 @@ def download(remote: Remote, folder: str, mirror: str | None = None) -> str:
                 f"{url}: download of {remote.filename} failed (HTTP {exc.code} {exc.reason})"
             ) from exc
     except (urllib.error.URLError, OSError) as exc:
-        raise FscsError(f"{url}: download of {remote.filename} failed ({exc}); rerun to resume") from exc
+        resume = "; rerun to resume" if os.path.isfile(partial) else ""
+        raise FscsError(f"{url}: download of {remote.filename} failed ({exc}){resume}") from exc
     os.replace(partial, final)
     verify(final, remote, url)
     return final
