@@ -18,19 +18,33 @@ from prefect import flow, get_run_logger, task
 from fscs.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_STAGES = ["prepare", "extract", "pseudo", "enhancer"]
 
 
-def stage_plan(supervisions: list[str], folds: list[int], with_report: bool = True) -> list[str]:
-    """The ordered DVC stage names to run for the chosen settings and folds."""
-    plan = list(SHARED_STAGES)
-    for supervision in supervisions:
-        for fold in folds:
-            plan += [f"train@{supervision}-{fold}", f"evaluate@{supervision}-{fold}"]
-    plan += [f"baselines@{fold}" for fold in folds]
-    if with_report:
-        plan.append("report")
-    return plan
+def stage_plan(
+    supervisions: list[str], folds: list[int], with_report: bool = True, repo: str | Path = ROOT
+) -> list[str]:
+    """The DVC stages to run for the chosen settings and folds: their evaluations and baselines (and the
+    report), with everything upstream of them, in an order DVC's own graph allows (dvc.yaml order on ties)."""
+    targets = [f"evaluate@{s}-{f}" for s in supervisions for f in folds] + [f"baselines@{f}" for f in folds]
+    return upstream_first(repo, targets + (["report"] if with_report else []))
+
+
+def upstream_first(repo: str | Path, targets: list[str]) -> list[str]:
+    """`targets` and every stage they depend on, dependencies before dependents (from dvc.repo's graph)."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as dvc_repo:
+        named = ((getattr(stage, "name", None), stage) for stage in dvc_repo.index.stages)
+        stages = {name: stage for name, stage in named if name}  # dvc.yaml stages (not .dvc files)
+        unknown = [t for t in targets if t not in stages]
+        if unknown:
+            raise ValueError(f"not stages of {repo}/dvc.yaml: {unknown}")
+        graph = dvc_repo.index.graph  # edges point from a stage to the stages it depends on
+        needed = set().union(*({stages[t], *nx.descendants(graph, stages[t])} for t in targets))
+        position = {stage: str(i).zfill(6) for i, stage in enumerate(stages.values())}
+        order = nx.lexicographical_topological_sort(graph.subgraph(needed).reverse(), key=position.get)
+        return [stage.name for stage in order]
 
 
 def _dvc_env() -> dict[str, str]:
@@ -79,7 +93,7 @@ def fscs_pipeline(supervisions: list[str] | None = None, folds: list[int] | None
         raise ValueError(f"not in params.yaml study: {unknown}")
     complete = set(supervisions) == set(study.supervisions) and set(folds) == set(study.folds)
     done = []
-    for stage in stage_plan(supervisions, folds, with_report=complete):
+    for stage in stage_plan(supervisions, folds, with_report=complete, repo=repo):
         done.append(dvc_repro(stage, repo))
     return done
 

@@ -2,13 +2,13 @@
 
     python -m stages.evaluate --supervision image --fold 0 --checkpoint models/cst/image/fold0.pt
         --index data/index/msrc.parquet --folds data/episodes/msrc/folds.json --episodes data/episodes/msrc
-        --features data/features/msrc.h5 --pseudo data/pseudo/msrc.h5 --enhanced data/pseudo/msrc-enhanced.h5
-        --enhancer models/enhancer.pt --out reports/eval/image/fold0.json
+        --features data/features/msrc.h5 --pseudo data/pseudo/msrc.h5 --enhancer models/enhancer.pt
+        --out reports/eval/image/fold0.json
 
 Every (way, shot) of ``<episodes>/test.parquet`` for the fold is run through `fscs.evaluation.run_episodes`
 with a `CSTPredictor` (pairs independent, K shots averaged). Test-time support masks follow the setting: GT
 for ``pixel``, the raw self pseudo-mask for ``image``, the enhanced self pseudo-mask for ``mixed``
-(``--enhancer``; ``--enhanced`` is not needed here). Masks are made at the checkpoint's ``label_size``.
+(``--enhancer``). Masks are made at the checkpoint's ``label_size``.
 
 Cross-dataset: point ``--index``, ``--folds``, ``--episodes``, ``--features`` (and ``--pseudo``, optional:
 self maps are recomputed from the store without it) at another dataset's artifacts; the store must come from
@@ -37,7 +37,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--episodes", required=True, help="episode folder holding test.parquet")
     parser.add_argument("--features", required=True)
     parser.add_argument("--pseudo", help="pseudo-label file (optional: self maps recomputed from the store)")
-    parser.add_argument("--enhanced", help="enhanced pseudo-label file (accepted for symmetry; unused)")
     parser.add_argument("--enhancer", help="enhancer checkpoint; required for the mixed setting")
     parser.add_argument("--out", required=True, help="evaluation JSON to write")
     parser.add_argument("--batch-size", type=int, default=None, help="pairs per forward pass")

@@ -168,5 +168,5 @@ def test_place_from_bad_layout(tmp_path):
 
 
 def test_unknown_download(tmp_path):
-    with pytest.raises(FscsError, match="no download known for 'msrc'"):
-        get.run(parse("msrc", "--root", str(tmp_path)))
+    with pytest.raises(FscsError, match="no download known for 'ade20k'"):
+        get.run(parse("ade20k", "--root", str(tmp_path)))

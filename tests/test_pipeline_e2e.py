@@ -1,5 +1,6 @@
 """End to end: the whole DVC graph on a tiny config (MSRC images, tiny random ViT, 1 epoch), then the
-Prefect flow over it, the no-op re-run and `dvc metrics diff` between two supervision settings."""
+Prefect flow over it, the no-op re-run, what an edit re-runs, `dvc metrics diff` between two supervision
+settings and a queued experiment (run by DVC in a temporary copy of the workspace)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +26,6 @@ pytestmark = [
 ]
 
 TINY = {
-    "dataset": {"root": str(MSRC)},
     "episodes": {"test_per_fold": 8, "val_per_fold": 8, "ways": [1, 2], "shots": [1]},
     "backbone": {"name": "vit_tiny_random", "input_size": 64, "batch_size": 32},
     "pseudo": {"sweep": [0.4, 0.5]},
@@ -44,6 +45,7 @@ def _merge(base: dict, override: dict) -> dict:
 
 def _env(tmp: Path) -> dict[str, str]:
     env = dict(os.environ, DVC_NO_ANALYTICS="1", DVC_SITE_CACHE_DIR=str(tmp / "dvc-site"))
+    env["FSCS_MSRC_SOURCE"] = str(MSRC)  # no shared/ above the temporary repo: stage get_data links this
     env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
     return env
 
@@ -83,6 +85,7 @@ def tiny_repo(tmp_path_factory) -> tuple[Path, dict[str, str]]:
 
 def test_repro_builds_every_artifact(tiny_repo):
     repo, _ = tiny_repo
+    assert os.readlink(repo / "data/raw/msrc") == str(MSRC)  # linked, not copied
     for rel in [
         "data/index/msrc.parquet",
         "data/episodes/msrc/test.parquet",
@@ -127,6 +130,40 @@ def test_training_param_reruns_only_training_downstream(tiny_repo):
         run(["git", "checkout", "params.yaml"], repo, env)
 
 
+def test_editing_evaluate_code_reruns_only_evaluate_and_report(tiny_repo):
+    repo, env = tiny_repo
+    with (repo / "stages/evaluate.py").open("a") as f:
+        f.write("# an edit\n")
+    try:
+        stale = set(json.loads(run(["dvc", "status", "--json"], repo, env).stdout))
+        assert stale == {"evaluate@image-0", "evaluate@mixed-0", "evaluate@pixel-0"}
+        out = run(["dvc", "repro"], repo, env).stdout
+        ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+        assert stale <= ran <= stale | {"report"}  # report only if an evaluation file changed
+    finally:
+        run(["git", "checkout", "stages/evaluate.py", "dvc.lock", "reports"], repo, env)
+    assert json.loads(run(["dvc", "status", "--json"], repo, env).stdout) == {}
+
+
+def test_queued_experiment_runs_in_a_temporary_copy(tiny_repo):
+    """README's `dvc exp run --queue ... && dvc queue start`: the copy finds the data through get_data."""
+    repo, env = tiny_repo
+    run(["dvc", "exp", "run", "--queue", "-n", "cmp-image", "-S", "study.compare=image"], repo, env)
+    run(["dvc", "queue", "start"], repo, env)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        status = run(["dvc", "queue", "status"], repo, env).stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(2)
+    logs = subprocess.run(
+        ["dvc", "queue", "logs", "cmp-image"], cwd=repo, env=env, capture_output=True, text=True
+    )
+    assert "Success" in status, f"{status}\n{logs.stdout[-3000:]}"
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], repo, env).stdout)
+    assert "cmp-image" in json.dumps(shown)
+
+
 def test_metrics_diff_compares_two_settings_key_by_key(tiny_repo):
     repo, env = tiny_repo
     params = yaml.safe_load((repo / "params.yaml").read_text())
@@ -158,5 +195,5 @@ def test_prefect_flow_runs_each_stage_as_a_task(tiny_repo):
         state = tiny.fscs_pipeline(return_state=True)
         assert state.type == StateType.COMPLETED
         done = state.result()
-    assert done == stage_plan(["image", "mixed", "pixel"], [0])
+    assert done == stage_plan(["image", "mixed", "pixel"], [0], repo=repo)
     assert (repo / "reports/metrics.json").is_file()

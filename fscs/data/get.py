@@ -20,7 +20,12 @@ Placed layouts:
   `mask_dir: ../sbd/SegmentationClassAug`, `split_dir: ../sbd/ImageSets/Segmentation`,
   `train_split: train_aug`, `test_split: val`.
 - `coco2014`: `train2014/`, `val2014/`, `annotations/instances_{train,val}2014.json` (layout coco_json).
-Other names (e.g. `msrc`) work with `--from` only and are checked as the VOC layout.
+- `msrc`: the official MSRC-v2 zip converted to the VOC layout (`fscs.data.msrc`).
+Other names work with `--from` only and are checked as the VOC layout.
+
+`local_copy(NAME)` finds a copy already on this machine for the `get_data` stage: the folder in the
+environment variable FSCS_<NAME>_SOURCE, else `shared/data/<folder>` in a folder above the working directory
+(the workplace's `../shared`, found from the repository and from DVC's temporary experiment copies in it).
 """
 
 from __future__ import annotations
@@ -33,10 +38,13 @@ import tarfile
 import urllib.error
 import urllib.request
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from tqdm import tqdm
 
+from fscs.data import msrc
 from fscs.errors import FscsError
 
 
@@ -55,6 +63,7 @@ class Source:
     files: tuple[Remote, ...]
     inner: str  # folder inside the extracted tree that becomes ROOT/NAME ("" = the whole tree)
     layout: str  # voc | sbd | coco_json
+    convert: Callable[[str, str], object] | None = None  # (extracted inner folder, new folder) -> VOC layout
 
 
 DATASETS: dict[str, Source] = {
@@ -102,7 +111,23 @@ DATASETS: dict[str, Source] = {
         inner="",
         layout="coco_json",
     ),
+    "msrc": Source(
+        # Microsoft publishes no checksum; this md5 is the one public dataset loaders list for the archive.
+        files=(
+            Remote(
+                "msrc_objcategimagedatabase_v2.zip",
+                "http://download.microsoft.com/download/3/3/9/339D8A24-47D7-412F-A1E8-1A415BC48A15/"
+                "msrc_objcategimagedatabase_v2.zip",
+                md5="8fcd292c7f1e69f91a2ef513746bd52c",
+            ),
+        ),
+        inner="MSRC_ObjCategImageDatabase_v2",
+        layout="voc",
+        convert=msrc.to_voc,
+    ),
 }
+# folder name of a prepared copy under shared/data/
+SHARED_FOLDER = {"msrc": "msrc-v2"}
 LAYOUT_OF_NAME = {"msrc": "voc", "voc2012": "voc", "sbd": "sbd", "coco2014": "coco_json"}
 CHUNK = 1 << 20
 
@@ -154,6 +179,9 @@ def run(args: argparse.Namespace) -> None:
             os.makedirs(staged)
             os.replace(inner, os.path.join(staged, "SegmentationClassAug"))
             _write_sbd_lists(staged, val_ids)
+        elif source.convert is not None:
+            staged = os.path.join(work, "placed")
+            source.convert(inner, staged)
         else:
             staged = inner
         problem = layout_problem(staged, layout)
@@ -168,6 +196,24 @@ def run(args: argparse.Namespace) -> None:
         for archive in archives:
             os.remove(archive)
     print(f"data get: {name} placed in {dest}")
+
+
+def source_variable(name: str) -> str:
+    """The environment variable naming a local copy of dataset `name` (FSCS_MSRC_SOURCE for msrc)."""
+    return f"FSCS_{name.upper().replace('-', '_')}_SOURCE"
+
+
+def local_copy(name: str, start: str | os.PathLike = ".") -> str | None:
+    """A copy of `name` on this machine: $FSCS_<NAME>_SOURCE, else shared/data/<folder> above `start`."""
+    given = os.environ.get(source_variable(name))
+    if given:
+        return given
+    folder = SHARED_FOLDER.get(name, name)
+    for parent in Path(start).resolve().parents:
+        candidate = parent / "shared" / "data" / folder
+        if candidate.is_dir():
+            return str(candidate)
+    return None
 
 
 def place_from(name: str, source: str, root: str, layout: str) -> None:
@@ -336,7 +382,8 @@ def download(remote: Remote, folder: str, mirror: str | None = None) -> str:
                 f"{url}: download of {remote.filename} failed (HTTP {exc.code} {exc.reason})"
             ) from exc
     except (urllib.error.URLError, OSError) as exc:
-        raise FscsError(f"{url}: download of {remote.filename} failed ({exc}); rerun to resume") from exc
+        resume = "; rerun to resume" if os.path.isfile(partial) else ""
+        raise FscsError(f"{url}: download of {remote.filename} failed ({exc}){resume}") from exc
     os.replace(partial, final)
     verify(final, remote, url)
     return final
