@@ -43,26 +43,61 @@ def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def kshot_scores(cell: Any, model: Any, params: dict[str, Any]) -> dict[str, float]:
+    """ER / mIoU of the trained model on the fold's 1-way 5-shot validation episodes, per K-shot rule."""
+    from fscs.cst_predictor import CSTPredictor
+    from fscs.data.episodes import read_episodes
+    from fscs.evaluation import run_episodes
+
+    name = params["dataset"]["name"]
+    val = read_episodes(Path(f"data/episodes/{name}/val.parquet"))
+    val = val[(val["fold"] == cell.fold) & (val["way"] == 1) & (val["shot"] == 5)].reset_index(drop=True)
+    out = {}
+    for rule in ("mean_prob", "mean_logit"):
+        model.config.kshot = rule
+        t = cell.targets
+        pred = CSTPredictor(model, cell.tokens, t.test_support_mask, t.test_mask_depends_on_class)
+        r = run_episodes(val, pred, cell.index, cell.train_classes, void=cell.void, progress=False)[
+            "1way5shot"
+        ]
+        out[f"{rule}_er"], out[f"{rule}_miou"] = r["er"], r["miou"]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--supervision", required=True, choices=("image", "mixed", "pixel"))
     ap.add_argument("--fold", type=int, action="append", required=True)
     ap.add_argument("--set", action="append", default=[], help="override for every run (k=v)")
+    ap.add_argument("--pset", action="append", default=[], help="params override (section.k=v) for the cell")
     ap.add_argument("--vs", action="append", default=[""], help="one run's overrides (k=v,k2=v2)")
     ap.add_argument("--out", help="CSV of every run's curve")
+    ap.add_argument(
+        "--kshot-check", action="store_true", help="also score 1-way 5-shot val episodes per rule"
+    )
+    ap.add_argument(
+        "--no-pseudo-file", action="store_true", help="recompute self maps from the store (no pseudo .h5)"
+    )
     args = ap.parse_args()
-    params = yaml.safe_load(Path(args.params).read_text())
+    params = merged(yaml.safe_load(Path(args.params).read_text()), parse_overrides(",".join(args.pset)))
     base = merged(params["train"], parse_overrides(",".join(args.set)))
     runs = args.vs[1:] or [""]
     rows = []
     for fold in args.fold:
-        cell = load_cell(params, args.supervision, fold)
+        cell = load_cell(params, args.supervision, fold, {"pseudo": None} if args.no_pseudo_file else None)
         for spec in runs:
             section = merged(base, parse_overrides(spec))
             result = train_cell(cell, TrainConfig.from_params(section), progress=False)
+            extra = kshot_scores(cell, result.model, params) if args.kshot_check else {}
             for r in result.curve:
-                rows.append({"supervision": args.supervision, "fold": fold, "run": spec or "base", **r})
+                rows.append(
+                    {"supervision": args.supervision, "fold": fold, "run": spec or "base", **r, **extra}
+                )
+            if extra:
+                print(f"fold {fold} [{spec or 'base'}] val 1-way 5-shot: {extra}", flush=True)
+            if args.out:  # after every run, so a sweep cut short keeps what it measured
+                pd.DataFrame(rows).to_csv(args.out, index=False)
             last = result.curve[-1]
             print(
                 f"fold {fold} [{spec or 'base'}] best epoch {result.best_epoch} "
@@ -76,8 +111,6 @@ def main() -> None:
                 .to_string(index=False),
                 flush=True,
             )
-    if args.out:
-        pd.DataFrame(rows).to_csv(args.out, index=False)
 
 
 if __name__ == "__main__":

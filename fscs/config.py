@@ -4,7 +4,7 @@
 the wrong type or out of range ends in one `FscsError` line naming the param, the value and what is expected
 (stages turn it into exit code 2). `Config.params()` gives the validated file as the plain nested dict the
 library functions take, with every default filled in. The ``train`` section is validated by
-`fscs.train.TrainConfig` (its home); here only its value types are checked, from TrainConfig's own fields.
+`fscs.train_config.TrainConfig` (its home); here only its value types are checked, from its own fields.
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ from pydantic import (
     field_validator,
 )
 
+from fscs.cst_config import CSTConfig
 from fscs.errors import FscsError
+from fscs.train_config import TrainConfig
 
 Supervision = Literal["image", "mixed", "pixel"]
 SUPERVISIONS: tuple[str, ...] = typing.get_args(Supervision)
@@ -196,8 +198,6 @@ def _dataclass_model(cls: type, name: str, skip: set[str] = frozenset(), **overr
 
 @functools.cache
 def _train_type_model() -> type[BaseModel]:
-    from fscs.model.cst import CSTConfig
-    from fscs.train import TrainConfig
 
     sizes = {
         f.name: PositiveInt
@@ -211,7 +211,6 @@ def _train_type_model() -> type[BaseModel]:
 
 def _train_config(value: Any) -> Any:
     """params' ``train`` section -> fscs.train.TrainConfig (types checked here, ranges there)."""
-    from fscs.train import TrainConfig
 
     if isinstance(value, TrainConfig):
         return value
@@ -303,8 +302,6 @@ def _known_keys() -> dict[str, list[str]]:
         if isinstance(model, type) and issubclass(model, BaseModel):
             known[name] = list(model.model_fields)
     known["evaluate.baselines"] = list(BaselinesConfig.model_fields)
-    from fscs.model.cst import CSTConfig
-    from fscs.train import TrainConfig
 
     known["train"] = [f.name for f in dataclasses.fields(TrainConfig)]
     known["train.model"] = [f.name for f in dataclasses.fields(CSTConfig) if f.name not in _CST_DERIVED]

@@ -20,7 +20,7 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -34,6 +34,7 @@ from fscs.data.episodes import TrainEpisodeSampler
 from fscs.errors import FscsError
 from fscs.model.cst import CST, CSTConfig
 from fscs.targets import Targets
+from fscs.train_config import TrainConfig
 
 CURVE_COLUMNS = (
     "epoch",
@@ -48,66 +49,6 @@ CURVE_COLUMNS = (
     "val_fg_fraction",
     "seconds",
 )
-
-
-@dataclass
-class TrainConfig:
-    seed: int = 0
-    epochs: int = 20
-    episodes_per_epoch: int = 600
-    batch_size: int = 12
-    lr: float = 1e-3
-    schedule: str = "constant"  # constant | cosine (linear warmup, then cosine decay to 0)
-    warmup: float = 0.0  # fraction of the optimiser steps spent warming up linearly (cosine schedule)
-    min_epochs: int = 1  # early stopping never ends training before this epoch
-    cls_weight: float = 0.1
-    label_size: int = 112
-    patience: int = 5
-    threads: int = 2
-    eval_batch_size: int = 16
-    model: dict[str, Any] = field(default_factory=dict)  # CSTConfig overrides: support_size, channels ...
-
-    @classmethod
-    def from_params(cls, section: dict[str, Any]) -> TrainConfig:
-        """Validated config from params' ``train`` section (unknown keys are an error)."""
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise FscsError(f"params: unknown keys in section 'train': {unknown} (known: {sorted(known)})")
-        cfg = cls(**section)
-        from dataclasses import fields as dc_fields
-
-        model_keys = {f.name for f in dc_fields(CSTConfig)} - {
-            "num_layers",
-            "num_heads",
-            "embed_dim",
-            "grid",
-            "backbone",
-        }
-        if not isinstance(cfg.model, dict) or set(cfg.model) - model_keys:
-            raise FscsError(f"params: train.model takes the keys {sorted(model_keys)}, got {cfg.model!r}")
-        for name in (
-            "epochs",
-            "episodes_per_epoch",
-            "batch_size",
-            "label_size",
-            "threads",
-            "eval_batch_size",
-        ):
-            if int(getattr(cfg, name)) < 1:
-                raise FscsError(f"params: train.{name} must be >= 1, got {getattr(cfg, name)!r}")
-        if int(cfg.patience) < 0:
-            raise FscsError(f"params: train.patience must be >= 0, got {cfg.patience!r}")
-        if cfg.schedule not in ("constant", "cosine"):
-            raise FscsError(f"params: train.schedule must be 'constant' or 'cosine', got {cfg.schedule!r}")
-        if not 0.0 <= float(cfg.warmup) < 1.0:
-            raise FscsError(f"params: train.warmup must be in [0, 1), got {cfg.warmup!r}")
-        return cfg
-
-    @property
-    def steps(self) -> int:
-        """Optimiser steps of a full run (every epoch, no early stop)."""
-        return int(self.epochs) * math.ceil(int(self.episodes_per_epoch) / int(self.batch_size))
 
 
 def lr_factor(step: int, total: int, schedule: str, warmup: float) -> float:

@@ -14,7 +14,7 @@ import pandas as pd
 
 from fscs.cst_predictor import TokenBank
 from fscs.data.episodes import read_episodes
-from fscs.data.folds import class_names, fold_classes, read_folds
+from fscs.data.folds import class_names, read_folds, training_classes
 from fscs.data.index import read_index
 from fscs.errors import FscsError
 from fscs.model.cst import CSTConfig, config_from_store
@@ -66,7 +66,7 @@ def load_cell(
     cfg = TrainConfig.from_params(params.get("train", {}))
     index = read_index(p["index"])
     folds = read_folds(p["folds"])
-    train_classes = fold_classes(folds, fold, "train")
+    train_classes = training_classes(folds, fold)
     split = str(folds["train_split"])
     val_path = Path(p["episodes"]) / "val.parquet"
     val = read_episodes(val_path)
@@ -74,30 +74,36 @@ def load_cell(
     if val.empty:
         raise FscsError(f"{val_path}: no 1-way 1-shot validation episodes for fold {fold}")
     store = FeatureStore(p["features"], expect=expected_attrs(params))
-    targets = targets_for(
-        supervision,
-        params,
-        store,
-        index,
-        cfg.label_size,
-        fold=fold,
-        pseudo=p["pseudo"],
-        enhancer=p["enhancer"],
-        enhanced=p["enhanced"],
-        class_names=class_names(folds),
-    )
-    ids = training_images(index, split, train_classes)
-    if not ids:
-        raise FscsError(f"{p['index']}: no '{split}' images with fold {fold}'s training classes")
-    ids += [str(i) for i in val["query_id"]] + [str(s) for ss in val["support_ids"] for sh in ss for s in sh]
-    missing = sorted({i for i in ids if i not in store})
-    if missing:
-        raise FscsError(
-            f"{p['features']}: {len(missing)} training images are not in the store "
-            f"(first: {missing[0]!r}); re-run `dvc repro extract`"
+    try:
+        targets = targets_for(
+            supervision,
+            params,
+            store,
+            index,
+            cfg.label_size,
+            fold=fold,
+            pseudo=p["pseudo"],
+            enhancer=p["enhancer"],
+            enhanced=p["enhanced"],
+            class_names=class_names(folds),
         )
-    void = str((params.get("evaluate") or {}).get("void", "ignore"))
-    tokens = TokenBank(store, ids, progress=None)
+        ids = training_images(index, split, train_classes)
+        if not ids:
+            raise FscsError(f"{p['index']}: no '{split}' images with fold {fold}'s training classes")
+        ids += [str(i) for i in val["query_id"]] + [
+            str(s) for ss in val["support_ids"] for sh in ss for s in sh
+        ]
+        missing = sorted({i for i in ids if i not in store})
+        if missing:
+            raise FscsError(
+                f"{p['features']}: {len(missing)} training images are not in the store "
+                f"(first: {missing[0]!r}); re-run `dvc repro extract`"
+            )
+        void = str((params.get("evaluate") or {}).get("void", "ignore"))
+        tokens = TokenBank(store, ids, progress=None)
+    except BaseException:
+        store.close()  # the cell owns the open store only once it is returned
+        raise
     return Cell(supervision, fold, index, split, train_classes, val, store, targets, tokens, void)
 
 

@@ -110,7 +110,7 @@ def sections_read_by(path: Path, sections: frozenset[str]) -> frozenset[str]:
                 found.add(_literal(node.args[1]))
             elif (
                 isinstance(func, ast.Attribute)
-                and func.attr == "get"
+                and func.attr in ("get", "need")
                 and node.args
                 and _is_params(func.value)
             ):
