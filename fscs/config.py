@@ -103,6 +103,7 @@ class PseudoConfig(Section):
     pairs_per_label: Count = 2
     seed: Count = 0
     stuff_classes: Names = []
+    stuff_masks: Literal["same", "complement"] = "same"  # fscs.targets: complement the masks of stuff
 
 
 class MixedConfig(Section):

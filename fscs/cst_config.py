@@ -25,6 +25,8 @@ class CSTConfig:
     init: str = "torch"  # torch: PyTorch's default init | he: He init, prior-log-odds foreground bias
     fg_prior: float = 0.21  # foreground fraction the "he" init's last segmentation bias starts from
     kshot: str = "mean_prob"  # how K shots' pair predictions combine: mean_prob | mean_logit (CSTPredictor)
+    presence_threshold: float = 0.5  # decision thresholds chosen on validation (fscs.calibration); the
+    fg_threshold: float = 0.5  # predictor shifts probabilities so that they fall on 0.5
     backbone: dict[str, Any] = field(default_factory=dict)  # store attributes (BACKBONE_KEYS)
 
     def to_dict(self) -> dict[str, Any]:

@@ -4,7 +4,8 @@
 independently (N classes x K shots, batched in one forward pass) and combines the K shots of a class by the
 model's ``kshot`` rule (``mean_prob``: mean probability; ``mean_logit``: mean log-odds, so shots that agree
 reinforce each other instead of being pulled to the middle by one that misses): presence probability
-p(present) (N,) and foreground probability maps (N, 2gh, 2gw). The decision rules
+p(present) (N,) and foreground probability maps (N, 2gh, 2gw), shifted so that the model's calibrated
+thresholds (``presence_threshold``, ``fg_threshold``, `fscs.calibration`) fall on 0.5. The decision rules
 (presence > 0.5, argmax / 0.5 on foreground) are applied by `fscs.evaluation`.
 
 Support masks come from a callable ``support_mask(image_id, class_id) -> bool (h, w)``; the setting's
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from fscs.calibration import shift
 from fscs.model.cst import CST
 
 
@@ -186,7 +188,9 @@ class CSTPredictor:
             i += k
             presence.append(combine(np.asarray([g[0] for g in group])))
             fg.append(combine(np.stack([g[1] for g in group])))
-        return np.asarray(presence, dtype=np.float32), np.stack(fg).astype(np.float32)
+        cfg = self.model.config
+        presence = shift(np.asarray(presence), cfg.presence_threshold)
+        return presence.astype(np.float32), shift(np.stack(fg), cfg.fg_threshold).astype(np.float32)
 
     def prefetch(self, episodes: Any, progress: bool | None = None) -> int:
         """Compute every pair of an episode frame in large batches (then `predict` reads the cache).

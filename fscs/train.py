@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from fscs.calibration import Records, calibrate
 from fscs.cst_predictor import CSTPredictor, TokenBank
 from fscs.data.episodes import TrainEpisodeSampler
 from fscs.errors import FscsError
@@ -47,6 +48,10 @@ CURVE_COLUMNS = (
     "val_best_iou",
     "val_best_threshold",
     "val_fg_fraction",
+    "val_er_cal",
+    "val_miou_cal",
+    "presence_threshold",
+    "fg_threshold",
     "seconds",
 )
 
@@ -204,26 +209,40 @@ def validate(
     batch_size: int,
 ) -> dict[str, float | None]:
     """The model on validation episodes (1-way 1-shot rows) with the test-time mask rule: ER and mIoU as
-    evaluated, plus `pixel_signals` of the ungated foreground maps against the queries' GT."""
+    evaluated at the 0.5 thresholds, `pixel_signals` of the ungated foreground maps against the queries'
+    GT, and the thresholds `fscs.calibration.calibrate` chooses with the ER / mIoU they give."""
     from fscs.evaluation import run_episodes
 
+    model.config.presence_threshold = model.config.fg_threshold = 0.5
     predictor = CSTPredictor(
         model, tokens, targets.test_support_mask, targets.test_mask_depends_on_class, batch_size=batch_size
     )
     predictor.prefetch(val_episodes, progress=False)
     res = run_episodes(val_episodes, predictor, index, classes, void=void, progress=False)
     r = res.get("1way1shot") or next(iter(res.values()))
-    scores, labels = [], []
+    cls, lab, pres, fgs, gts = [], [], [], [], []
     for row in val_episodes.itertuples(index=False):
         c = int(row.support_classes[0])
-        _, fg = predictor.predict(str(row.query_id), [c], [list(row.support_ids[0])])
+        p, fg = predictor.predict(str(row.query_id), [c], [list(row.support_ids[0])])
         gt = targets.gt(str(row.query_id))
         prob = F.interpolate(torch.from_numpy(fg[None]), size=gt.shape, mode="bilinear", align_corners=False)
-        keep = gt != 255
-        scores.append(prob[0, 0].numpy()[keep])
-        labels.append((gt == c)[keep])
-    sig = pixel_signals(np.concatenate(scores), np.concatenate(labels))
-    return {"er": r["er"], "miou": r["miou"], **{k: round(v, 4) for k, v in sig.items()}}
+        target = (gt == c).astype(np.uint8)
+        target[gt == 255] = 255
+        cls.append(c), lab.append(bool(row.labels[0])), pres.append(float(p[0]))
+        fgs.append(prob[0, 0].numpy()), gts.append(target)
+    rec = Records(np.asarray(cls), np.asarray(lab), np.asarray(pres), np.stack(fgs), np.stack(gts))
+    keep = rec.gt != 255
+    sig = pixel_signals(rec.fg[keep], rec.gt[keep] == 1)
+    cal = calibrate(rec, classes)
+    return {
+        "er": r["er"],
+        "miou": r["miou"],
+        **{k: round(v, 4) for k, v in sig.items()},
+        "er_cal": cal["er"],
+        "miou_cal": cal["miou"],
+        "presence_threshold": cal["presence_threshold"],
+        "fg_threshold": cal["fg_threshold"],
+    }
 
 
 def train(
@@ -291,13 +310,13 @@ def train(
             val = validate(
                 model, tokens, targets, val_episodes, index, train_classes, void, config.eval_batch_size
             )
-        val_miou = val.get("miou")
+        val_miou = val.get("miou_cal" if config.calibrate else "miou")
         row = {
             "epoch": epoch,
             "step": step,
             "lr": float(f"{optimizer.param_groups[0]['lr']:.3g}"),
             "train_loss": round(total / max(seen, 1), 6),
-            **{f"val_{k}": v for k, v in val.items()},
+            **{(k if k.endswith("threshold") else f"val_{k}"): v for k, v in val.items()},
             "seconds": round(time.perf_counter() - t0, 2),
         }
         curve.append(row)
@@ -305,6 +324,11 @@ def train(
             on_epoch(row)
         if best_state is None or not has_val or improves(val_miou, best_miou):
             best_state = copy.deepcopy(model.state_dict())
+            best_thresholds = (
+                (val["presence_threshold"], val["fg_threshold"])
+                if config.calibrate and has_val
+                else (0.5, 0.5)
+            )
             best_epoch, best_miou, since_best = epoch, val_miou, 0
         else:
             since_best += 1
@@ -312,5 +336,6 @@ def train(
             if stop and epoch >= int(config.min_epochs):
                 break
     model.load_state_dict(best_state)
+    model.config.presence_threshold, model.config.fg_threshold = best_thresholds
     model.eval()
     return TrainResult(model, best_epoch, best_miou, curve, time.perf_counter() - start)

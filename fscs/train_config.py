@@ -22,6 +22,7 @@ class TrainConfig:
     schedule: str = "constant"  # constant | cosine (linear warmup, then cosine decay to 0)
     warmup: float = 0.0  # fraction of the optimiser steps spent warming up linearly (cosine schedule)
     min_epochs: int = 1  # early stopping never ends training before this epoch
+    calibrate: bool = False  # choose decision thresholds on validation each epoch, select on calibrated mIoU
     cls_weight: float = 0.1
     label_size: int = 64
     patience: int = 5

@@ -1,0 +1,39 @@
+"""Decision thresholds chosen on validation records (fscs.calibration)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fscs.calibration import Records, calibrate, episode_scores, shift
+
+
+def shy_records(seed: int = 0) -> Records:
+    """An under-confident but well-ranked model: foreground at ~0.3, background at ~0.1, presence ~0.4 vs
+    ~0.2: every probability below 0.5."""
+    rng = np.random.default_rng(seed)
+    n, s = 40, 16
+    labels = np.arange(n) % 2 == 0
+    gt = np.zeros((n, s, s), np.uint8)
+    gt[labels, 4:12, 4:12] = 1
+    gt[:, 0, :] = 255
+    fg = np.where(gt == 1, 0.3, 0.1) + rng.normal(0, 0.02, gt.shape)
+    presence = np.where(labels, 0.4, 0.2) + rng.normal(0, 0.02, n)
+    return Records(np.arange(n) % 4 + 1, labels, presence, fg, gt)
+
+
+def test_calibration_recovers_what_the_half_threshold_hides():
+    r = shy_records()
+    er, miou = episode_scores(r, 0.5, 0.5, [1, 2, 3, 4])
+    assert er == 50.0 and miou == 0.0  # the 0.5 rule: base-rate ER, no foreground at all
+    cal = calibrate(r, [1, 2, 3, 4])
+    assert 0.2 < cal["presence_threshold"] < 0.4 and 0.1 < cal["fg_threshold"] < 0.3
+    assert cal["er"] == 100.0 and cal["miou"] > 95.0
+
+
+def test_shift_puts_the_threshold_on_one_half():
+    p = np.array([0.05, 0.2, 0.3, 0.9])
+    q = shift(p, 0.2)
+    assert q[1] == pytest.approx(0.5) and np.all(np.diff(q) > 0)  # order kept
+    assert (q >= 0.5).tolist() == (p >= 0.2).tolist()
+    assert shift(p, 0.5) is p
