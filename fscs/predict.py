@@ -10,14 +10,16 @@ foreground (a binary PNG or an index PNG; 255 counts as foreground too, as any n
 support's self pseudo-mask (its own last-block CLS attention through `fscs.pseudo.Labeler`, with the
 ``pseudo`` settings the checkpoint records, else those of --params, else the Labeler's defaults) is used, as
 in image-level training. Support masks are fed at the checkpoint's training mask size (``label_size``).
-Several supports of a class make a K-shot episode (probabilities averaged over shots, as in evaluation).
+Several supports of a class make a K-shot episode (shots combined by the checkpoint's ``kshot`` rule and
+thresholds, as in evaluation).
 Images of any size are resized to the backbone's input size.
 
 The checkpoint's config names the backbone (and its weights' sha256): that backbone is built and must match.
 Writes per query ``<name>.json`` (class names, presence probabilities, present flags, mask pixel counts),
 ``<name>_mask.png`` (index PNG at the query's original size: 0 background, i = class i, VOC palette) and
-``<name>_overlay.png``, plus ``predictions.json`` listing every query. All inputs are read and checked before
-anything is written.
+``<name>_overlay.png``, per support ``support<i>_<name>_overlay.png`` (the mask the class was taught with,
+given or pseudo, so a user sees what each class was taught), plus ``predictions.json`` listing every query
+and support. All inputs are read and checked before anything is written.
 """
 
 from __future__ import annotations
@@ -272,6 +274,7 @@ def run(args: argparse.Namespace) -> None:
     from fscs.evaluation import decide
     from fscs.io import atomic_path, write_json
     from fscs.overlay import overlay, palette
+    from fscs.targets import resize_nearest
 
     # 1. parse and read everything (errors before any output)
     specs = [parse_support(s) for s in args.support]
@@ -310,6 +313,14 @@ def run(args: argparse.Namespace) -> None:
         pal[3 * i : 3 * i + 3] = [round(255 * v) for v in palette(i)]
     from PIL import Image
 
+    supports = []
+    for i, (sp, image, mask) in enumerate(zip(specs, sup_images, masks, strict=True)):
+        name = f"support{i}_{_safe_stem(sp.image, used)}_overlay.png"
+        cls_index = classes.index(sp.cls) + 1
+        full = resize_nearest(mask.astype(np.uint8), image.shape[:2]) * np.uint8(cls_index)
+        with atomic_path(out / name) as tmp:
+            Image.fromarray(overlay(image, full, alpha=args.alpha)).save(tmp, format="PNG")
+        supports.append({"image": sp.image, "class": sp.cls, "mask": sp.mask or "pseudo", "overlay": name})
     summary = []
     for path, image, name, presence, present, labels in results:
         doc = {
@@ -344,7 +355,7 @@ def run(args: argparse.Namespace) -> None:
             "checkpoint": str(args.checkpoint),
             "backbone": predictor.model.config.backbone.get("backbone"),
             "classes": {str(i): c for i, c in enumerate(classes, start=1)},
-            "supports": [{"image": sp.image, "class": sp.cls, "mask": sp.mask or "pseudo"} for sp in specs],
+            "supports": supports,
             "queries": summary,
         },
     )

@@ -52,10 +52,11 @@ def check_supervision(supervision: str) -> str:
     return supervision
 
 
-def resize_nearest(mask: np.ndarray, size: int) -> np.ndarray:
-    """(H, W) uint8 label mask -> (size, size) by nearest neighbour (torch 'nearest-exact')."""
+def resize_nearest(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """(H, W) uint8 label mask -> (size, size) or (h, w) by nearest neighbour (torch 'nearest-exact')."""
     t = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.uint8))[None, None]
-    return F.interpolate(t, size=(size, size), mode="nearest-exact")[0, 0].numpy()
+    hw = (size, size) if isinstance(size, int) else tuple(int(v) for v in size)
+    return F.interpolate(t, size=hw, mode="nearest-exact")[0, 0].numpy()
 
 
 class GtMasks:
