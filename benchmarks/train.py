@@ -8,11 +8,15 @@ Here training reads stored tokens. Both designs run in this process, same thread
 initialisation, same 1-way 1-shot episodes (MSRC train split, fold 0 training classes, GT supervision so no
 pseudo-label files are needed), same CST training step (forward, loss, backward, Adam):
 
-- ``store``: tokens from RAM (`TokenBank`, loaded once, as `stages.train` does) -> CST step;
-- ``re-encode``: decode both images, preprocess, backbone forward (no grad), then the same CST step.
+- ``re-encode``: decode both images, preprocess, backbone forward (no grad), then the same CST step;
+- ``store``: tokens from RAM (`TokenBank`, loaded once), normalised / split into heads / downsampled every
+  batch (the design before the prepared-feature cache);
+- ``cache``: prepared features computed once per image (`fscs.train.PreparedBank`, as `stages.train` does);
+  at the old batch size 12, at the default, and under bf16 autocast (measured only; training runs fp32).
 
 Rows: episodes/s (after one warm-up batch, mean over the timed batches), seconds per episode, the ratio to
-the re-encode row, and the peak RSS while the row ran (Linux: the peak is reset before each row). Then
+the "before" row, GFLOP per episode (forward + backward, torch's FlopCounterMode) and the fraction of the
+fp32 matmul peak measured in the same process, and the peak RSS while the row ran (Linux: reset per row). Then
 evaluation: `CSTPredictor.predict` episodes/s per (way, shot) on test episodes (fresh predictor: no pair
 cache hits), the pairs/s behind it, and the same episodes with re-encoding every image of every episode.
 
@@ -24,6 +28,7 @@ temporary store first (not timed). The default backbone is params.yaml's (the of
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 import time
 from pathlib import Path
@@ -31,8 +36,22 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from fscs.errors import FscsError
+
+
+def matmul_peak_gflops(threads: int, repeats: int = 20) -> float:
+    """fp32 GFLOP/s of a ViT-shaped GEMM (4096x1536 @ 1536x384) on ``threads`` threads, best of the runs."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(4096, 1536), torch.randn(1536, 384)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 4096 * 1536 * 384 / best / 1e9
 
 
 def reset_peak_rss() -> bool:
@@ -109,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     from fscs.model.cst import CST, config_from_store, count_parameters
     from fscs.params import load_params
     from fscs.targets import Targets
-    from fscs.train import Batcher, TrainConfig, episode_loss
+    from fscs.train import Batcher, PreparedBank, TrainConfig, episode_loss
 
     params = load_params(args.params)
     cfg = TrainConfig.from_params(params.get("train", {}))
@@ -124,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     classes = fold_classes(folds, args.fold, "train")
     sampler = TrainEpisodeSampler(index.reset_index(drop=True), classes, folds["train_split"], seed=123)
     rng = np.random.Generator(np.random.PCG64(123))
-    train_eps = [sampler.sample(rng) for _ in range(bs * (args.batches + 1))]
+    train_eps = [sampler.sample(rng) for _ in range(max(bs, 12) * (args.batches + 1))]
     test = read_episodes(Path(args.episodes) / "test.parquet")
     test = test[test["fold"] == args.fold]
     eval_eps = {
@@ -146,13 +165,13 @@ def main(argv: list[str] | None = None) -> None:
         tokens = TokenBank(store, ids)
         model_cfg = config_from_store(store, **cfg.model)
         targets = Targets("pixel", index, cfg.label_size)
-        batcher = Batcher(tokens, targets)
-        for e in train_eps:  # GT masks read once, outside the timings (both designs cache them)
+        prepared = PreparedBank(CST(model_cfg), tokens)  # preparing has no parameters: any model does
+        batcher = Batcher(prepared, targets)
+        for e in train_eps:  # GT masks and prepared features made once, outside the timings
             batcher([e])
         print(
             f"backbone {backbone.name} @ {input_size} ({backbone.grid[0]}x{backbone.grid[1]} tokens), CST "
-            f"support grid {model_cfg.support_size}, batch {bs}, {args.threads} threads, "
-            f"label size {cfg.label_size}"
+            f"support grid {model_cfg.support_size}, {args.threads} threads, label size {cfg.label_size}"
         )
 
         def encode(image_ids: list[str]) -> torch.Tensor:
@@ -160,35 +179,62 @@ def main(argv: list[str] | None = None) -> None:
                 x = backbone.preprocess_batch([load_rgb(index.loc[i, "image_path"]) for i in image_ids])
                 return backbone.extract(x, layers).tokens
 
-        def run_row(reencode: bool) -> tuple[float, float]:
+        def features(model: CST, chunk: list, source: str) -> tuple[torch.Tensor, torch.Tensor]:
+            """Prepared (query, support) features the way each design gets them."""
+            if source == "cache":
+                return prepared.get("query", [e.query_id for e in chunk]), prepared.get(
+                    "support", [e.support_ids[0][0] for e in chunk]
+                )
+            get = encode if source == "re-encode" else tokens.get
+            q, s = get([e.query_id for e in chunk]), get([e.support_ids[0][0] for e in chunk])
+            return model.prepare_query(q), model.prepare_support(s)
+
+        def run_row(source: str, batch: int, bf16: bool = False) -> tuple[float, float, float]:
+            """(episodes/s, GFLOP per episode, peak RSS MB) of Adam steps on ``batch``-episode batches."""
             torch.manual_seed(0)
             model = CST(model_cfg)
             opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-            times = []
+            times, flops = [], 0.0
             reset_peak_rss()
             for b in range(args.batches + 1):
-                chunk = train_eps[b * bs : (b + 1) * bs]
+                chunk = train_eps[b * batch : (b + 1) * batch]
                 t0 = time.perf_counter()
-                q, s, m, target, presence = batcher(chunk)
-                if reencode:
-                    q = encode([e.query_id for e in chunk])
-                    s = encode([e.support_ids[0][0] for e in chunk])
-                loss = episode_loss(model, q, s, m, target, presence, cfg.cls_weight)
-                opt.zero_grad()
-                loss.backward()
+                _, _, m, target, presence = batcher(chunk)
+                counter = FlopCounterMode(display=False) if b == 0 else contextlib.nullcontext()
+                with counter, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    q, s = features(model, chunk, source)
+                    loss = episode_loss(model, q, s, m, target, presence, cfg.cls_weight)
+                    opt.zero_grad()
+                    loss.backward()
                 opt.step()
-                if b > 0:
+                if b == 0:
+                    flops = counter.get_total_flops() / len(chunk)
+                else:
                     times.append(time.perf_counter() - t0)
-            return bs * len(times) / sum(times), peak_rss_mb()
+            return batch * len(times) / sum(times), flops / 1e9, peak_rss_mb()
 
-        rows = {}
-        for label, reencode in (("re-encode (reference design)", True), ("feature store (fscs)", False)):
-            rows[label] = run_row(reencode)
-        base = rows["re-encode (reference design)"][0]
+        peak = matmul_peak_gflops(args.threads)
+        designs = {
+            "re-encode every episode (reference design)": ("re-encode", 12, False),
+            "store, tokens re-prepared every batch (before)": ("store", 12, False),
+            "store + prepared-feature cache, batch 12": ("cache", 12, False),
+            f"store + prepared-feature cache, batch {bs} (default)": ("cache", bs, False),
+            "store + prepared-feature cache, bf16 autocast (not used)": ("cache", bs, True),
+        }
+        rows = {label: run_row(*spec) for label, spec in designs.items()}
+        base = rows["store, tokens re-prepared every batch (before)"][0]
         print(f"\nTraining, 1-way 1-shot episodes, CST {count_parameters(CST(model_cfg))} parameters")
-        print("| design | episodes/s | s/episode | ratio | peak RSS MB |\n| --- | --- | --- | --- | --- |")
-        for label, (eps, rss) in rows.items():
-            print(f"| {label} | {eps:.2f} | {1 / eps:.3f} | {eps / base:.1f}x | {rss:.0f} |")
+        print(f"fp32 matmul peak measured in this process: {peak:.0f} GFLOP/s ({args.threads} threads)")
+        print(
+            "| design | episodes/s | s/episode | ratio to before | GFLOP/episode | % of fp32 peak "
+            "| peak RSS MB |"
+        )
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for label, (eps, gflop, rss) in rows.items():
+            print(
+                f"| {label} | {eps:.2f} | {1 / eps:.3f} | {eps / base:.2f}x | {gflop:.2f} | "
+                f"{100 * eps * gflop / peak:.0f}% | {rss:.0f} |"
+            )
 
         torch.manual_seed(0)
         model = CST(model_cfg).eval()

@@ -420,3 +420,23 @@ def test_he_init_starts_at_the_foreground_prior():
     with pytest.raises(ValueError, match="init"):
         cfg.init = "xavier"
         CST(cfg)
+
+
+def test_a_few_dozen_steps_move_predictions_off_all_background(tmp_path):
+    """24 Adam steps on toy episodes: the foreground maps rank pixels well and calibrated thresholds turn
+    that into masks (the checkpoint keeps the thresholds its best epoch was scored with)."""
+    index, store = toy_dataset(tmp_path)
+    torch.manual_seed(0)
+    res = run_train(index, store, val_frame(index), epochs=3, episodes_per_epoch=64, lr=3e-3, calibrate=True)
+    last = res.curve[-1]
+    assert last["step"] == 24
+    assert last["val_auc"] > 0.8 and last["val_miou_cal"] > 30.0, last  # ranked well: learned
+    best = res.curve[res.best_epoch - 1]
+    assert res.model.config.fg_threshold == best["fg_threshold"]
+    assert res.best_val_miou == best["val_miou_cal"]
+    # through the predictor (thresholds applied) the masks are no longer all background
+    targets = Targets("pixel", index, SIZE)
+    pred = CSTPredictor(res.model, TokenBank(store, list(index.index)), targets.test_support_mask)
+    row = next(r for r in val_frame(index).itertuples() if r.labels[0])
+    presence, fg = pred.predict(row.query_id, row.support_classes, row.support_ids)
+    assert presence[0] > 0.5 and 0.05 < (fg >= 0.5).mean() < 0.95
