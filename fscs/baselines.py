@@ -13,7 +13,10 @@ episodes (training split, training classes), never on test:
   self map thresholded at the pseudo-label threshold); fg = (cos(prototype, query patch token) + 1) / 2.
 - ``prototype_gt``: the same with the support's ground-truth mask (its area fraction per token cell) as the
   weights: a training-free pixel-level reference.
-A support whose mask is empty falls back to all its patches with equal weights.
+A support whose mask is empty falls back to all its patches with equal weights. With
+``pseudo.stuff_masks: complement`` the image-level baselines follow the learner's rule for stuff classes
+(`fscs.targets`): the attention map and the support pseudo-mask are complemented, so both sides of the
+learner-vs-baseline comparison know the same thing (which class names are stuff).
 
 Decisions, calibrated per (way, shot) setting on validation episodes of the same setting (pooled over all
 validation episodes for a setting that validation lacks):
@@ -238,10 +241,18 @@ class AttentionBaseline(MapBaseline):
 
     name = "attention"
 
-    def __init__(self, store: Any, center_keys: bool = False, cache_size: int = 2048, **kw: Any):
+    def __init__(
+        self,
+        store: Any,
+        center_keys: bool = False,
+        cache_size: int = 2048,
+        complement: set[int] | None = None,
+        **kw: Any,
+    ):
         super().__init__(**kw)
         self.store = store
         self.center_keys = bool(center_keys)
+        self.complement = set(complement or ())
         self.grid = tuple(int(g) for g in store.grid)
         self._q = _Cache(cache_size)
         self._k = _Cache(min(cache_size, 64))  # (H, P, d) keys are large; queries rarely repeat
@@ -252,7 +263,10 @@ class AttentionBaseline(MapBaseline):
         for s in support_ids:
             q = self._q.get(s, lambda s=s: np.asarray(self.store.cls_query(s), dtype=np.float32))
             maps.append(cst_foreground(head_cosine(q, keys, self.center_keys)))
-        return np.mean(np.stack(maps), axis=0).reshape(self.grid).astype(np.float32)
+        fg = np.mean(np.stack(maps), axis=0)
+        if int(class_id) in self.complement:  # a stuff class: where the attention is not
+            fg = 1.0 - fg
+        return fg.reshape(self.grid).astype(np.float32)
 
 
 class PrototypeBaseline(MapBaseline):
@@ -271,9 +285,11 @@ class PrototypeBaseline(MapBaseline):
         layer: int = -1,
         cache_size: int = 2048,
         token_cache: Any = None,
+        complement: set[int] | None = None,
         **kw: Any,
     ):
         super().__init__(**kw)
+        self.complement = set(complement or ()) if support_mask == "pseudo" else set()
         if support_mask not in ("pseudo", "gt"):
             raise FscsError(
                 f"prototype baseline: support_mask must be 'pseudo' or 'gt', got {support_mask!r}"
@@ -307,7 +323,8 @@ class PrototypeBaseline(MapBaseline):
         def make():
             if self.support_mask == "pseudo":
                 fg = self.labeler.support_fg(image_id)
-                w = (np.asarray(fg) >= self.labeler.mask_threshold).astype(np.float32)
+                on = np.asarray(fg) >= self.labeler.mask_threshold
+                w = (~on if int(class_id) in self.complement else on).astype(np.float32)
             else:
                 w = gt_cell_fraction(_gt_mask(self.index, image_id), class_id, self.grid)
             return w.reshape(-1)
@@ -373,11 +390,16 @@ def build(
     stats: Sequence[str] = STATS,
     cache_size: int = 2048,
     token_cache: Any = None,
+    complement: set[int] | None = None,
 ) -> MapBaseline:
-    """A baseline by name (see BASELINES); prototype baselines on the same layer may share ``token_cache``."""
+    """A baseline by name (see BASELINES); prototype baselines on the same layer may share ``token_cache``.
+    ``complement``: stuff classes whose image-level maps are complemented (`fscs.targets.complement_classes`).
+    """
     if name == "attention":
         center = bool(getattr(labeler, "center_keys", False))
-        return AttentionBaseline(store, center_keys=center, cache_size=cache_size, gate=gate, stats=stats)
+        return AttentionBaseline(
+            store, center_keys=center, cache_size=cache_size, complement=complement, gate=gate, stats=stats
+        )
     if name in ("prototype", "prototype_gt"):
         return PrototypeBaseline(
             store,
@@ -387,6 +409,7 @@ def build(
             layer=layer,
             cache_size=cache_size,
             token_cache=token_cache,
+            complement=complement,
             gate=gate,
             stats=stats,
         )
@@ -408,6 +431,7 @@ def run_baselines(
     stats: Sequence[str] = STATS,
     cache_size: int = 2048,
     progress: bool = True,
+    complement: set[int] | None = None,
 ) -> dict[str, Any]:
     """Calibrate each baseline on the fold's validation episodes, score it on its test episodes.
 
@@ -451,6 +475,7 @@ def run_baselines(
             stats=stats,
             cache_size=cache_size,
             token_cache=shared,
+            complement=complement,
         )
         baseline.calibrate(val_episodes, index, train_classes, void=void, progress=progress, pooled=pooled)
         results = run_episodes(

@@ -18,12 +18,13 @@ import time
 
 from fscs.baselines import run_baselines
 from fscs.config import load_config
-from fscs.data.folds import read_folds
+from fscs.data.folds import class_names, read_folds
 from fscs.data.index import read_index
 from fscs.evaluation import load_episodes
 from fscs.io import write_json
 from fscs.pseudo import Labeler
 from fscs.store import FeatureStore, expected_attrs
+from fscs.targets import complement_classes
 from stages._common import run_stage, stage_parser
 
 
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
             stats=list(cfg.presence_stats),
             cache_size=cfg.cache_images,
             progress=not args.quiet,
+            complement=complement_classes(params, class_names(folds)),
         )
     write_json(args.out, out)
     summary = ", ".join(
