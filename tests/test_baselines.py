@@ -314,3 +314,20 @@ def test_gt_cell_fraction_matches_adaptive_pooling():
         0, 0
     ].numpy()
     np.testing.assert_allclose(gt_cell_fraction(m, 1, (5, 7)), ref, atol=1e-6)
+
+
+def test_stuff_classes_get_the_complement_of_the_image_level_maps(world):
+    """pseudo.stuff_masks: complement -> the attention map and the prototype's pseudo support weights of a
+    stuff class are the complements; other classes and the GT prototype are unchanged."""
+    store, index, folds, masks = world
+    labeler = Labeler(store, threshold=0.4)
+    plain, stuffed = AttentionBaseline(store), AttentionBaseline(store, complement={1})
+    raw = plain.raw_map("c1_0", 1, ["c1_1"])
+    np.testing.assert_allclose(stuffed.raw_map("c1_0", 1, ["c1_1"]), 1.0 - raw, atol=1e-6)
+    np.testing.assert_array_equal(stuffed.raw_map("c2_0", 2, ["c2_1"]), plain.raw_map("c2_0", 2, ["c2_1"]))
+    proto = PrototypeBaseline(store, labeler=labeler, index=index, complement={1})
+    base = PrototypeBaseline(store, labeler=labeler, index=index)
+    np.testing.assert_array_equal(proto.weights("c1_1", 1), 1.0 - base.weights("c1_1", 1))
+    np.testing.assert_array_equal(proto.weights("c2_1", 2), base.weights("c2_1", 2))
+    gt = PrototypeBaseline(store, index=index, support_mask="gt", complement={1})
+    assert gt.complement == set()

@@ -158,6 +158,28 @@ def test_image_and_mixed_targets(tmp_path):
         Targets("mixed", index, 8, labeler=FakeLabeler())
 
 
+def test_stuff_classes_learn_from_the_complement_of_attention(tmp_path):
+    from fscs.errors import FscsError
+    from fscs.targets import complement_classes
+
+    index, _ = toy_dataset(tmp_path, n_per_class=2)
+    lab = FakeLabeler()
+    t = Targets("image", index, 8, labeler=lab, complement_classes={1})
+    self_mask = lab.support_mask("img02", 8)
+    assert np.array_equal(t.support_mask("img02", 1), ~self_mask)  # stuff: complement
+    assert np.array_equal(t.support_mask("img02", 2), self_mask)  # object: the attention mask
+    assert np.array_equal(t.test_support_mask("img02", 1), ~self_mask) and t.test_mask_depends_on_class
+    assert np.array_equal(t.query_target("img00", "img02", 1), (~lab.support_mask("img00", 8)).astype(np.uint8))
+    assert not t.query_target("img00", "img01", 2).any()  # absent: still all background
+    assert Targets("pixel", index, 8, complement_classes={1}).complement == set()
+    names = {1: "grass", 2: "cow"}
+    params = {"pseudo": {"stuff_masks": "complement", "stuff_classes": ["grass"]}}
+    assert complement_classes(params, names) == {1}
+    assert complement_classes({"pseudo": {"stuff_masks": "same", "stuff_classes": ["grass"]}}, names) == set()
+    with pytest.raises(FscsError, match="unknown classes"):
+        complement_classes({"pseudo": {"stuff_masks": "complement", "stuff_classes": ["sky"]}}, names)
+
+
 def test_training_is_deterministic(tmp_path):
     index, store = toy_dataset(tmp_path)
     a = run_train(index, store, val_frame(index))
