@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from test_dvc_deps import PACKAGES, ROOT, imports_of, module_file
+from tests.test_dvc_deps import PACKAGES, ROOT, imports_of, module_file
 
 
 def module_name(path: Path) -> str:
