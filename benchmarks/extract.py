@@ -33,6 +33,7 @@ import torch
 
 from fscs.backbone import DEFAULT_INPUT_SIZE, Backbone, create_backbone, extract_to_store
 from fscs.data.images import load_rgb
+from fscs.threads import default_threads
 
 MSRC_IMAGES = "../shared/data/msrc-v2/JPEGImages/*.jpg"
 
@@ -141,8 +142,6 @@ def main(argv: list[str] | None = None) -> None:
         if args.threads != 1:
             ap.error("--clock cpu needs --threads 1")
         CLOCK = time.thread_time
-
-    from stages.extract import default_threads
 
     threads = args.threads or default_threads()
     torch.set_num_threads(threads)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,47 +31,22 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
+from fscs.backbone_names import HUB_BACKBONES, IMGFOCUS, TINY, resolve_arch
 from fscs.config import backbone_section
+from fscs.data.images import load_rgb, open_image
 from fscs.errors import FscsError
+from fscs.imgfocus import SOURCE, converted_weights, sha256_file
+from fscs.store import NORMALIZATION, STORE_VERSION, StoreWriter, iter_batches, resolve_layers
 
 DEFAULT_INPUT_SIZE = 224
-DEFAULT_PATH_ARCH = "vit_small_patch8_224"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# name -> (timm architecture, pretrained tag on the hub)
-HUB_BACKBONES: dict[str, tuple[str, str]] = {
-    "dino_vits8": ("vit_small_patch8_224", "dino"),
-    "dino_vits16": ("vit_small_patch16_224", "dino"),
-    "dino_vitb8": ("vit_base_patch8_224", "dino"),
-    "dinov2_vits14": ("vit_small_patch14_dinov2", "lvd142m"),
-}
-IMGFOCUS = "dinov2_vits14_imgfocus"
-TINY = "vit_tiny_random"
 TINY_SEED = 0
 TINY_CONFIG = dict(patch_size=8, embed_dim=48, depth=3, num_heads=2, mlp_ratio=4.0, qkv_bias=True)
 TINY_NATIVE_SIZE = 64  # the random position table is drawn for an 8x8 grid, then resampled like real weights
-KNOWN = (*HUB_BACKBONES, IMGFOCUS, TINY, "path:/file")
-
-
-def known_names() -> list[str]:
-    return list(KNOWN)
-
-
-def resolve_arch(name: str, arch: str | None = None) -> str:
-    """The timm architecture behind a backbone name (``arch`` only matters for ``path:`` names)."""
-    if name in HUB_BACKBONES:
-        return HUB_BACKBONES[name][0]
-    if name == IMGFOCUS:
-        from fscs.imgfocus import TIMM_ARCH
-
-        return TIMM_ARCH
-    if name == TINY:
-        return "vit_tiny_random"
-    if name.startswith("path:"):
-        return arch or DEFAULT_PATH_ARCH
-    raise FscsError(f"unknown backbone {name!r}; known: {', '.join(KNOWN)}")
 
 
 @dataclass(frozen=True)
@@ -104,12 +80,6 @@ class Features:
     def cls_tokens(self) -> torch.Tensor:
         """(B, L, D)."""
         return self.tokens[:, :, 0]
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    from fscs.imgfocus import sha256_file as _sha
-
-    return _sha(path)
 
 
 def state_dict_sha256(sd: dict[str, torch.Tensor]) -> str:
@@ -370,8 +340,6 @@ class Backbone:
         return torch.stack([self.preprocess(im) for im in images]).contiguous()
 
     def resolve_layers(self, layers: Any = "all") -> list[int]:
-        from fscs.store import resolve_layers
-
         return resolve_layers(layers, self.depth)
 
     @torch.inference_mode()
@@ -422,8 +390,6 @@ class Backbone:
 
     def store_attrs(self, layers: Any = "all") -> dict[str, Any]:
         """The provenance attributes of a feature store made with this backbone (see fscs.store)."""
-        from fscs.store import NORMALIZATION, STORE_VERSION
-
         p = self.provenance
         return {
             "backbone": p.name,
@@ -500,8 +466,6 @@ def create_backbone(
         model = _check_size_and_create(arch_name, input_size)
         patch = model.patch_embed.patch_size[0]
         if name == IMGFOCUS:
-            from fscs.imgfocus import SOURCE, converted_weights
-
             from_cache = Path(cache) if cache is not None else None
             file = converted_weights(from_cache)
             source = SOURCE
@@ -550,8 +514,6 @@ def backbone_from_params(params: dict[str, Any]) -> Backbone:
 
 def check_images(paths: list[str]) -> None:
     """Cheaply check that every image exists and decodes (JPEGs at reduced scale); names the bad file."""
-    from fscs.data.images import open_image
-
     for path in paths:
         with open_image(path) as im:
             im.draft("RGB", (64, 64))
@@ -575,13 +537,6 @@ def extract_to_store(
     exactly the batches that were not flushed. ``on_batch(rows_done)`` is called after each flushed batch.
     Returns counts and timings for the stage report.
     """
-    import time
-
-    from tqdm import tqdm
-
-    from fscs.data.images import load_rgb
-    from fscs.store import StoreWriter, iter_batches
-
     if len(image_ids) != len(image_paths):
         raise ValueError("image_ids and image_paths differ in length")
     if batch_size < 1:

@@ -12,8 +12,8 @@ sample per (image, class) pair:
 The loss (BCE, optionally + soft dice) is computed at ``label_size`` x ``label_size``: the logits are
 upsampled bilinearly, the GT mask resized with nearest neighbour, void (255) ignored. Adam, a fixed
 number of steps, random horizontal flips. Seeded; runs with ``torch.use_deterministic_algorithms(True)``.
-The choices (loss, steps, inputs, one enhancer per fold) are measured in reports/enhancer.json; see the
-stage's docstring.
+The choices (loss, steps, inputs, one enhancer per fold) are measured in reports/enhancer.json (study:
+`fscs.enhancer_study`); results in reports/CHOICES.md.
 """
 
 from __future__ import annotations
@@ -26,9 +26,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from fscs.config import EnhancerConfig
 from fscs.errors import FscsError
+from fscs.io import json_attr
+from fscs.iou import IoUCounter
+from fscs.resample import upsample
 
 #: The enhancer's own settings, defaults from `fscs.config.EnhancerConfig` (the section's other keys are the
 #: enhancer stage's). threshold: a number, or "auto": the grid value with the best IoU on the training
@@ -156,8 +160,6 @@ def train_enhancer(
         steps = int(cfg["steps"])
         bar = None
         if progress:
-            from tqdm import tqdm
-
             bar = tqdm(total=steps, desc="enhancer", disable=None, leave=False)
         model.train()
         for _step in range(steps):
@@ -200,8 +202,6 @@ def train_enhancer(
 def calibrate_threshold(model: Enhancer, inputs: np.ndarray, targets: np.ndarray, grid: list[float]) -> float:
     """The grid threshold with the best pooled IoU (void ignored) of the model's maps against ``targets``
     (N, L, L) at the targets' resolution; ties go to the lower threshold."""
-    from fscs.pseudo import IoUCounter, upsample
-
     probs = enhance(model, inputs)
     size = targets.shape[-2:]
     counter = IoUCounter(sorted(float(t) for t in grid))
@@ -263,8 +263,6 @@ def write_enhanced(
     attrs: dict[str, Any],
 ) -> None:
     """Write ``image_ids``, one ``enhanced/<name>`` (N, gh, gw) float16 per enhancer, ``labelled_ids``."""
-    from fscs.pseudo import json_attr
-
     with h5py.File(path, "w") as f:
         f.create_dataset("image_ids", data=np.array(image_ids, dtype=object), dtype=h5py.string_dtype())
         grp = f.create_group("enhanced")

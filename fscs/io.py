@@ -1,4 +1,6 @@
-"""Atomic writes: every output goes to a temporary sibling and is renamed into place only when complete."""
+"""Atomic writes: every output goes to a temporary sibling and is renamed into place only when complete.
+
+Also the JSON encoding of HDF5 attributes shared by the pseudo-label files."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 @contextmanager
@@ -28,3 +32,14 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write `obj` as indented JSON, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def json_attr(value: Any) -> Any:
+    """An HDF5-storable attribute value (None and nested structures as JSON text)."""
+    if value is None or isinstance(value, dict) or (isinstance(value, list | tuple) and not _flat(value)):
+        return json.dumps(value)
+    return value
+
+
+def _flat(seq) -> bool:
+    return len(seq) > 0 and all(isinstance(v, int | float | str | np.integer | np.floating) for v in seq)

@@ -27,11 +27,12 @@ from typing import Any
 
 import h5py
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from fscs.config import validate_section
+from fscs.enhancer import enhance, load_enhancer
 from fscs.errors import FscsError
+from fscs.io import json_attr
+from fscs.resample import size_hw, upsample
 
 RECIPES = ("cst", "dino")
 DINO_HEADS = ("mean", "vote", "union")
@@ -103,25 +104,7 @@ def dino_foreground(
     return keep.astype(np.float32)
 
 
-# ------------------------------------------------------------------------------------------ resampling
-def _size2(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    if isinstance(size, int | np.integer):
-        return int(size), int(size)
-    h, w = size
-    return int(h), int(w)
-
-
-def upsample(grid_map: np.ndarray | torch.Tensor, size: int | tuple[int, int]) -> np.ndarray:
-    """Bilinear resize (align_corners=False) of a (gh, gw) or (C, gh, gw) map to ``size`` -> float32."""
-    t = torch.tensor(np.asarray(grid_map, dtype=np.float32))
-    if t.ndim not in (2, 3):
-        raise FscsError(f"upsample: expected a (gh, gw) or (C, gh, gw) map, got shape {tuple(t.shape)}")
-    squeeze = t.ndim == 2
-    t = t[None, None] if squeeze else t[None]
-    out = F.interpolate(t, size=_size2(size), mode="bilinear", align_corners=False)[0]
-    return (out[0] if squeeze else out).numpy()
-
-
+# ------------------------------------------------------------------------------------------ masks
 def to_mask(fg: np.ndarray, threshold: float, size: int | tuple[int, int]) -> np.ndarray:
     """Upsample a foreground map to ``size`` (int or (h, w)) and threshold: ``fg >= threshold`` -> bool."""
     return upsample(fg, size) >= threshold
@@ -137,19 +120,6 @@ def write_self_maps(path: str | os.PathLike, image_ids: list[str], maps: np.ndar
         f.create_dataset("self_maps", data=np.asarray(maps, dtype=np.float16), chunks=True)
         for key, value in attrs.items():
             f.attrs[key] = json_attr(value)
-
-
-def json_attr(value: Any) -> Any:
-    """An HDF5-storable attribute value (None and nested structures as JSON text)."""
-    import json
-
-    if value is None or isinstance(value, dict) or (isinstance(value, list | tuple) and not _flat(value)):
-        return json.dumps(value)
-    return value
-
-
-def _flat(seq) -> bool:
-    return len(seq) > 0 and all(isinstance(v, int | float | str | np.integer | np.floating) for v in seq)
 
 
 def read_self_maps(path: str | os.PathLike) -> tuple[list[str], np.ndarray, dict]:
@@ -244,8 +214,6 @@ class Labeler:
         self.center_keys = bool(center_keys)
         self.grid = tuple(int(g) for g in store.grid)
         if isinstance(enhancer, str | os.PathLike):
-            from fscs.enhancer import load_enhancer
-
             enhancer = load_enhancer(enhancer, fold=fold)
         if enhancer is not None and recipe != "cst":
             raise FscsError("the enhancer works on the per-head cosine maps of the 'cst' recipe, not 'dino'")
@@ -321,8 +289,6 @@ class Labeler:
             )
             return fg.reshape(self.grid)
         if self.enhancer is not None:
-            from fscs.enhancer import enhance
-
             return enhance(self.enhancer, cos[None])[0]
         return cst_foreground(cos)
 
@@ -357,64 +323,5 @@ class Labeler:
     ) -> np.ndarray:
         """Query pseudo-mask for the support's class: bool (size); all False when the class is absent."""
         if not present:
-            return np.zeros(_size2(size), dtype=bool)
+            return np.zeros(size_hw(size), dtype=bool)
         return to_mask(self.pair_fg(support_id, query_id), self.mask_threshold, size)
-
-
-# ------------------------------------------------------------------------------------ quality vs. GT
-class IoUCounter:
-    """Intersection / union counts of thresholded maps against binary targets, per key and threshold.
-
-    ``add(key, fg, target, valid)``: ``fg`` (h, w) float map at the target's size, ``target`` bool (h, w),
-    ``valid`` bool (h, w) (False on void). IoU of a key = sum of intersections / sum of unions (x 100).
-    """
-
-    def __init__(self, thresholds: list[float]) -> None:
-        self.thresholds = [float(t) for t in thresholds]
-        self._t = np.asarray(self.thresholds, dtype=np.float32)[:, None, None]
-        self.inter: dict[Any, np.ndarray] = {}
-        self.union: dict[Any, np.ndarray] = {}
-
-    def add(self, key: Any, fg: np.ndarray, target: np.ndarray, valid: np.ndarray) -> None:
-        pred = fg[None] >= self._t
-        tgt = target & valid
-        inter = (pred & tgt[None]).sum(axis=(1, 2))
-        union = ((pred & valid[None]) | tgt[None]).sum(axis=(1, 2))
-        if key not in self.inter:
-            self.inter[key] = np.zeros(len(self.thresholds), np.int64)
-            self.union[key] = np.zeros(len(self.thresholds), np.int64)
-        self.inter[key] += inter
-        self.union[key] += union
-
-    def iou(self, key: Any, t: int = 0) -> float | None:
-        """IoU (%) of ``key`` at threshold index ``t``; None when the key never had a union."""
-        if key not in self.union or self.union[key][t] == 0:
-            return None
-        return 100.0 * float(self.inter[key][t]) / float(self.union[key][t])
-
-    def per_class(self, t: int = 0) -> dict[str, float]:
-        return {str(k): round(v, 2) for k in sorted(self.union, key=str) if (v := self.iou(k, t)) is not None}
-
-    def miou(self, t: int = 0) -> float:
-        vals = [self.iou(k, t) for k in self.union]
-        vals = [v for v in vals if v is not None]
-        return round(float(np.mean(vals)), 2) if vals else float("nan")
-
-
-def sample_pairs(
-    labels: dict[str, list[int]], classes: list[int], per_label: int, seed: int
-) -> list[tuple[str, str, int]]:
-    """Seeded (support_id, query_id, class) pairs: for each image and each of its labels in ``classes``,
-    ``per_label`` distinct other images having that class as supports (fewer when fewer exist)."""
-    rng = np.random.default_rng(seed)
-    ids = sorted(labels)
-    holders = {int(c): [i for i in ids if int(c) in labels[i]] for c in classes}
-    out = []
-    for q in ids:
-        for c in sorted(int(c) for c in labels[q] if int(c) in holders):
-            others = [i for i in holders[c] if i != q]
-            if not others:
-                continue
-            pick = rng.choice(len(others), size=min(per_label, len(others)), replace=False)
-            out += [(others[int(j)], q, c) for j in sorted(pick)]
-    return out

@@ -36,6 +36,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from fscs.backbone_names import resolve_arch
 from fscs.config import backbone_section
 from fscs.errors import FscsError
 
@@ -91,8 +92,6 @@ def resolve_layers(layers: Any, depth: int) -> list[int]:
 def expected_attrs(params: dict[str, Any]) -> dict[str, Any]:
     """The ``expect`` dict for `FeatureStore` from params.yaml (whole file or its ``backbone`` section)."""
     bb = backbone_section(params)
-    from fscs.backbone import resolve_arch  # local: keep store importable without torch
-
     return {
         "backbone": bb.name,
         "arch": resolve_arch(bb.name, bb.arch),

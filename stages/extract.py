@@ -19,14 +19,8 @@ import pandas as pd
 from fscs.config import load_config
 from fscs.errors import FscsError
 from fscs.io import write_json
+from fscs.threads import default_threads
 from stages._common import run_stage, stage_parser
-
-
-def default_threads() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def read_image_list(index: str | os.PathLike) -> tuple[list[str], list[str]]:

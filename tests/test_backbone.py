@@ -17,11 +17,10 @@ from fscs.backbone import (
     TINY_NATIVE_SIZE,
     FusedBlocks,
     create_backbone,
-    known_names,
-    resolve_arch,
-    sha256_file,
 )
+from fscs.backbone_names import known_names, resolve_arch
 from fscs.errors import FscsError
+from fscs.imgfocus import sha256_file
 
 MSRC = Path(__file__).resolve().parents[2] / "shared" / "data" / "msrc-v2" / "JPEGImages"
 

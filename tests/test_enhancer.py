@@ -195,3 +195,26 @@ def test_enhancer_stage(tiny_world):  # noqa: F811
         torch.equal(a["state_dict"]["fold0"][k], b["state_dict"]["fold0"][k])
         for k in a["state_dict"]["fold0"]
     )
+
+
+def test_enhancer_refuses_self_maps_not_made_from_the_store(tiny_world):  # noqa: F811
+    """The stage's input check: other centring, another image list or grid -> FscsError naming the file."""
+    from fscs.enhancer_study import load_checked_self_maps
+    from fscs.pseudo import head_cosine, write_self_maps
+    from fscs.store import FeatureStore
+
+    w = tiny_world
+    with FeatureStore(w.store) as store:
+        ids = list(store.image_ids)
+        maps = np.stack([head_cosine(store.cls_query(i), store.patch_keys(i), True) for i in ids])
+        maps = maps.reshape(len(ids), -1, *store.grid)
+        good = w.tmp / "good.h5"
+        write_self_maps(good, ids, maps, {"center_keys": True})
+        got_ids, got = load_checked_self_maps(str(good), store, True, "store.h5")
+        assert got_ids == ids and got.shape == maps.shape
+        with pytest.raises(FscsError, match="good.h5: made with other pseudo.center_keys"):
+            load_checked_self_maps(str(good), store, False, "store.h5")
+        short = w.tmp / "short.h5"
+        write_self_maps(short, ids[:-1], maps[:-1], {"center_keys": True})
+        with pytest.raises(FscsError, match="short.h5: image list or grid differs from store.h5"):
+            load_checked_self_maps(str(short), store, True, "store.h5")

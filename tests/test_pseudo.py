@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from fscs.errors import FscsError
+from fscs.iou import IoUCounter
 from fscs.overlay import overlay, palette, save_grid
 from fscs.pseudo import (
-    IoUCounter,
     Labeler,
     cst_foreground,
     dino_attention,
@@ -21,10 +21,10 @@ from fscs.pseudo import (
     head_cosine,
     mass_mask,
     read_self_maps,
-    sample_pairs,
     to_mask,
-    upsample,
 )
+from fscs.pseudo_quality import sample_pairs
+from fscs.resample import upsample
 
 # ------------------------------------------------------------------------- synthetic store for tests
 GRID = (4, 4)

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from fscs.data import voc
 from fscs.data.images import VOID, load_mask
+from fscs.data.index_row import record
 from fscs.errors import FscsError
 from fscs.io import atomic_path, write_json
 
@@ -189,8 +190,6 @@ def coco_json_rows(
     root: str, splits: list[str], min_class_pixels: float, cache_dir: str
 ) -> tuple[list[dict[str, Any]], dict[int, str]]:
     """Index rows of a COCO instances-JSON dataset, rendering (or reusing) cached masks."""
-    from fscs.data.index import record
-
     if not os.path.isdir(root):
         raise FscsError(f"{root}: dataset folder not found")
     datasets = {}
@@ -252,8 +251,6 @@ def coco_png_rows(
     root: str, splits: list[str], min_class_pixels: float, mask_dir: str = "annotations"
 ) -> tuple[list[dict[str, Any]], dict[int, str]]:
     """Index rows of the preprocessed PNG layout (value = class id 1..80)."""
-    from fscs.data.index import record
-
     if not os.path.isdir(root):
         raise FscsError(f"{root}: dataset folder not found")
     names = voc.read_class_list(root, default=COCO_CLASSES)

@@ -27,6 +27,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from fscs.data.index import write_parquet
 from fscs.errors import FscsError
 
 EPISODE_SCHEMA = pa.schema(
@@ -285,8 +286,6 @@ def episodes_table(frame: pd.DataFrame) -> pa.Table:
 
 
 def write_episodes(frame: pd.DataFrame, path: str | os.PathLike) -> None:
-    from fscs.data.index import write_parquet
-
     write_parquet(episodes_table(frame), path)
 
 
