@@ -71,6 +71,40 @@ def summary_json(summary: dict[str, Any], setting: str) -> dict[str, Any]:
     return {"setting": setting} | {k: {m: v[m] for m in METRICS} for k, v in entry.items() if k != "folds"}
 
 
+#: (learner, references it should beat, what the reference is): the comparisons that matter per setting
+CLAIMS = (
+    ("pixel", ("baseline_prototype_gt",), "the GT-mask prototype matcher"),
+    ("image", ("baseline_attention", "baseline_prototype"), "the best image-level baseline"),
+    ("mixed", ("image",), "the image-level learner"),
+)
+
+
+def claims(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each learner against its like-for-like reference, per episode type: the margins in ER and mIoU
+    (learner minus the best reference) and whether both are positive."""
+    rows = []
+    for learner, refs, what in CLAIMS:
+        present = [r for r in refs if r in summary]
+        if learner not in summary or not present:
+            continue
+        for kind, v in summary[learner].items():
+            if kind == "folds" or not all(kind in summary[r] for r in present):
+                continue
+            d_er = v["er"] - max(summary[r][kind]["er"] for r in present)
+            d_miou = v["miou"] - max(summary[r][kind]["miou"] for r in present)
+            rows.append(
+                {
+                    "learner": learner,
+                    "reference": what,
+                    "kind": kind,
+                    "er": round(d_er, 2),
+                    "miou": round(d_miou, 2),
+                    "holds": d_er > 0 and d_miou > 0,
+                }
+            )
+    return rows
+
+
 def _kind_order(kind: str) -> tuple[int, int]:
     way, shot = kind.replace("shot", "").split("way")
     return int(way), int(shot)
@@ -119,6 +153,24 @@ def markdown_report(summary: dict[str, Any], context: dict[str, Any]) -> str:
                 v = summary[setting][kind]
                 cells.append(f"{v['miou'] - best_miou:+.1f} / {v['er'] - best_er:+.1f}")
             lines.append(f"| {setting} | " + " | ".join(cells) + " |")
+    checked = claims(summary)
+    if checked:
+        lines += [
+            "",
+            "## Does each learner beat its like-for-like reference? (ER / mIoU points)",
+            "",
+            "pixel vs the GT-mask prototype, image vs the best image-level baseline (attention, prototype), "
+            "mixed vs image; fold means. Training choices and their validation measurements: "
+            "[LEARNER.md](LEARNER.md).",
+            "",
+            "| learner | reference | episode type | ER | mIoU | both ahead |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {c['learner']} | {c['reference']} | {c['kind']} | {c['er']:+.1f} | {c['miou']:+.1f} | "
+            f"{'yes' if c['holds'] else 'no'} |"
+            for c in checked
+        ]
     lines += [
         "",
         "## Published numbers (mean of 4 folds, 1-shot, ER / mIoU)",
