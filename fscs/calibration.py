@@ -21,13 +21,21 @@ import numpy as np
 GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))
 
 
-def shift(p: np.ndarray, threshold: float, eps: float = 1e-6) -> np.ndarray:
+def log_odds(p: np.ndarray | float, eps: float = 1e-6) -> np.ndarray:
+    """log(p / (1 - p)) in float64, p clipped to [eps, 1 - eps] so 0 and 1 stay finite."""
+    q = np.clip(np.asarray(p, dtype=np.float64), eps, 1 - eps)
+    return np.log(q / (1 - q))
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def shift(p: np.ndarray, threshold: float) -> np.ndarray:
     """Probabilities re-centred so that ``threshold`` maps to 0.5 (a shift of the log-odds)."""
     if threshold == 0.5:
         return p
-    q = np.clip(np.asarray(p, dtype=np.float64), eps, 1 - eps)
-    t = float(threshold)
-    return 1.0 / (1.0 + np.exp(-(np.log(q / (1 - q)) - np.log(t / (1 - t)))))
+    return sigmoid(log_odds(p) - log_odds(float(threshold)))
 
 
 @dataclass

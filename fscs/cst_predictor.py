@@ -30,18 +30,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fscs.calibration import shift
+from fscs.calibration import log_odds, shift, sigmoid
 from fscs.model.cst import CST
 
 
-def _mean(p: np.ndarray) -> np.ndarray:
-    return p.mean(axis=0)
-
-
-def combine_shots(p: np.ndarray, eps: float = 1e-6) -> np.ndarray:
-    """K shots' probabilities (K, ...) -> the probability of their mean log-odds."""
-    q = np.clip(p.astype(np.float64), eps, 1 - eps)
-    return 1.0 / (1.0 + np.exp(-np.log(q / (1 - q)).mean(axis=0)))
+def combine_shots(p: np.ndarray, rule: str) -> np.ndarray:
+    """K shots' probabilities (K, ...) -> one: their mean (``mean_prob``) or the probability of their mean
+    log-odds (``mean_logit``)."""
+    return sigmoid(log_odds(p).mean(axis=0)) if rule == "mean_logit" else p.mean(axis=0)
 
 
 class TokenBank:
@@ -180,14 +176,14 @@ class CSTPredictor:
             for s in shots
         ]
         scores = self.pair_scores(pairs)
-        combine = combine_shots if self.model.config.kshot == "mean_logit" else _mean
+        rule = self.model.config.kshot
         presence, fg, i = [], [], 0
         for shots in support_ids:
             k = len(shots)
             group = scores[i : i + k]
             i += k
-            presence.append(combine(np.asarray([g[0] for g in group])))
-            fg.append(combine(np.stack([g[1] for g in group])))
+            presence.append(combine_shots(np.asarray([g[0] for g in group]), rule))
+            fg.append(combine_shots(np.stack([g[1] for g in group]), rule))
         cfg = self.model.config
         presence = shift(np.asarray(presence), cfg.presence_threshold)
         return presence.astype(np.float32), shift(np.stack(fg), cfg.fg_threshold).astype(np.float32)

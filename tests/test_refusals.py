@@ -261,30 +261,24 @@ def test_voc_folder_without_classes_txt_refused(tmp_path, capsys):
     assert f"{root / 'classes.txt'}: not found" in line and "Annotations" in line
 
 
+def predict_refused(ckpt: Path, art, out: Path, capsys) -> str:
+    """Run `fscs predict` with one fixture image as support and query; assert exit 2 and no output folder,
+    return what it printed to stderr."""
+    image = next((art.params.parent / "voc" / "JPEGImages").glob("*.jpg"))
+    argv = ["predict", "--checkpoint", str(ckpt), "--out", str(out), "--support", f"{image}:cat"]
+    with pytest.raises(SystemExit) as exc:
+        cli_main([*argv, "--query", str(image)])
+    assert exc.value.code == 2
+    assert not out.exists()
+    return capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name", ["prepare", "extract", "predict"])
 def test_decompression_bomb_named_with_its_limit(art, tmp_path, capsys, monkeypatch, name):
     monkeypatch.setenv(PIXEL_LIMIT_ENV, "100")  # Pillow refuses images past twice the limit: 24x32 > 200
     out = tmp_path / "out"
     if name == "predict":
-        image = next((art.params.parent / "voc" / "JPEGImages").glob("*.jpg"))
-        ckpt = tiny_checkpoint(tmp_path)
-        with pytest.raises(SystemExit) as exc:
-            cli_main(
-                [
-                    "predict",
-                    "--checkpoint",
-                    str(ckpt),
-                    "--out",
-                    str(out),
-                    "--support",
-                    f"{image}:cat",
-                    "--query",
-                    str(image),
-                ]
-            )
-        assert exc.value.code == 2
-        line = capsys.readouterr().err
-        assert not out.exists()
+        line = predict_refused(tiny_checkpoint(tmp_path), art, out, capsys)
     else:
         before = earlier_outputs(out)
         line = refused(name, stage_argv(name, art, out, art.params), capsys)
@@ -356,26 +350,8 @@ def test_forged_checkpoint_refused_by_predict(art, tmp_path, capsys):
     # the weights of a CST for the ViT at 32 px (4x4 tokens), the backbone config of the same ViT at 48 px
     forged["config"]["backbone"] = backbone_attrs(create_backbone("vit_tiny_random", 48).store_attrs("all"))
     torch.save(forged, ckpt)
-    image = next((art.params.parent / "voc" / "JPEGImages").glob("*.jpg"))
-    out = tmp_path / "pred"
-    with pytest.raises(SystemExit) as exc:
-        cli_main(
-            [
-                "predict",
-                "--checkpoint",
-                str(ckpt),
-                "--out",
-                str(out),
-                "--support",
-                f"{image}:cat",
-                "--query",
-                str(image),
-            ]
-        )
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
+    err = predict_refused(ckpt, art, tmp_path / "pred", capsys)
     assert f"{ckpt}: its CST weights expect grid=(4, 4)" in err and "gives (6, 6)" in err
-    assert not out.exists()
 
 
 # ---- row 10: the train stage follows the too_few_images rule prepare recorded in folds.json --------------
