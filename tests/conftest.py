@@ -1,4 +1,5 @@
-"""Shared fixtures. `voc_fixture`: a tiny VOC-layout dataset (6 classes, 2 splits) built in tmp_path."""
+"""Shared fixtures. `voc_fixture`: a tiny VOC-layout dataset (6 classes, 2 splits) built in tmp_path;
+`tiny_reproduced`: the tiny project reproduced once with `dvc repro` (for the end-to-end tests)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_repo import make_tiny_repo, run, tiny_env
 
 VOC_FIXTURE_CLASSES = {1: "cat", 2: "dog", 3: "sky", 4: "tree", 5: "car", 6: "boat"}
 
@@ -68,3 +70,16 @@ def voc_fixture(tmp_path):
         "episodes": {"seed": 0, "test_per_fold": 20, "val_per_fold": 5, "ways": [1, 2], "shots": [1, 5]},
     }
     return SimpleNamespace(root=root, labels=labels, classes=dict(VOC_FIXTURE_CLASSES), params=params)
+
+
+@pytest.fixture(scope="session")
+def tiny_reproduced(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """A git+DVC copy of the project with a tiny params.yaml, reproduced once with `dvc repro` and committed.
+    Tests that change it restore it with git."""
+    repo = tmp_path_factory.mktemp("tiny") / "repo"
+    env = tiny_env(repo.parent)
+    make_tiny_repo(repo, env)
+    run(["dvc", "repro"], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "tiny run"], repo, env)
+    return repo, env

@@ -7,7 +7,9 @@ where code of the closure calls ``section(..., "name")`` or indexes, ``.get()``s
 ``name`` of something whose name contains ``params``, ``config`` or ``cfg``; the section names come from
 params.yaml. Both directions are checked: an undeclared file or section serves stale results, a declared one
 that nothing reads re-runs the stage for nothing. A declared folder must hold only files the stage imports.
-Every path argument of the command (``--flag a/b``) must be a dep or an out.
+Every path argument of the command (``--flag a/b``) must be a dep or an out, and a stage that can open
+dataset images or masks (``fscs/data/images.py`` in its closure) must depend on ``${dataset.root}``: the
+index holds their paths, so it can stay byte-identical while a mask changes.
 
 `python tests/test_dvc_deps.py` prints each stage's derived code deps and params (to paste into dvc.yaml).
 """
@@ -25,6 +27,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("fscs", "stages")
 RECEIVERS = ("params", "config", "cfg")
+READER, DATASET = "fscs/data/images.py", "${dataset.root}"  # the module that opens images and masks
 
 
 def module_file(module: str) -> Path | None:
@@ -190,6 +193,13 @@ def _argument_problems(name: str, stage: dict) -> list[str]:
     ]
 
 
+def _data_problems(name: str, stage: dict, files: set[str]) -> list[str]:
+    """A stage that can open dataset images or masks (through the index's paths) depends on the dataset."""
+    if READER in files and DATASET not in stage.get("deps", []):
+        return [f"stage {name}: reads dataset files through {READER} but does not declare {DATASET}"]
+    return []
+
+
 def problems(stages: dict[str, dict]) -> list[str]:
     """One line per missing or unused code dep / params section / path argument, naming the stage."""
     out = []
@@ -198,6 +208,7 @@ def problems(stages: dict[str, dict]) -> list[str]:
             continue
         files, read = derived(stage)
         out += _code_problems(name, stage, files) + _argument_problems(name, stage)
+        out += _data_problems(name, stage, files)
         declared = _declared_params(stage)
         out += [
             f"stage {name}: reads params section '{s}' but does not declare it"
@@ -223,6 +234,14 @@ def test_check_names_a_removed_dep():
     found = problems(stages)
     assert f"stage evaluate: imports {dropped} but does not declare it in deps" in found
     assert "stage evaluate: reads params section 'evaluate' but does not declare it" in found
+
+
+def test_check_names_an_undeclared_dataset():
+    """Stages read images and masks by the index's paths: the index can stay the same while they change."""
+    stages = load_stages()
+    stages["baselines"]["deps"].remove("${dataset.root}")
+    found = problems(stages)
+    assert f"stage baselines: reads dataset files through {READER} but does not declare {DATASET}" in found
 
 
 def test_scan_follows_function_level_and_relative_imports():

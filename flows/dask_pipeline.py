@@ -1,0 +1,221 @@
+"""`make flow-dask`: the study on a Dask cluster under Prefect, DVC still the cache and the record.
+
+Stages whose upstream is recorded run concurrently on Dask workers, each in its own workspace with its own
+DVC cache; data moves only through the project's DVC remote (a directory, S3, ...). GPU stages
+(`flows.dvc_graph.GPU_STAGES`) ask for the Dask resource `GPU=1` when the cluster offers it. The flow process
+alone writes `dvc.lock` (`flows.lockbook`), so a re-run of a finished study is a no-op and a stage lost with
+its worker is simply run again. Without `--address` a local cluster is started (default: two workers).
+
+    python -m flows.dask_pipeline --remote /path/to/remote            # local cluster
+    python -m flows.dask_pipeline --address tcp://scheduler:8786      # existing cluster, default remote
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import dask
+import torch
+from distributed import Client, Nanny, Scheduler, SpecCluster, get_worker
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+from prefect_dask import DaskTaskRunner
+
+from flows.dvc_cli import dvc
+from flows.dvc_graph import StagePlan, plan_stages
+from flows.lockbook import record, stale
+from flows.pipeline import study_targets
+from flows.workspace import Remote, StageJob, StageResult, pack_code, read_tree, run_stage
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@task(name="dvc-stage", task_run_name="{stage}", cache_policy=NO_CACHE, retries=0)
+def run_on_worker(stage: str, job: StageJob) -> StageResult:
+    """Run one stage in this Dask worker's workspace (the `stage` argument names the task run)."""
+    try:
+        worker = str(get_worker().name)
+    except ValueError:  # not on a Dask worker (a plain Prefect run)
+        worker = "local"
+    return run_stage(job, worker, get_run_logger())
+
+
+def default_remote(repo: Path) -> Remote:
+    """The project's default DVC remote (URL and options), which every worker will use too."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as dvc_repo:
+        name = dvc_repo.config["core"].get("remote")
+        if not name:
+            raise SystemExit(
+                "the Dask flow moves data through a DVC remote: pass --remote URL, or set one with "
+                "`dvc remote add -d NAME URL`"
+            )
+        options = {k: str(v) for k, v in dvc_repo.config["remote"][name].items()}
+    return Remote(options.pop("url"), options)
+
+
+def set_remote(repo: Path, remote: Remote) -> None:
+    """Make `remote` this workspace's default DVC remote `fscs` (in .dvc/config.local, not committed)."""
+    dvc(["remote", "add", "--local", "--force", "--default", "fscs", remote.url], repo)
+    for key, value in remote.options.items():
+        dvc(["remote", "modify", "--local", "fscs", key, value], repo)
+
+
+@flow(name="fscs-pipeline-dask", log_prints=True)
+def fscs_pipeline_dask(
+    supervisions: list[str] | None = None,
+    folds: list[int] | None = None,
+    remote_url: str | None = None,
+    remote_options: dict[str, str] | None = None,
+    gpu_resource: bool = False,
+    cpu_workers: list[str] | None = None,
+) -> dict[str, dict]:
+    """Run the study's stale stages on the flow's Dask task runner; return where each stage ran."""
+    logger = get_run_logger()
+    repo = ROOT
+    if remote_url:
+        set_remote(repo, Remote(remote_url, remote_options or {}))
+    remote = default_remote(repo)
+    plans = plan_stages(repo, study_targets(supervisions, folds, repo))
+    code = pack_code(repo, exclude=[out for p in plans.values() for out in p.uncached_outs] + ["dvc.lock"])
+    project = f"{repo.name}-{hashlib.sha1(str(repo).encode()).hexdigest()[:8]}"
+    done: dict[str, dict] = {}
+    failed: list[str] = []
+    running: dict[str, object] = {}
+    waiting = list(plans)
+    while True:
+        ready = [n for n in waiting if all(u in done for u in plans[n].upstream)]
+        for name in ready:
+            waiting.remove(name)
+            plan = plans[name]
+            if not stale(repo, name):
+                done[name] = {"ran": False}
+            elif plan.is_local:  # the dataset link: the flow's workspace makes its own, like each worker's
+                dvc(["repro", "--single-item", name], repo, logger)
+                done[name] = {"ran": True, "worker": "flow"}
+            else:
+                running[name] = _submit(plan, repo, project, code, remote, gpu_resource, cpu_workers or [])
+        if any(n in done for n in ready):
+            continue  # stages done here may have made others ready
+        if not running:
+            break
+        future = next(as_completed(list(running.values())))
+        name = next(n for n, f in running.items() if f is future)
+        del running[name]
+        try:
+            result = future.result()
+            record(repo, result, plans[name].uncached_outs, logger)
+            done[name] = {"ran": True, "worker": result.worker, "seconds": round(result.seconds, 1)}
+        except Exception as err:  # keep recording the others; downstream of a failure never starts
+            logger.error("stage %s failed: %s", name, err)
+            failed.append(name)
+    if failed or waiting:
+        raise RuntimeError(f"failed: {failed}; not started (upstream failed): {waiting}")
+    return done
+
+
+def _submit(
+    plan: StagePlan, repo: Path, project: str, code: bytes, remote: Remote, gpu: bool, cpu_workers: list[str]
+):
+    """Submit one stage with the flow's current dvc.lock and the uncached upstream outs it reads: a GPU
+    stage to a worker offering GPU (when one does), a CPU stage preferably to one that doesn't."""
+    job = StageJob(
+        plan=plan,
+        project=project,
+        code=code,
+        lock=(repo / "dvc.lock").read_text() if (repo / "dvc.lock").is_file() else "",
+        shipped=read_tree(repo, plan.ship),
+        remote=remote,
+    )
+    if gpu and plan.gpu:
+        placement = {"resources": {"GPU": 1}}
+    elif gpu and cpu_workers:
+        placement = {"workers": cpu_workers, "allow_other_workers": True}
+    else:
+        placement = {}
+    with dask.annotate(**placement):
+        return run_on_worker.submit(plan.name, job)
+
+
+def local_cluster(workers: int, gpu_workers: int) -> SpecCluster:
+    """`workers` one-thread worker processes on this machine; the first `gpu_workers` offer GPU=1 (and see
+    only their own CUDA device when there is one)."""
+    cuda = torch.cuda.device_count()
+    specs = {}
+    for i in range(workers):
+        options: dict = {"nthreads": 1, "name": f"gpu-{i}" if i < gpu_workers else f"cpu-{i}"}
+        if i < gpu_workers:
+            options["resources"] = {"GPU": 1}
+            if cuda:
+                options["env"] = {"CUDA_VISIBLE_DEVICES": str(i % cuda)}
+        specs[options["name"]] = {"cls": Nanny, "options": options}
+    scheduler = {"cls": Scheduler, "options": {"dashboard_address": ":0", "host": "127.0.0.1"}}
+    return SpecCluster(workers=specs, scheduler=scheduler)
+
+
+def worker_roles(address: str) -> tuple[bool, list[str]]:
+    """Whether any worker of the cluster at `address` offers the Dask resource GPU, and those that don't."""
+    with Client(address) as client:
+        workers = client.scheduler_info()["workers"]
+    cpu = [addr for addr, w in workers.items() if not w.get("resources", {}).get("GPU")]
+    return len(cpu) < len(workers), cpu
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--address", help="scheduler of an existing Dask cluster (default: a local one)")
+    parser.add_argument("--workers", type=int, default=2, help="local cluster: worker processes")
+    parser.add_argument("--gpu-workers", type=int, help="workers with GPU=1 (default: #CUDA)")
+    parser.add_argument("--remote", help="DVC remote URL (default: the project's default remote)")
+    parser.add_argument("--remote-option", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--supervisions", nargs="*")
+    parser.add_argument("--folds", nargs="*", type=int)
+    parser.add_argument("--summary", type=Path, help="write {stage: where it ran} and the wall time as JSON")
+    args = parser.parse_args(argv)
+    server = None
+    if not os.environ.get("PREFECT_API_URL"):  # workers must report to the same API as the flow
+        from prefect.server.api.server import SubprocessASGIServer
+
+        server = SubprocessASGIServer()
+        server.start()
+        os.environ["PREFECT_API_URL"] = server.api_url
+    cluster = None
+    address = args.address
+    if not address:
+        gpu_workers = args.gpu_workers if args.gpu_workers is not None else torch.cuda.device_count()
+        cluster = local_cluster(args.workers, min(gpu_workers, args.workers))
+        address = cluster.scheduler_address
+    start = time.monotonic()
+    try:
+        runner = fscs_pipeline_dask.with_options(task_runner=DaskTaskRunner(address=address))
+        gpu, cpu_workers = worker_roles(address)
+        done = runner(
+            supervisions=args.supervisions,
+            folds=args.folds,
+            remote_url=args.remote,
+            remote_options=dict(opt.split("=", 1) for opt in args.remote_option),
+            gpu_resource=gpu,
+            cpu_workers=cpu_workers,
+        )
+    finally:
+        if cluster:
+            cluster.close()
+        if server:
+            server.stop()
+    wall = time.monotonic() - start
+    if args.summary:
+        args.summary.write_text(json.dumps({"wall_s": round(wall, 1), "stages": done}, indent=1))
+    ran = [f"{n} ({d['worker']}, {d.get('seconds', 0)} s)" for n, d in done.items() if d["ran"]]
+    print(f"{len(ran)} stage(s) ran, {len(done) - len(ran)} up to date, {wall:.0f} s: " + "; ".join(ran))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
