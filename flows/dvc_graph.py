@@ -84,9 +84,9 @@ def _plan(stage, graph) -> StagePlan:
 
 
 def _covers(out: str, dep: str) -> bool:
-    """Whether the out path is the dep path or a folder holding it."""
+    """Whether the out and the dep overlap: the same path, or one a folder holding the other."""
     out, dep = out.rstrip("/"), dep.rstrip("/")
-    return dep == out or dep.startswith(out + "/")
+    return dep == out or dep.startswith(out + "/") or out.startswith(dep + "/")
 
 
 def _is_local(stage) -> bool:
