@@ -39,11 +39,13 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from fscs.data.images import load_mask
+from fscs.data.folds import fold_classes
+from fscs.data.images import gt_mask
 from fscs.errors import FscsError
-from fscs.evaluation import setting_key, upsample
+from fscs.evaluation import setting_key
 from fscs.metrics import ThresholdSweep, check_void
 from fscs.pseudo import cst_foreground, head_cosine
+from fscs.resample import bilinear_gather
 
 BASELINES = ("attention", "prototype", "prototype_gt")
 STATS = ("max", "mean", "top10")
@@ -189,13 +191,13 @@ class MapBaseline:
         sweep = ThresholdSweep(classes, cands, void)
         for _, raws, _, sup_classes, query in items:
             if query not in masks:
-                masks[query] = _gt_mask(index, query)
+                masks[query] = gt_mask(index, query)
             gt = masks[query]
             r = raws.astype(np.float32).copy()
             if self.gate:
                 keep = np.array([presence_score(m, stat) > t_p for m in raws])
                 r[~keep] = -1.0  # never foreground
-            up = upsample(r, gt.shape)
+            up = bilinear_gather(r, gt.shape)
             sweep.update(up.max(axis=0), up.argmax(axis=0) + 1, gt, sup_classes)
         mious = sweep.miou()
         mious = np.where(np.isnan(mious), -1.0, mious)
@@ -208,16 +210,6 @@ class MapBaseline:
             "val_miou": round(float(mious[j]), 4),
             "val_episodes": len(items),
         }
-
-
-def _gt_mask(index: pd.DataFrame, image_id: str) -> np.ndarray:
-    try:
-        path = index.loc[image_id, "mask_path"]
-    except KeyError:
-        raise FscsError(f"image index: image id {image_id!r} not found") from None
-    if not isinstance(path, str) or not path:
-        raise FscsError(f"image index: {image_id!r} has no mask_path")
-    return load_mask(path)
 
 
 class _Cache:
@@ -326,7 +318,7 @@ class PrototypeBaseline(MapBaseline):
                 on = np.asarray(fg) >= self.labeler.mask_threshold
                 w = (~on if int(class_id) in self.complement else on).astype(np.float32)
             else:
-                w = gt_cell_fraction(_gt_mask(self.index, image_id), class_id, self.grid)
+                w = gt_cell_fraction(gt_mask(self.index, image_id), class_id, self.grid)
             return w.reshape(-1)
 
         return self._w.get((image_id, int(class_id)), make)
@@ -441,11 +433,8 @@ def run_baselines(
     """
     from fscs.evaluation import evaluation_json, run_episodes
 
-    fold_info = folds["folds"].get(str(fold))
-    if fold_info is None:
-        raise FscsError(f"folds: no fold {fold} (have {sorted(folds['folds'])})")
-    test_classes = [int(c) for c in fold_info["test"]]
-    train_classes = [int(c) for c in fold_info["train"]]
+    test_classes = fold_classes(folds, fold, "test")
+    train_classes = fold_classes(folds, fold, "train")
     leaked = sorted({int(c) for cs in val_episodes["support_classes"] for c in cs} & set(test_classes))
     if leaked:
         raise FscsError(

@@ -162,7 +162,7 @@ class Predictor:
     """Checkpoint + its backbone: encode images, then episodes through `fscs.cst_predictor.CSTPredictor`.
 
     Support masks are made at the checkpoint's ``label_size`` (its training mask size; the input size for
-    older checkpoints): GT masks by nearest-exact resizing (`fscs.targets.resize_nearest`), pseudo-masks by a
+    older checkpoints): GT masks by nearest-exact resizing (`fscs.resample.nearest_torch`), pseudo-masks by a
     `fscs.pseudo.Labeler` with the params' ``pseudo`` settings overridden by those the checkpoint records.
     """
 
@@ -210,13 +210,13 @@ class Predictor:
     ) -> list[np.ndarray]:
         """Bool (label_size, label_size) masks: the given full-size foreground, else the self pseudo-mask."""
         from fscs.pseudo import Labeler
-        from fscs.targets import resize_nearest
+        from fscs.resample import nearest_torch
 
         labeler = Labeler.from_params(_MemoryStore(encs, self.backbone), {"pseudo": self.pseudo})
         return [
             labeler.support_mask(str(i), self.mask_size)
             if fg is None
-            else resize_nearest(np.asarray(fg, dtype=np.uint8), self.mask_size) > 0
+            else nearest_torch(np.asarray(fg, dtype=np.uint8), self.mask_size) > 0
             for i, fg in enumerate(fgs)
         ]
 
@@ -274,7 +274,7 @@ def run(args: argparse.Namespace) -> None:
     from fscs.evaluation import decide
     from fscs.io import atomic_path, write_json
     from fscs.overlay import overlay, palette
-    from fscs.targets import resize_nearest
+    from fscs.resample import nearest_torch
 
     # 1. parse and read everything (errors before any output)
     specs = [parse_support(s) for s in args.support]
@@ -317,7 +317,7 @@ def run(args: argparse.Namespace) -> None:
     for i, (sp, image, mask) in enumerate(zip(specs, sup_images, masks, strict=True)):
         name = f"support{i}_{_safe_stem(sp.image, used)}_overlay.png"
         cls_index = classes.index(sp.cls) + 1
-        full = resize_nearest(mask.astype(np.uint8), image.shape[:2]) * np.uint8(cls_index)
+        full = nearest_torch(mask.astype(np.uint8), image.shape[:2]) * np.uint8(cls_index)
         with atomic_path(out / name) as tmp:
             Image.fromarray(overlay(image, full, alpha=args.alpha)).save(tmp, format="PNG")
         supports.append({"image": sp.image, "class": sp.cls, "mask": sp.mask or "pseudo", "overlay": name})

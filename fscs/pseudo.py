@@ -32,7 +32,7 @@ from fscs.config import validate_section
 from fscs.enhancer import enhance, load_enhancer
 from fscs.errors import FscsError
 from fscs.io import json_attr
-from fscs.resample import size_hw, upsample
+from fscs.resample import bilinear, size_hw
 
 RECIPES = ("cst", "dino")
 DINO_HEADS = ("mean", "vote", "union")
@@ -107,7 +107,7 @@ def dino_foreground(
 # ------------------------------------------------------------------------------------------ masks
 def to_mask(fg: np.ndarray, threshold: float, size: int | tuple[int, int]) -> np.ndarray:
     """Upsample a foreground map to ``size`` (int or (h, w)) and threshold: ``fg >= threshold`` -> bool."""
-    return upsample(fg, size) >= threshold
+    return bilinear(fg, size) >= threshold
 
 
 # ------------------------------------------------------------------------------------ pseudo-label file

@@ -37,26 +37,17 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
-import torch.nn.functional as F
 
-from fscs.data.images import VOID, load_mask
+from fscs.config import SUPERVISIONS
+from fscs.data.images import VOID, gt_mask
 from fscs.errors import FscsError
-
-SUPERVISIONS = ("image", "mixed", "pixel")
+from fscs.resample import nearest_torch
 
 
 def check_supervision(supervision: str) -> str:
     if supervision not in SUPERVISIONS:
         raise FscsError(f"supervision must be one of {', '.join(SUPERVISIONS)}, got {supervision!r}")
     return supervision
-
-
-def resize_nearest(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-    """(H, W) uint8 label mask -> (size, size) or (h, w) by nearest neighbour (torch 'nearest-exact')."""
-    t = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.uint8))[None, None]
-    hw = (size, size) if isinstance(size, int) else tuple(int(v) for v in size)
-    return F.interpolate(t, size=hw, mode="nearest-exact")[0, 0].numpy()
 
 
 class GtMasks:
@@ -79,7 +70,7 @@ class GtMasks:
             raise FscsError(
                 f"image index: image {image_id!r} has no mask_path, but this setting needs its mask"
             )
-        mask = resize_nearest(load_mask(path), self.size)
+        mask = nearest_torch(gt_mask(self.index, image_id, ", but this setting needs its mask"), self.size)
         mask.setflags(write=False)
         self._cache[image_id] = mask
         return mask

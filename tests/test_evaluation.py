@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from fscs.errors import FscsError
-from fscs.evaluation import decide, evaluation_json, load_episodes, run_episodes, upsample
+from fscs.evaluation import decide, evaluation_json, load_episodes, run_episodes
+from fscs.resample import bilinear_gather
 
 H, W = 6, 8
 
@@ -140,7 +141,7 @@ def test_upsampling_and_decision_rules():
     present, lab = decide(np.array([0.5, 0.51]), fg, (2, 2))
     np.testing.assert_array_equal(present, [False, True])
     np.testing.assert_array_equal(lab, [[2, 0], [1, 0]])
-    up = upsample(fg, (4, 4))
+    up = bilinear_gather(fg, (4, 4))
     assert up.shape == (2, 4, 4) and up[0, 0, 0] == pytest.approx(0.9)
 
 
@@ -208,4 +209,4 @@ def test_upsample_matches_torch_bilinear(shape, size):
 
     x = np.random.default_rng(0).random((2, *shape)).astype(np.float32)
     ref = F.interpolate(torch.from_numpy(x)[None], size=size, mode="bilinear", align_corners=False)[0].numpy()
-    np.testing.assert_allclose(upsample(x, size), ref, atol=1e-5)
+    np.testing.assert_allclose(bilinear_gather(x, size), ref, atol=1e-5)
