@@ -30,7 +30,8 @@ from fscs.enhancer import DEFAULT_CONFIG, binary_target, enhance, train_enhancer
 from fscs.errors import FscsError
 from fscs.iou import IoUCounter
 from fscs.labelled import select_labelled
-from fscs.pseudo import check_provenance, cst_foreground, head_cosine, read_self_maps
+from fscs.provenance import check_derived
+from fscs.pseudo import cst_foreground, head_cosine, read_self_maps
 from fscs.pseudo_quality import sample_pairs
 from fscs.resample import bilinear
 from fscs.store import FeatureStore
@@ -232,7 +233,7 @@ def load_checked_self_maps(
     """(image ids, self maps) of the pseudo stage's file, refused unless made from this store (provenance,
     image list, grid) with the configured ``pseudo.center_keys``."""
     ids, maps, attrs = read_self_maps(path)
-    check_provenance(path, attrs, store.attrs)
+    check_derived(path, attrs, store.attrs)
     if bool(attrs.get("center_keys", False)) != center:
         raise FscsError(f"{path}: made with other pseudo.center_keys; re-run `dvc repro pseudo`")
     if list(ids) != list(store.image_ids) or tuple(maps.shape[2:]) != store.grid:

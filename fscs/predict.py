@@ -36,6 +36,7 @@ import numpy as np
 from fscs.config import checkpoint_label_size
 from fscs.errors import FscsError
 from fscs.params import load_params
+from fscs.provenance import check_provenance
 
 
 @dataclass
@@ -103,20 +104,16 @@ def check_backbone(backbone: Any, config_backbone: dict[str, Any], checkpoint: s
     from fscs.model.cst import BACKBONE_KEYS
 
     # A backbone built here extracts the checkpoint's layers itself; the store-layout keys do not apply.
-    for key in (k for k in BACKBONE_KEYS if k not in ("layers", "normalization", "code_version")):
-        if key not in config_backbone:
-            continue
-        want, got = config_backbone[key], have.get(key)
-        if isinstance(want, list | tuple) or isinstance(got, list | tuple):
-            same = list(want) == list(got or [])
-        else:
-            same = want == got
-        if not same:
-            raise FscsError(
-                f"{checkpoint}: built for backbone attribute {key}={want!r}, but the backbone here has "
-                f"{got!r}; "
-                "use a checkpoint trained with this backbone (or the same weights)"
-            )
+    keys = [k for k in BACKBONE_KEYS if k not in ("layers", "normalization", "code_version")]
+    check_provenance(
+        have,
+        {key: config_backbone[key] for key in keys if key in config_backbone},
+        checkpoint,
+        lambda key, got, want: (
+            f"built for backbone attribute {key}={want!r}, but the backbone here has {got!r}; "
+            "use a checkpoint trained with this backbone (or the same weights)"
+        ),
+    )
 
 
 def check_sizes(model_config: Any, backbone: Any, layers: Any, checkpoint: str) -> None:
@@ -128,15 +125,17 @@ def check_sizes(model_config: Any, backbone: Any, layers: Any, checkpoint: str) 
         "embed_dim": int(backbone.provenance.embed_dim),
         "grid": tuple(int(g) for g in backbone.grid),
     }
-    for key, got in have.items():
-        want = getattr(model_config, key)
-        want = tuple(int(g) for g in want) if key == "grid" else int(want)
-        if want != got:
-            raise FscsError(
-                f"{checkpoint}: its CST weights expect {key}={want!r}, but the backbone its config names "
-                f"({backbone.name} at {backbone.input_size}) gives {got!r}; the checkpoint's weights and "
-                "config do not belong together"
-            )
+    weights = {key: getattr(model_config, key) for key in have}
+    check_provenance(
+        have,
+        {key: tuple(int(g) for g in v) if key == "grid" else int(v) for key, v in weights.items()},
+        checkpoint,
+        lambda key, got, want: (
+            f"its CST weights expect {key}={want!r}, but the backbone its config names "
+            f"({backbone.name} at {backbone.input_size}) gives {got!r}; the checkpoint's weights and "
+            "config do not belong together"
+        ),
+    )
 
 
 def recorded_pseudo(recorded: dict[str, Any] | None) -> dict[str, Any]:

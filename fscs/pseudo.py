@@ -32,12 +32,11 @@ from fscs.config import validate_section
 from fscs.enhancer import enhance, load_enhancer
 from fscs.errors import FscsError
 from fscs.io import json_attr
+from fscs.provenance import check_derived
 from fscs.resample import bilinear, size_hw
 
 RECIPES = ("cst", "dino")
 DINO_HEADS = ("mean", "vote", "union")
-# store attributes copied into pseudo-label files and checked when a Labeler reads one back
-PROVENANCE = ("backbone", "weights_sha256", "input_size", "patch_size", "grid", "num_heads")
 
 
 # ----------------------------------------------------------------------------------------------- recipes
@@ -136,40 +135,6 @@ def read_self_maps(path: str | os.PathLike) -> tuple[list[str], np.ndarray, dict
         raise FscsError(f"{path}: not a readable HDF5 file ({exc})") from exc
 
 
-def _same(a: Any, b: Any) -> bool:
-    a = a.tolist() if isinstance(a, np.ndarray) else a
-    b = b.tolist() if isinstance(b, np.ndarray) else b
-    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, np.generic):
-        a = a.item()
-    if isinstance(b, np.generic):
-        b = b.item()
-    return a == b
-
-
-def check_provenance(path: str | os.PathLike, attrs: dict, store_attrs: dict) -> None:
-    """Raise FscsError when a derived file was not made from the store (backbone, grid, heads ...)."""
-    for key in PROVENANCE:
-        if key in store_attrs and key in attrs and not _same(attrs[key], store_attrs[key]):
-            raise FscsError(
-                f"{path}: attribute '{key}' = {attrs[key]!r} differs from the feature store's "
-                f"{store_attrs[key]!r}; rebuild it from this store"
-            )
-
-
-def provenance(store_attrs: dict) -> dict:
-    """The store attributes recorded in every derived file."""
-    out = {}
-    for key in PROVENANCE + ("layers", "normalization", "code_version"):
-        if key in store_attrs:
-            v = store_attrs[key]
-            out[key] = (
-                v.tolist() if isinstance(v, np.ndarray) else (v.item() if isinstance(v, np.generic) else v)
-            )
-    return out
-
-
 # --------------------------------------------------------------------------------------------- Labeler
 class Labeler:
     """Foreground probability maps at grid resolution for supports (self maps) and (support, query) pairs.
@@ -223,7 +188,7 @@ class Labeler:
         self._precomputed: dict[str, np.ndarray] | None = None
         if pseudo_path is not None:
             ids, maps, attrs = read_self_maps(pseudo_path)
-            check_provenance(pseudo_path, attrs, dict(store.attrs))
+            check_derived(pseudo_path, attrs, dict(store.attrs))
             made = bool(attrs.get("center_keys", False))
             if made != self.center_keys:
                 raise FscsError(
