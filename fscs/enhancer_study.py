@@ -30,6 +30,7 @@ from fscs.enhancer import DEFAULT_CONFIG, binary_target, enhance, train_enhancer
 from fscs.errors import FscsError
 from fscs.iou import IoUCounter
 from fscs.labelled import select_labelled
+from fscs.lru import LRUCache
 from fscs.provenance import check_derived
 from fscs.pseudo import cst_foreground, head_cosine, read_self_maps
 from fscs.pseudo_quality import sample_pairs
@@ -69,15 +70,15 @@ class StudyData:
         self.gt = {i: gt_mask(index, i) for i in tqdm(sorted(labels), desc="GT", disable=None)}
         self.classes = sorted({c for cs in labels.values() for c in cs})
         self.fold_ids = sorted(folds["folds"], key=int)
-        self._pair_cache: dict[tuple[str, str], np.ndarray] = {}
+        self._pair_cache = LRUCache()
 
     def pair_cos(self, support: str, query: str) -> np.ndarray:
         """Per-head cosine maps (H, gh, gw) of the support's CLS query with the query's keys; cached."""
-        key = (support, query)
-        if key not in self._pair_cache:
-            cos = head_cosine(self.store.cls_query(support), self.store.patch_keys(query), self.center)
-            self._pair_cache[key] = cos.reshape(-1, *self.grid)
-        return self._pair_cache[key]
+        return self._pair_cache.get_or((support, query), lambda: self._pair_cos(support, query))
+
+    def _pair_cos(self, support: str, query: str) -> np.ndarray:
+        cos = head_cosine(self.store.cls_query(support), self.store.patch_keys(query), self.center)
+        return cos.reshape(-1, *self.grid)
 
 
 def training_set(

@@ -20,7 +20,15 @@ class LRUCache(OrderedDict):
             self.move_to_end(key)
             return self[key]
         value = make()
-        self[key] = value
-        if self.maxsize is not None and len(self) > self.maxsize:
-            self.popitem(last=False)
+        self.put(key, value)
         return value
+
+    def put(self, key: Hashable, value: Any) -> None:
+        """Store ``value`` under ``key``, then evict down to ``maxsize``."""
+        self[key] = value
+        self.trim()
+
+    def trim(self) -> None:
+        """Evict the least recently used entries until at most ``maxsize`` are left."""
+        while self.maxsize is not None and len(self) > self.maxsize:
+            self.popitem(last=False)

@@ -22,7 +22,7 @@ thresholds.
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
+from functools import partial
 from typing import Any
 
 import h5py
@@ -32,6 +32,7 @@ from fscs.config import validate_section
 from fscs.enhancer import enhance, load_enhancer
 from fscs.errors import FscsError
 from fscs.io import json_attr
+from fscs.lru import LRUCache
 from fscs.provenance import check_derived
 from fscs.resample import bilinear, size_hw
 
@@ -200,8 +201,7 @@ class Labeler:
                     f"{pseudo_path}: self maps are {maps.shape[2:]}, the store's grid is {self.grid}"
                 )
             self._precomputed = {i: maps[r] for r, i in enumerate(ids)}
-        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._cache_size = cache_size
+        self._cache = LRUCache(cache_size)
 
     @classmethod
     def from_params(
@@ -260,16 +260,12 @@ class Labeler:
     # public maps ---------------------------------------------------------------------------------
     def support_fg(self, image_id: str) -> np.ndarray:
         """Self-map foreground (gh, gw) float32 in [0, 1] (enhanced if an enhancer is set); cached."""
-        hit = self._cache.get(image_id)
-        if hit is not None:
-            self._cache.move_to_end(image_id)
-            return hit
+        return self._cache.get_or(image_id, partial(self._support_fg, image_id))
+
+    def _support_fg(self, image_id: str) -> np.ndarray:
         cos = None if self.recipe == "dino" else self.self_cosine(image_id)
         fg = np.ascontiguousarray(self._fg(image_id, image_id, cos), dtype=np.float32)
         fg.setflags(write=False)
-        self._cache[image_id] = fg
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
         return fg
 
     def pair_fg(self, support_id: str, query_id: str, present: bool = True) -> np.ndarray:

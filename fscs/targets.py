@@ -31,7 +31,7 @@ is among the query's image-level labels (index ``classes``), as in the episode f
 
 from __future__ import annotations
 
-import math
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ import pandas as pd
 from fscs.config import SUPERVISIONS
 from fscs.data.images import VOID, gt_mask
 from fscs.errors import FscsError
+from fscs.lru import LRUCache
 from fscs.resample import nearest_torch
 
 
@@ -56,23 +57,14 @@ class GtMasks:
     def __init__(self, index: pd.DataFrame, size: int):
         self.index = index
         self.size = int(size)
-        self._cache: dict[str, np.ndarray] = {}
+        self._cache = LRUCache()
 
     def __call__(self, image_id: str) -> np.ndarray:
-        hit = self._cache.get(image_id)
-        if hit is not None:
-            return hit
-        try:
-            path = self.index.loc[image_id, "mask_path"]
-        except KeyError:
-            raise FscsError(f"image index: image id {image_id!r} not found") from None
-        if path is None or (isinstance(path, float) and math.isnan(path)):
-            raise FscsError(
-                f"image index: image {image_id!r} has no mask_path, but this setting needs its mask"
-            )
+        return self._cache.get_or(image_id, partial(self._read, image_id))
+
+    def _read(self, image_id: str) -> np.ndarray:
         mask = nearest_torch(gt_mask(self.index, image_id, ", but this setting needs its mask"), self.size)
         mask.setflags(write=False)
-        self._cache[image_id] = mask
         return mask
 
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fscs.calibration import Records, calibrate
-from fscs.cst_predictor import CSTPredictor, TokenBank
+from fscs.cst_predictor import CSTPredictor, PreparedBank, TokenBank
 from fscs.data.episodes import TrainEpisodeSampler
 from fscs.data.images import VOID
 from fscs.errors import FscsError
@@ -120,29 +120,6 @@ def training_images(index: pd.DataFrame, split: str, classes: list[int]) -> list
         (index["split"] == split) & index["classes"].map(lambda cs: bool(wanted & set(map(int, cs))))
     ]
     return [str(i) for i in rows.index]
-
-
-class PreparedBank:
-    """Each image's prepared (normalised, per-head; support also downsampled) features, computed once.
-
-    Preparing has no trainable parameters, so re-preparing the same tokens every batch (fp16 -> fp32 copies
-    of every layer, the support interpolation) only cost time: about a third of a training step."""
-
-    def __init__(self, model: CST, tokens: TokenBank):
-        self.model = model
-        self.tokens = tokens
-        self._cache: dict[str, dict[str, torch.Tensor]] = {"query": {}, "support": {}}
-
-    def get(self, kind: str, image_ids: list[str]) -> torch.Tensor:
-        cache = self._cache[kind]
-        todo = [i for i in dict.fromkeys(image_ids) if i not in cache]
-        if todo:
-            with torch.no_grad():
-                raw = self.tokens.get(todo)
-                prep = self.model.prepare_query(raw) if kind == "query" else self.model.prepare_support(raw)
-            for i, image_id in enumerate(todo):
-                cache[image_id] = prep[i].clone()
-        return torch.stack([cache[i] for i in image_ids])
 
 
 class Batcher:
