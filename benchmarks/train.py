@@ -11,7 +11,7 @@ pseudo-label files are needed), same CST training step (forward, loss, backward,
 - ``re-encode``: decode both images, preprocess, backbone forward (no grad), then the same CST step;
 - ``store``: tokens from RAM (`TokenBank`, loaded once), normalised / split into heads / downsampled every
   batch (the design before the prepared-feature cache);
-- ``cache``: prepared features computed once per image (`fscs.train.PreparedBank`, as `stages.train` does);
+- ``cache``: prepared features computed once per image (`fscs.cst_predictor.PreparedBank`, as training does);
   at the old batch size 12, at the default, and under bf16 autocast (measured only; training runs fp32).
 
 Rows: episodes/s (after one warm-up batch, mean over the timed batches), seconds per episode, the ratio to
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-episodes", type=int, default=8, help="test episodes per (way, shot)")
     args = parser.parse_args(argv)
 
-    from fscs.cst_predictor import CSTPredictor, TokenBank
+    from fscs.cst_predictor import CSTPredictor, PreparedBank, TokenBank
     from fscs.data.episodes import TrainEpisodeSampler, read_episodes
     from fscs.data.folds import fold_classes, read_folds
     from fscs.data.images import load_rgb
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     from fscs.model.cst import CST, config_from_store, count_parameters
     from fscs.params import load_params
     from fscs.targets import Targets
-    from fscs.train import Batcher, PreparedBank, TrainConfig, episode_loss
+    from fscs.train import Batcher, TrainConfig, episode_loss
 
     params = load_params(args.params)
     cfg = TrainConfig.from_params(params.get("train", {}))

@@ -31,7 +31,6 @@ fg = 0.5 + (raw - t_s) / 2.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,11 +38,14 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from fscs.data.images import load_mask
+from fscs.data.folds import fold_classes
+from fscs.data.images import gt_mask
 from fscs.errors import FscsError
-from fscs.evaluation import setting_key, upsample
+from fscs.evaluation import setting_key
+from fscs.lru import LRUCache
 from fscs.metrics import ThresholdSweep, check_void
 from fscs.pseudo import cst_foreground, head_cosine
+from fscs.resample import bilinear_gather
 
 BASELINES = ("attention", "prototype", "prototype_gt")
 STATS = ("max", "mean", "top10")
@@ -189,13 +191,13 @@ class MapBaseline:
         sweep = ThresholdSweep(classes, cands, void)
         for _, raws, _, sup_classes, query in items:
             if query not in masks:
-                masks[query] = _gt_mask(index, query)
+                masks[query] = gt_mask(index, query)
             gt = masks[query]
             r = raws.astype(np.float32).copy()
             if self.gate:
                 keep = np.array([presence_score(m, stat) > t_p for m in raws])
                 r[~keep] = -1.0  # never foreground
-            up = upsample(r, gt.shape)
+            up = bilinear_gather(r, gt.shape)
             sweep.update(up.max(axis=0), up.argmax(axis=0) + 1, gt, sup_classes)
         mious = sweep.miou()
         mious = np.where(np.isnan(mious), -1.0, mious)
@@ -208,32 +210,6 @@ class MapBaseline:
             "val_miou": round(float(mious[j]), 4),
             "val_episodes": len(items),
         }
-
-
-def _gt_mask(index: pd.DataFrame, image_id: str) -> np.ndarray:
-    try:
-        path = index.loc[image_id, "mask_path"]
-    except KeyError:
-        raise FscsError(f"image index: image id {image_id!r} not found") from None
-    if not isinstance(path, str) or not path:
-        raise FscsError(f"image index: {image_id!r} has no mask_path")
-    return load_mask(path)
-
-
-class _Cache:
-    def __init__(self, size: int):
-        self.size = size
-        self.d: OrderedDict[str, Any] = OrderedDict()
-
-    def get(self, key, make):
-        if key in self.d:
-            self.d.move_to_end(key)
-            return self.d[key]
-        val = make()
-        self.d[key] = val
-        if len(self.d) > self.size:
-            self.d.popitem(last=False)
-        return val
 
 
 class AttentionBaseline(MapBaseline):
@@ -254,14 +230,14 @@ class AttentionBaseline(MapBaseline):
         self.center_keys = bool(center_keys)
         self.complement = set(complement or ())
         self.grid = tuple(int(g) for g in store.grid)
-        self._q = _Cache(cache_size)
-        self._k = _Cache(min(cache_size, 64))  # (H, P, d) keys are large; queries rarely repeat
+        self._q = LRUCache(cache_size)
+        self._k = LRUCache(min(cache_size, 64))  # (H, P, d) keys are large; queries rarely repeat
 
     def raw_map(self, query_id: str, class_id: int, support_ids: Sequence[str]) -> np.ndarray:
-        keys = self._k.get(query_id, lambda: np.asarray(self.store.patch_keys(query_id), dtype=np.float32))
+        keys = self._k.get_or(query_id, lambda: np.asarray(self.store.patch_keys(query_id), dtype=np.float32))
         maps = []
         for s in support_ids:
-            q = self._q.get(s, lambda s=s: np.asarray(self.store.cls_query(s), dtype=np.float32))
+            q = self._q.get_or(s, lambda s=s: np.asarray(self.store.cls_query(s), dtype=np.float32))
             maps.append(cst_foreground(head_cosine(q, keys, self.center_keys)))
         fg = np.mean(np.stack(maps), axis=0)
         if int(class_id) in self.complement:  # a stuff class: where the attention is not
@@ -284,7 +260,7 @@ class PrototypeBaseline(MapBaseline):
         support_mask: str = "pseudo",
         layer: int = -1,
         cache_size: int = 2048,
-        token_cache: Any = None,
+        token_cache: LRUCache | None = None,
         complement: set[int] | None = None,
         **kw: Any,
     ):
@@ -305,8 +281,8 @@ class PrototypeBaseline(MapBaseline):
         self.support_mask = support_mask
         self.grid = tuple(int(g) for g in store.grid)
         self.layer_pos = layer_position(store, layer)
-        self._tok = token_cache if token_cache is not None else _Cache(cache_size)
-        self._w = _Cache(cache_size)
+        self._tok = token_cache if token_cache is not None else LRUCache(cache_size)
+        self._w = LRUCache(cache_size)
 
     def patch_tokens(self, image_id: str) -> np.ndarray:
         """(P, D) float32 unit-norm patch tokens of the chosen block (cached)."""
@@ -315,7 +291,7 @@ class PrototypeBaseline(MapBaseline):
             t = np.asarray(self.store.tokens(image_id)[self.layer_pos, 1:], dtype=np.float32)
             return t / np.maximum(np.linalg.norm(t, axis=-1, keepdims=True), 1e-6)
 
-        return self._tok.get(image_id, make)
+        return self._tok.get_or(image_id, make)
 
     def weights(self, image_id: str, class_id: int) -> np.ndarray:
         """(P,) support weights in [0, 1]: pseudo-mask (binary) or GT area fraction per token cell."""
@@ -326,10 +302,10 @@ class PrototypeBaseline(MapBaseline):
                 on = np.asarray(fg) >= self.labeler.mask_threshold
                 w = (~on if int(class_id) in self.complement else on).astype(np.float32)
             else:
-                w = gt_cell_fraction(_gt_mask(self.index, image_id), class_id, self.grid)
+                w = gt_cell_fraction(gt_mask(self.index, image_id), class_id, self.grid)
             return w.reshape(-1)
 
-        return self._w.get((image_id, int(class_id)), make)
+        return self._w.get_or((image_id, int(class_id)), make)
 
     def prototype(self, class_id: int, support_ids: Sequence[str]) -> np.ndarray:
         num, den = 0.0, 0.0
@@ -389,7 +365,7 @@ def build(
     gate: bool = True,
     stats: Sequence[str] = STATS,
     cache_size: int = 2048,
-    token_cache: Any = None,
+    token_cache: LRUCache | None = None,
     complement: set[int] | None = None,
 ) -> MapBaseline:
     """A baseline by name (see BASELINES); prototype baselines on the same layer may share ``token_cache``.
@@ -441,11 +417,8 @@ def run_baselines(
     """
     from fscs.evaluation import evaluation_json, run_episodes
 
-    fold_info = folds["folds"].get(str(fold))
-    if fold_info is None:
-        raise FscsError(f"folds: no fold {fold} (have {sorted(folds['folds'])})")
-    test_classes = [int(c) for c in fold_info["test"]]
-    train_classes = [int(c) for c in fold_info["train"]]
+    test_classes = fold_classes(folds, fold, "test")
+    train_classes = fold_classes(folds, fold, "train")
     leaked = sorted({int(c) for cs in val_episodes["support_classes"] for c in cs} & set(test_classes))
     if leaked:
         raise FscsError(
@@ -463,7 +436,7 @@ def run_baselines(
         setting_key(w, k) for w, k in zip(test_episodes["way"], test_episodes["shot"], strict=True)
     }
     pooled = not test_settings <= val_settings  # a fallback rule is needed only for settings val lacks
-    shared = _Cache(cache_size)  # the prototype baselines read the same tokens
+    shared = LRUCache(cache_size)  # the prototype baselines read the same tokens
     for name in names:
         baseline = build(
             name,

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fscs.data.images import VOID
+
 #: candidate thresholds for presence and foreground
 GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))
 
@@ -56,7 +58,7 @@ def episode_scores(
     """(ER %, mIoU %) of the thresholds on the records; mIoU over the fold classes seen."""
     present = r.presence >= presence_t
     er = 100.0 * float(np.mean(present == r.labels))
-    valid = r.gt != 255
+    valid = r.gt != VOID
     pred = (r.fg >= fg_t) & present[:, None, None] & valid
     truth = (r.gt == 1) & valid
     inter = (pred & truth).sum(axis=(1, 2))

@@ -22,8 +22,8 @@ kept in a bounded cache, so a query or support image shared by many pairs is pre
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from fscs.calibration import log_odds, shift, sigmoid
+from fscs.lru import LRUCache
 from fscs.model.cst import CST
 
 
@@ -48,7 +49,7 @@ class TokenBank:
         ids = list(dict.fromkeys(str(i) for i in image_ids))
         self._row: dict[str, int] = {}
         self._data: torch.Tensor | None = None
-        self._extra: dict[str, torch.Tensor] = {}
+        self._extra = LRUCache(512)  # images outside the preloaded set, read from the store on demand
         if ids:
             first = np.asarray(store.tokens(ids[0]))
             data = torch.empty((len(ids), *first.shape), dtype=torch.float16)
@@ -72,14 +73,43 @@ class TokenBank:
             if r >= 0:
                 out.append(self._data[r])
                 continue
-            t = self._extra.get(image_id)
-            if t is None:
-                t = torch.from_numpy(np.asarray(self.store.tokens(image_id), dtype=np.float16))
-                if len(self._extra) >= 512:
-                    self._extra.pop(next(iter(self._extra)))
-                self._extra[image_id] = t
-            out.append(t)
+            out.append(self._extra.get_or(image_id, partial(self._read, image_id)))
         return torch.stack(out)
+
+    def _read(self, image_id: str) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.store.tokens(image_id), dtype=np.float16))
+
+
+class PreparedBank:
+    """Each image's prepared (normalised, per-head; support also downsampled) features, computed once.
+
+    Preparing has no trainable parameters, so re-preparing the same tokens every batch (fp16 -> fp32 copies
+    of every layer, the support interpolation) only costs time: about a third of a training step. With
+    ``budget_mb`` ({kind: MiB}) each kind keeps what fits in that budget, least recently used going first."""
+
+    def __init__(self, model: CST, tokens: TokenBank, budget_mb: dict[str, float] | None = None):
+        self.model = model
+        self.tokens = tokens
+        self.budget_mb = budget_mb
+        self._cache = {"query": LRUCache(), "support": LRUCache()}
+
+    def get(self, kind: str, image_ids: Sequence[str]) -> torch.Tensor:
+        """Prepared query (B, C, Pq, d) or support (B, C, 1+S*S, d) features, float32, in order."""
+        cache = self._cache[kind]
+        todo = [i for i in dict.fromkeys(image_ids) if i not in cache]
+        if todo:
+            with torch.no_grad():
+                raw = self.tokens.get(todo)
+                prep = self.model.prepare_query(raw) if kind == "query" else self.model.prepare_support(raw)
+            for i, image_id in enumerate(todo):
+                cache[image_id] = prep[i].clone()
+        for image_id in image_ids:
+            cache.move_to_end(image_id)
+        out = torch.stack([cache[i] for i in image_ids])
+        if self.budget_mb is not None:
+            cache.maxsize = max(1, int(self.budget_mb[kind] * 2**20 // (out[0].numel() * out.element_size())))
+            cache.trim()
+        return out
 
 
 class CSTPredictor:
@@ -104,32 +134,9 @@ class CSTPredictor:
         self.support_mask = support_mask
         self.mask_depends_on_class = bool(mask_depends_on_class)
         self.batch_size = int(batch_size)
-        self.cache_size = int(cache_size)
-        self._cache: OrderedDict[tuple, tuple[float, np.ndarray]] = OrderedDict()
+        self._cache = LRUCache(int(cache_size))  # pair results; `prefetch` may raise the bound
         self.pairs_computed = 0
-        self._prepared: dict[str, OrderedDict[str, torch.Tensor]] = {
-            "query": OrderedDict(),
-            "support": OrderedDict(),
-        }
-        self.prepared_cache_mb = {"query": 256.0, "support": 1024.0}
-
-    def _prepared_features(self, kind: str, image_ids: Sequence[str]) -> torch.Tensor:
-        """Prepared query (B, C, Pq, d) or support (B, C, 1+S*S, d) features, float32, via the cache."""
-        cache = self._prepared[kind]
-        todo = [i for i in dict.fromkeys(image_ids) if i not in cache]
-        if todo:
-            raw = self.tokens.get(todo)
-            prep = self.model.prepare_query(raw) if kind == "query" else self.model.prepare_support(raw)
-            for i, image_id in enumerate(todo):
-                cache[image_id] = prep[i].clone()
-        for image_id in image_ids:
-            cache.move_to_end(image_id)
-        out = torch.stack([cache[i] for i in image_ids])
-        budget = self.prepared_cache_mb[kind] * 2**20
-        item = out[0].numel() * out.element_size()
-        while len(cache) > max(1, int(budget // item)):
-            cache.popitem(last=False)
-        return out
+        self.prepared = PreparedBank(self.model, self.tokens, budget_mb={"query": 256.0, "support": 1024.0})
 
     def _key(self, query_id: str, support_id: str, class_id: int) -> tuple:
         return (query_id, support_id, int(class_id) if self.mask_depends_on_class else None)
@@ -138,19 +145,14 @@ class CSTPredictor:
     def _run(self, pairs: list[tuple[str, str, int]]) -> list[tuple[float, np.ndarray]]:
         """Forward (query, support, class) pairs in one batch -> [(p_present, p_fg (2gh, 2gw))]."""
         queries = [p[0] for p in pairs]
-        q = self._prepared_features("query", queries[:1] if len(set(queries)) == 1 else queries)
-        s = self._prepared_features("support", [p[1] for p in pairs])
+        q = self.prepared.get("query", queries[:1] if len(set(queries)) == 1 else queries)
+        s = self.prepared.get("support", [p[1] for p in pairs])
         m = torch.from_numpy(np.stack([np.asarray(self.support_mask(p[1], p[2]), dtype=bool) for p in pairs]))
         cls_logits, seg_logits = self.model.forward_prepared(q, s, m)
         present = torch.softmax(cls_logits.float(), dim=1)[:, 1].numpy()
         fg = torch.softmax(seg_logits.float(), dim=1)[:, 1].numpy()
         self.pairs_computed += len(pairs)
         return [(float(present[i]), fg[i]) for i in range(len(pairs))]
-
-    def _store(self, key: tuple, value: tuple[float, np.ndarray]) -> None:
-        self._cache[key] = value
-        if len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
 
     def pair_scores(self, pairs: Sequence[tuple[str, str, int]]) -> list[tuple[float, np.ndarray]]:
         """(p_present, p_fg) for each (query, support, class), from the cache or computed in batches."""
@@ -163,7 +165,7 @@ class CSTPredictor:
         for start in range(0, len(items), self.batch_size):
             chunk = items[start : start + self.batch_size]
             for (k, _), value in zip(chunk, self._run([p for _, p in chunk]), strict=True):
-                self._store(k, value)
+                self._cache.put(k, value)
         return [self._cache[k] for k in keys]
 
     def predict(
@@ -201,8 +203,8 @@ class CSTPredictor:
                     if k not in self._cache:
                         pairs.setdefault(k, p)
         items = sorted(pairs.values())  # by query: its prepared features are reused batch after batch
-        if len(items) > self.cache_size:
-            self.cache_size = len(items) + len(self._cache)
+        if len(items) > self._cache.maxsize:
+            self._cache.maxsize = len(items) + len(self._cache)
         bar = tqdm(total=len(items), desc="pairs", unit="pair", disable=None if progress else True)
         by_query: dict[str, list[tuple[str, str, int]]] = {}
         for p in items:

@@ -29,10 +29,11 @@ from torch import nn
 from tqdm import tqdm
 
 from fscs.config import EnhancerConfig
+from fscs.data.images import VOID
 from fscs.errors import FscsError
 from fscs.io import json_attr
 from fscs.iou import IoUCounter
-from fscs.resample import upsample
+from fscs.resample import bilinear, nearest
 
 #: The enhancer's own settings, defaults from `fscs.config.EnhancerConfig` (the section's other keys are the
 #: enhancer stage's). threshold: a number, or "auto": the grid value with the best IoU on the training
@@ -98,24 +99,16 @@ def enhance(model: Enhancer, cos_maps: np.ndarray, batch_size: int = 256) -> np.
     return np.concatenate(out, axis=0) if out else np.zeros((0, *x.shape[2:]), np.float32)
 
 
-def resize_labels(gt: np.ndarray, size: int) -> np.ndarray:
-    """Nearest-neighbour resize of a (h, w) label mask to (size, size), sampling pixel centres."""
-    h, w = gt.shape
-    rows = np.minimum(((np.arange(size) + 0.5) * h / size).astype(np.int64), h - 1)
-    cols = np.minimum(((np.arange(size) + 0.5) * w / size).astype(np.int64), w - 1)
-    return gt[rows][:, cols]
-
-
-def binary_target(gt: np.ndarray, class_id: int, size: int, void: int = 255) -> np.ndarray:
+def binary_target(gt: np.ndarray, class_id: int, size: int) -> np.ndarray:
     """uint8 (size, size) target: 1 where gt == class_id, 255 where void, else 0."""
-    small = resize_labels(gt, size)
+    small = nearest(gt, size)
     out = (small == class_id).astype(np.uint8)
-    out[small == void] = 255
+    out[small == VOID] = VOID
     return out
 
 
 def _loss(logits: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    valid = (target != 255).float()
+    valid = (target != VOID).float()
     y = (target == 1).float()
     bce = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
     loss = (bce * valid).sum() / valid.sum().clamp_min(1.0)
@@ -206,7 +199,7 @@ def calibrate_threshold(model: Enhancer, inputs: np.ndarray, targets: np.ndarray
     size = targets.shape[-2:]
     counter = IoUCounter(sorted(float(t) for t in grid))
     for p, y in zip(probs, np.asarray(targets), strict=True):
-        counter.add("all", upsample(p, size), y == 1, y != 255)
+        counter.add("all", bilinear(p, size), y == 1, y != VOID)
     ious = [counter.iou("all", i) or 0.0 for i in range(len(counter.thresholds))]
     return counter.thresholds[int(np.argmax(ious))]
 

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import numpy as np
 
+from fscs.data.folds import fold_classes
 from fscs.data.images import load_rgb
 from fscs.enhancer import Enhancer, enhance
 from fscs.enhancer_study import StudyData
 from fscs.overlay import overlay, save_grid
 from fscs.pseudo import cst_foreground
-from fscs.resample import upsample
+from fscs.resample import bilinear
 
 
 def pseudo_label_figure(
@@ -37,9 +38,10 @@ def pseudo_label_figure(
         c = max(objects, key=lambda k: int((gt == k).sum()))
         name = first
         if len(models) > 1:  # a fold whose training classes include c
-            name = next((f"fold{f}" for f in data.fold_ids if c in data.fold_classes(f, "train")), first)
-        raw = upsample(cst_foreground(data.self_cos[i]), gt.shape) >= threshold
-        enh = upsample(enhance(models[name], data.self_cos[i][None])[0], gt.shape) >= models[name].threshold
+            trained = (f"fold{f}" for f in data.fold_ids if c in fold_classes(data.folds, f, "train"))
+            name = next(trained, first)
+        raw = bilinear(cst_foreground(data.self_cos[i]), gt.shape) >= threshold
+        enh = bilinear(enhance(models[name], data.self_cos[i][None])[0], gt.shape) >= models[name].threshold
         rows.append([img, overlay(img, gt, 0.5), overlay(img, raw * c, 0.5), overlay(img, enh * c, 0.5)])
         names.append(f"{i} ({data.folds['classes'].get(str(c), c)}, {name})")
     save_grid(

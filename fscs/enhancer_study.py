@@ -24,14 +24,17 @@ import pandas as pd
 from tqdm import tqdm
 
 from fscs.config import Config
-from fscs.data.images import VOID, load_mask
+from fscs.data.folds import fold_classes
+from fscs.data.images import VOID, gt_mask
 from fscs.enhancer import DEFAULT_CONFIG, binary_target, enhance, train_enhancer
 from fscs.errors import FscsError
 from fscs.iou import IoUCounter
 from fscs.labelled import select_labelled
-from fscs.pseudo import check_provenance, cst_foreground, head_cosine, read_self_maps
+from fscs.lru import LRUCache
+from fscs.provenance import check_derived
+from fscs.pseudo import cst_foreground, head_cosine, read_self_maps
 from fscs.pseudo_quality import sample_pairs
-from fscs.resample import upsample
+from fscs.resample import bilinear
 from fscs.store import FeatureStore
 
 
@@ -64,24 +67,18 @@ class StudyData:
         self.labels: dict[str, list[int]] = labels
         self.self_cos = self_maps
         self.grid = store.grid
-        self.gt = {
-            i: load_mask(index.loc[i, "mask_path"]) for i in tqdm(sorted(labels), desc="GT", disable=None)
-        }
+        self.gt = {i: gt_mask(index, i) for i in tqdm(sorted(labels), desc="GT", disable=None)}
         self.classes = sorted({c for cs in labels.values() for c in cs})
         self.fold_ids = sorted(folds["folds"], key=int)
-        self._pair_cache: dict[tuple[str, str], np.ndarray] = {}
+        self._pair_cache = LRUCache()
 
     def pair_cos(self, support: str, query: str) -> np.ndarray:
         """Per-head cosine maps (H, gh, gw) of the support's CLS query with the query's keys; cached."""
-        key = (support, query)
-        if key not in self._pair_cache:
-            cos = head_cosine(self.store.cls_query(support), self.store.patch_keys(query), self.center)
-            self._pair_cache[key] = cos.reshape(-1, *self.grid)
-        return self._pair_cache[key]
+        return self._pair_cache.get_or((support, query), lambda: self._pair_cos(support, query))
 
-    def fold_classes(self, fold: str, role: str) -> list[int]:
-        """A fold's ``train`` or ``test`` class ids (folds.json)."""
-        return [int(c) for c in self.folds["folds"][fold][role]]
+    def _pair_cos(self, support: str, query: str) -> np.ndarray:
+        cos = head_cosine(self.store.cls_query(support), self.store.patch_keys(query), self.center)
+        return cos.reshape(-1, *self.grid)
 
 
 def training_set(
@@ -139,11 +136,11 @@ def evaluate(
         for name, model in models.items():
             maps[name] = list(enhance(model, np.stack(cos)))
         for name, fgs in maps.items():
-            self_up = upsample(fgs[0], gt.shape)
+            self_up = bilinear(fgs[0], gt.shape)
             for c in data.labels[q]:
                 out[name]["self"].add(c, self_up, gt == c, valid)
             for (_s, c), fg in zip(by_query.get(q, []), fgs[1:], strict=True):
-                out[name]["pair"].add(c, upsample(fg, gt.shape), gt == c, valid)
+                out[name]["pair"].add(c, bilinear(fg, gt.shape), gt == c, valid)
     return out
 
 
@@ -165,11 +162,11 @@ def run_fraction(
     models, history, samples = {}, {}, {}
     # classes each enhancer may see masks of (its fold's training classes) and is measured on
     own = (
-        {f"fold{f}": data.fold_classes(f, "train") for f in data.fold_ids}
+        {f"fold{f}": fold_classes(data.folds, f, "train") for f in data.fold_ids}
         if cfg["per_fold"]
         else {"all": list(data.classes)}
     )
-    unseen = {f"fold{f}": data.fold_classes(f, "test") for f in data.fold_ids} if cfg["per_fold"] else {}
+    unseen = {f"fold{f}": fold_classes(data.folds, f, "test") for f in data.fold_ids if cfg["per_fold"]}
     for name, classes in own.items():
         trained_on = {c for c in classes if cfg["train_classes"] == "all" or c not in data.stuff}
         x, y = training_set(data, labelled, trained_on, cfg, pcfg["seed"])
@@ -237,7 +234,7 @@ def load_checked_self_maps(
     """(image ids, self maps) of the pseudo stage's file, refused unless made from this store (provenance,
     image list, grid) with the configured ``pseudo.center_keys``."""
     ids, maps, attrs = read_self_maps(path)
-    check_provenance(path, attrs, store.attrs)
+    check_derived(path, attrs, store.attrs)
     if bool(attrs.get("center_keys", False)) != center:
         raise FscsError(f"{path}: made with other pseudo.center_keys; re-run `dvc repro pseudo`")
     if list(ids) != list(store.image_ids) or tuple(maps.shape[2:]) != store.grid:

@@ -13,16 +13,18 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Sequence
-from functools import lru_cache
+from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from fscs.data.images import load_mask
+from fscs.data.images import gt_mask
 from fscs.errors import FscsError
+from fscs.lru import LRUCache
 from fscs.metrics import ClsMeter, SegMeter, check_void
+from fscs.resample import bilinear_gather
 
 EPISODE_COLUMNS = ("fold", "episode", "way", "shot", "query_id", "support_classes", "support_ids", "labels")
 PRESENCE_THRESHOLD = 0.5
@@ -58,36 +60,13 @@ def load_episodes(path: str | os.PathLike, fold: int | None = None) -> pd.DataFr
     return df.reset_index(drop=True)
 
 
-@lru_cache(maxsize=256)
-def _interp_1d(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Source indices (i0, i1) and weight of i1 for 1-D linear interpolation, align_corners=False."""
-    src = np.maximum((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0.0)
-    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
-    i1 = np.minimum(i0 + 1, n_in - 1)
-    return i0, i1, (src - i0).astype(np.float32)
-
-
-def upsample(fg: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of (N, h, w) maps to (N, H, W) float32, identical to torch's F.interpolate 'bilinear'
-    with align_corners=False (no antialiasing). Done with gathers, separably: no BLAS or torch threads, which
-    are very slow on a small, busy CPU."""
-    fg = np.asarray(fg, dtype=np.float32)
-    h_out, w_out = (int(s) for s in size)
-    if fg.shape[-2:] == (h_out, w_out):
-        return fg
-    y0, y1, wy = _interp_1d(h_out, fg.shape[-2])
-    x0, x1, wx = _interp_1d(w_out, fg.shape[-1])
-    rows = fg[..., y0, :] * (1.0 - wy)[:, None] + fg[..., y1, :] * wy[:, None]
-    return rows[..., x0] * (1.0 - wx) + rows[..., x1] * wx
-
-
 def decide(presence: np.ndarray, fg: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """The shared decision rules: presence flags (N,) and the (H, W) episode label map (0 bg, 1..N)."""
     presence = np.asarray(presence, dtype=np.float64).reshape(-1)
     fg = np.asarray(fg)
     if fg.ndim != 3 or fg.shape[0] != presence.shape[0]:
         raise ValueError(f"expected fg maps (N, h, w) with N={presence.shape[0]}, got shape {fg.shape}")
-    up = upsample(fg, size)
+    up = bilinear_gather(fg, size)
     best = up.max(axis=0)
     labels = (up.argmax(axis=0) + 1).astype(np.uint8)
     labels[best < FG_THRESHOLD] = 0
@@ -100,43 +79,6 @@ def _num(x: float | None, digits: int = 4) -> float | None:
     return round(float(x), digits)
 
 
-class _GtCache:
-    """Ground-truth masks by query id, read once, checked against the index's size."""
-
-    def __init__(self, index: pd.DataFrame, maxsize: int = 4096, cache: dict[str, np.ndarray] | None = None):
-        self.index = index
-        self.maxsize = maxsize
-        self._cache: dict[str, np.ndarray] = {} if cache is None else cache
-
-    def size(self, image_id: str) -> tuple[int, int]:
-        row = self._row(image_id)
-        return int(row["height"]), int(row["width"])
-
-    def _row(self, image_id: str) -> pd.Series:
-        try:
-            return self.index.loc[image_id]
-        except KeyError:
-            raise FscsError(f"image index: query id {image_id!r} not found") from None
-
-    def mask(self, image_id: str) -> np.ndarray:
-        if image_id in self._cache:
-            return self._cache[image_id]
-        row = self._row(image_id)
-        path = row["mask_path"]
-        if path is None or (isinstance(path, float) and math.isnan(path)):
-            raise FscsError(f"image index: query {image_id!r} has no mask_path; it cannot be scored")
-        mask = load_mask(path)
-        if mask.shape != (int(row["height"]), int(row["width"])):
-            raise FscsError(
-                f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but the index says "
-                f"{int(row['width'])}x{int(row['height'])} for {image_id!r}"
-            )
-        if len(self._cache) >= self.maxsize:
-            self._cache.pop(next(iter(self._cache)))
-        self._cache[image_id] = mask
-        return mask
-
-
 def run_episodes(
     episodes: pd.DataFrame,
     predictor: Predictor,
@@ -145,7 +87,7 @@ def run_episodes(
     void: str = "ignore",
     progress: bool | None = True,
     desc: str = "episodes",
-    mask_cache: dict[str, np.ndarray] | None = None,
+    mask_cache: LRUCache | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Score ``predictor`` on ``episodes`` (one fold), grouped by (way, shot).
 
@@ -153,7 +95,7 @@ def run_episodes(
     with percentages in [0, 100] (None where undefined), settings sorted by (way, shot).
     ``fold_classes``: the classes mIoU averages over (the fold's test classes, or training classes for
     validation episodes). ``progress``: True/None shows a tqdm bar (quiet when not a TTY), False hides it.
-    ``mask_cache``: a dict that keeps ground-truth masks across calls (e.g. validation every epoch).
+    ``mask_cache``: an LRUCache that keeps ground-truth masks across calls (e.g. validation every epoch).
     """
     check_void(void)
     missing = [c for c in EPISODE_COLUMNS if c not in episodes.columns]
@@ -165,7 +107,7 @@ def run_episodes(
         raise FscsError(
             f"image index: {len(unknown)} query ids of the episodes not found (first: {unknown[0]!r})"
         )
-    gts = _GtCache(index, cache=mask_cache)
+    gts = LRUCache(4096) if mask_cache is None else mask_cache
     meters: dict[tuple[int, int], tuple[ClsMeter, SegMeter]] = {}
     disable = True if progress is False else None  # None: tqdm stays quiet when not a TTY
     for ep in tqdm(episodes.itertuples(index=False), total=len(episodes), desc=desc, disable=disable):
@@ -184,7 +126,7 @@ def run_episodes(
                 f"predictor returned presence {presence.shape} and fg {fg.shape} for a {way}-way episode "
                 f"(expected ({way},) and ({way}, h, w))"
             )
-        gt = gts.mask(query)
+        gt = gts.get_or(query, partial(gt_mask, index, query, "; it cannot be scored"))
         present, pred = decide(presence, fg, gt.shape)
         cls_m, seg_m = meters.setdefault((way, shot), (ClsMeter(), SegMeter(classes, void)))
         cls_m.update(present, labels)

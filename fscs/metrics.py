@@ -23,7 +23,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-VOID = 255
+from fscs.data.images import VOID
+
 VOID_MODES = ("ignore", "background")
 
 

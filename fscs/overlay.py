@@ -12,10 +12,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fscs.data.images import VOID
 from fscs.errors import FscsError
 from fscs.io import atomic_path
-
-VOID = 255
+from fscs.resample import nearest
 
 
 def palette(class_id: int) -> tuple[float, float, float]:
@@ -48,7 +48,7 @@ def overlay(image_rgb: np.ndarray, label_map: np.ndarray, alpha: float = 0.5) ->
         raise FscsError(f"overlay: label map must be (h, w), got shape {labels.shape}")
     labels = labels.astype(np.int64)
     if img.shape[:2] != labels.shape:
-        img = _resize_nearest(img, labels.shape)
+        img = nearest(img, labels.shape)
     img = img.astype(np.float64) / 255.0 if img.dtype == np.uint8 else np.clip(img.astype(np.float64), 0, 1)
     present = [int(c) for c in np.unique(labels) if c != 0]
     if present:
@@ -59,13 +59,6 @@ def overlay(image_rgb: np.ndarray, label_map: np.ndarray, alpha: float = 0.5) ->
     else:
         out = img
     return np.clip(np.round(out * 255.0), 0, 255).astype(np.uint8)
-
-
-def _resize_nearest(img: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    h, w = shape
-    rows = np.minimum(((np.arange(h) + 0.5) * img.shape[0] / h).astype(np.int64), img.shape[0] - 1)
-    cols = np.minimum(((np.arange(w) + 0.5) * img.shape[1] / w).astype(np.int64), img.shape[1] - 1)
-    return img[rows][:, cols]
 
 
 def save_grid(

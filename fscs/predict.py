@@ -36,6 +36,7 @@ import numpy as np
 from fscs.config import checkpoint_label_size
 from fscs.errors import FscsError
 from fscs.params import load_params
+from fscs.provenance import check_provenance
 
 
 @dataclass
@@ -103,20 +104,16 @@ def check_backbone(backbone: Any, config_backbone: dict[str, Any], checkpoint: s
     from fscs.model.cst import BACKBONE_KEYS
 
     # A backbone built here extracts the checkpoint's layers itself; the store-layout keys do not apply.
-    for key in (k for k in BACKBONE_KEYS if k not in ("layers", "normalization", "code_version")):
-        if key not in config_backbone:
-            continue
-        want, got = config_backbone[key], have.get(key)
-        if isinstance(want, list | tuple) or isinstance(got, list | tuple):
-            same = list(want) == list(got or [])
-        else:
-            same = want == got
-        if not same:
-            raise FscsError(
-                f"{checkpoint}: built for backbone attribute {key}={want!r}, but the backbone here has "
-                f"{got!r}; "
-                "use a checkpoint trained with this backbone (or the same weights)"
-            )
+    keys = [k for k in BACKBONE_KEYS if k not in ("layers", "normalization", "code_version")]
+    check_provenance(
+        have,
+        {key: config_backbone[key] for key in keys if key in config_backbone},
+        checkpoint,
+        lambda key, got, want: (
+            f"built for backbone attribute {key}={want!r}, but the backbone here has {got!r}; "
+            "use a checkpoint trained with this backbone (or the same weights)"
+        ),
+    )
 
 
 def check_sizes(model_config: Any, backbone: Any, layers: Any, checkpoint: str) -> None:
@@ -128,15 +125,17 @@ def check_sizes(model_config: Any, backbone: Any, layers: Any, checkpoint: str) 
         "embed_dim": int(backbone.provenance.embed_dim),
         "grid": tuple(int(g) for g in backbone.grid),
     }
-    for key, got in have.items():
-        want = getattr(model_config, key)
-        want = tuple(int(g) for g in want) if key == "grid" else int(want)
-        if want != got:
-            raise FscsError(
-                f"{checkpoint}: its CST weights expect {key}={want!r}, but the backbone its config names "
-                f"({backbone.name} at {backbone.input_size}) gives {got!r}; the checkpoint's weights and "
-                "config do not belong together"
-            )
+    weights = {key: getattr(model_config, key) for key in have}
+    check_provenance(
+        have,
+        {key: tuple(int(g) for g in v) if key == "grid" else int(v) for key, v in weights.items()},
+        checkpoint,
+        lambda key, got, want: (
+            f"its CST weights expect {key}={want!r}, but the backbone its config names "
+            f"({backbone.name} at {backbone.input_size}) gives {got!r}; the checkpoint's weights and "
+            "config do not belong together"
+        ),
+    )
 
 
 def recorded_pseudo(recorded: dict[str, Any] | None) -> dict[str, Any]:
@@ -162,7 +161,7 @@ class Predictor:
     """Checkpoint + its backbone: encode images, then episodes through `fscs.cst_predictor.CSTPredictor`.
 
     Support masks are made at the checkpoint's ``label_size`` (its training mask size; the input size for
-    older checkpoints): GT masks by nearest-exact resizing (`fscs.targets.resize_nearest`), pseudo-masks by a
+    older checkpoints): GT masks by nearest-exact resizing (`fscs.resample.nearest_torch`), pseudo-masks by a
     `fscs.pseudo.Labeler` with the params' ``pseudo`` settings overridden by those the checkpoint records.
     """
 
@@ -210,13 +209,13 @@ class Predictor:
     ) -> list[np.ndarray]:
         """Bool (label_size, label_size) masks: the given full-size foreground, else the self pseudo-mask."""
         from fscs.pseudo import Labeler
-        from fscs.targets import resize_nearest
+        from fscs.resample import nearest_torch
 
         labeler = Labeler.from_params(_MemoryStore(encs, self.backbone), {"pseudo": self.pseudo})
         return [
             labeler.support_mask(str(i), self.mask_size)
             if fg is None
-            else resize_nearest(np.asarray(fg, dtype=np.uint8), self.mask_size) > 0
+            else nearest_torch(np.asarray(fg, dtype=np.uint8), self.mask_size) > 0
             for i, fg in enumerate(fgs)
         ]
 
@@ -274,7 +273,7 @@ def run(args: argparse.Namespace) -> None:
     from fscs.evaluation import decide
     from fscs.io import atomic_path, write_json
     from fscs.overlay import overlay, palette
-    from fscs.targets import resize_nearest
+    from fscs.resample import nearest_torch
 
     # 1. parse and read everything (errors before any output)
     specs = [parse_support(s) for s in args.support]
@@ -317,7 +316,7 @@ def run(args: argparse.Namespace) -> None:
     for i, (sp, image, mask) in enumerate(zip(specs, sup_images, masks, strict=True)):
         name = f"support{i}_{_safe_stem(sp.image, used)}_overlay.png"
         cls_index = classes.index(sp.cls) + 1
-        full = resize_nearest(mask.astype(np.uint8), image.shape[:2]) * np.uint8(cls_index)
+        full = nearest_torch(mask.astype(np.uint8), image.shape[:2]) * np.uint8(cls_index)
         with atomic_path(out / name) as tmp:
             Image.fromarray(overlay(image, full, alpha=args.alpha)).save(tmp, format="PNG")
         supports.append({"image": sp.image, "class": sp.cls, "mask": sp.mask or "pseudo", "overlay": name})

@@ -22,7 +22,7 @@ thresholds.
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
+from functools import partial
 from typing import Any
 
 import h5py
@@ -32,12 +32,12 @@ from fscs.config import validate_section
 from fscs.enhancer import enhance, load_enhancer
 from fscs.errors import FscsError
 from fscs.io import json_attr
-from fscs.resample import size_hw, upsample
+from fscs.lru import LRUCache
+from fscs.provenance import check_derived
+from fscs.resample import bilinear, size_hw
 
 RECIPES = ("cst", "dino")
 DINO_HEADS = ("mean", "vote", "union")
-# store attributes copied into pseudo-label files and checked when a Labeler reads one back
-PROVENANCE = ("backbone", "weights_sha256", "input_size", "patch_size", "grid", "num_heads")
 
 
 # ----------------------------------------------------------------------------------------------- recipes
@@ -107,7 +107,7 @@ def dino_foreground(
 # ------------------------------------------------------------------------------------------ masks
 def to_mask(fg: np.ndarray, threshold: float, size: int | tuple[int, int]) -> np.ndarray:
     """Upsample a foreground map to ``size`` (int or (h, w)) and threshold: ``fg >= threshold`` -> bool."""
-    return upsample(fg, size) >= threshold
+    return bilinear(fg, size) >= threshold
 
 
 # ------------------------------------------------------------------------------------ pseudo-label file
@@ -134,40 +134,6 @@ def read_self_maps(path: str | os.PathLike) -> tuple[list[str], np.ndarray, dict
             return ids, f["self_maps"][()], dict(f.attrs)
     except OSError as exc:
         raise FscsError(f"{path}: not a readable HDF5 file ({exc})") from exc
-
-
-def _same(a: Any, b: Any) -> bool:
-    a = a.tolist() if isinstance(a, np.ndarray) else a
-    b = b.tolist() if isinstance(b, np.ndarray) else b
-    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, np.generic):
-        a = a.item()
-    if isinstance(b, np.generic):
-        b = b.item()
-    return a == b
-
-
-def check_provenance(path: str | os.PathLike, attrs: dict, store_attrs: dict) -> None:
-    """Raise FscsError when a derived file was not made from the store (backbone, grid, heads ...)."""
-    for key in PROVENANCE:
-        if key in store_attrs and key in attrs and not _same(attrs[key], store_attrs[key]):
-            raise FscsError(
-                f"{path}: attribute '{key}' = {attrs[key]!r} differs from the feature store's "
-                f"{store_attrs[key]!r}; rebuild it from this store"
-            )
-
-
-def provenance(store_attrs: dict) -> dict:
-    """The store attributes recorded in every derived file."""
-    out = {}
-    for key in PROVENANCE + ("layers", "normalization", "code_version"):
-        if key in store_attrs:
-            v = store_attrs[key]
-            out[key] = (
-                v.tolist() if isinstance(v, np.ndarray) else (v.item() if isinstance(v, np.generic) else v)
-            )
-    return out
 
 
 # --------------------------------------------------------------------------------------------- Labeler
@@ -223,7 +189,7 @@ class Labeler:
         self._precomputed: dict[str, np.ndarray] | None = None
         if pseudo_path is not None:
             ids, maps, attrs = read_self_maps(pseudo_path)
-            check_provenance(pseudo_path, attrs, dict(store.attrs))
+            check_derived(pseudo_path, attrs, dict(store.attrs))
             made = bool(attrs.get("center_keys", False))
             if made != self.center_keys:
                 raise FscsError(
@@ -235,8 +201,7 @@ class Labeler:
                     f"{pseudo_path}: self maps are {maps.shape[2:]}, the store's grid is {self.grid}"
                 )
             self._precomputed = {i: maps[r] for r, i in enumerate(ids)}
-        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._cache_size = cache_size
+        self._cache = LRUCache(cache_size)
 
     @classmethod
     def from_params(
@@ -295,16 +260,12 @@ class Labeler:
     # public maps ---------------------------------------------------------------------------------
     def support_fg(self, image_id: str) -> np.ndarray:
         """Self-map foreground (gh, gw) float32 in [0, 1] (enhanced if an enhancer is set); cached."""
-        hit = self._cache.get(image_id)
-        if hit is not None:
-            self._cache.move_to_end(image_id)
-            return hit
+        return self._cache.get_or(image_id, partial(self._support_fg, image_id))
+
+    def _support_fg(self, image_id: str) -> np.ndarray:
         cos = None if self.recipe == "dino" else self.self_cosine(image_id)
         fg = np.ascontiguousarray(self._fg(image_id, image_id, cos), dtype=np.float32)
         fg.setflags(write=False)
-        self._cache[image_id] = fg
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
         return fg
 
     def pair_fg(self, support_id: str, query_id: str, present: bool = True) -> np.ndarray:

@@ -22,11 +22,11 @@ import pandas as pd
 from tqdm import tqdm
 
 from fscs.config import Config
-from fscs.data.images import VOID, load_mask
+from fscs.data.images import VOID, gt_mask, has_mask
 from fscs.errors import FscsError
 from fscs.iou import IoUCounter
 from fscs.pseudo import DINO_HEADS, cst_foreground, dino_foreground, head_cosine
-from fscs.resample import upsample
+from fscs.resample import bilinear
 from fscs.store import FeatureStore
 
 
@@ -51,7 +51,7 @@ def train_images(
     index: pd.DataFrame, folds: dict, store: FeatureStore, index_path: str
 ) -> dict[str, list[int]]:
     """{image_id: labels within the included classes} of the training split's images that have masks."""
-    rows = index[(index["split"] == folds["train_split"]) & index["mask_path"].notna()]
+    rows = index[(index["split"] == folds["train_split"]) & index["mask_path"].map(has_mask)]
     if len(rows) == 0:
         raise FscsError(
             f"{index_path}: no '{folds['train_split']}' images with masks to measure pseudo-labels on"
@@ -106,15 +106,15 @@ def measure(
 
     def up_maps(s_cls: np.ndarray, q_keys: np.ndarray, size: tuple[int, int]) -> dict:
         out = {
-            name: upsample(cst_foreground(head_cosine(s_cls, q_keys, center)).reshape(grid), size)
+            name: bilinear(cst_foreground(head_cosine(s_cls, q_keys, center)).reshape(grid), size)
             for name, center in CST_VARIANTS.items()
         }
         for v in dino_variants:
-            out[v] = upsample(dino_foreground(s_cls, q_keys, v[1], v[0]).reshape(grid), size)
+            out[v] = bilinear(dino_foreground(s_cls, q_keys, v[1], v[0]).reshape(grid), size)
         return out
 
     for image_id in tqdm(sorted(labels), desc="pseudo quality", disable=None if progress else True):
-        gt = load_mask(index.loc[image_id, "mask_path"])
+        gt = gt_mask(index, image_id)
         valid = gt != VOID
         q_cls, q_keys = store.cls_query(image_id), store.patch_keys(image_id)
         maps = up_maps(q_cls, q_keys, gt.shape)

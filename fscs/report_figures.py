@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from fscs.config import checkpoint_label_size
-from fscs.data.images import VOID, load_mask, load_rgb
+from fscs.data.images import VOID, gt_mask, load_rgb
 from fscs.evaluation import decide
 from fscs.overlay import overlay, save_grid
 
@@ -66,9 +66,11 @@ def prediction_grid(
             support = index.loc[row.support_ids[0][0]]
             class_id = int(row.support_classes[0])
             columns[r] += [
-                overlay(load_rgb(support.image_path), _episode_gt(load_mask(support.mask_path), class_id)),
+                overlay(
+                    load_rgb(support.image_path), _episode_gt(gt_mask(index, row.support_ids[0][0]), class_id)
+                ),
                 load_rgb(query.image_path),
-                overlay(load_rgb(query.image_path), _episode_gt(load_mask(query.mask_path), class_id)),
+                overlay(load_rgb(query.image_path), _episode_gt(gt_mask(index, row.query_id), class_id)),
             ]
         for supervision in supervisions:
             checkpoint = Path(models_dir) / supervision / f"fold{fold}.pt"

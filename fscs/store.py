@@ -39,6 +39,7 @@ import numpy as np
 from fscs.backbone_names import resolve_arch
 from fscs.config import backbone_section
 from fscs.errors import FscsError
+from fscs.provenance import check_provenance
 
 #: Bump when the layout of the store or the meaning of its contents changes (2: Fletcher32 checksums).
 STORE_VERSION = 2
@@ -119,18 +120,19 @@ def _matches(key: str, have: Any, want: Any, attrs: dict[str, Any]) -> bool:
 def check_attrs(attrs: dict[str, Any], expect: dict[str, Any], where: str) -> None:
     """Raise FscsError naming the first attribute of ``attrs`` that differs from ``expect``."""
     order = [k for k in _COMPARED if k in expect] + [k for k in expect if k not in _COMPARED]
-    for key in order:
-        want = expect[key]
-        if key not in attrs:
-            raise FscsError(
-                f"{where}: attribute '{key}' is missing (expected {want!r}); re-run `dvc repro extract`"
-            )
-        have = attrs[key]
-        if not _matches(key, have, want, attrs):
-            raise FscsError(
-                f"{where}: attribute '{key}' is {have!r} in the store but the params ask for {want!r}; "
-                "re-run `dvc repro extract`"
-            )
+    check_provenance(
+        attrs,
+        {key: expect[key] for key in order},
+        where,
+        lambda key, have, want: (
+            f"attribute '{key}' is {have!r} in the store but the params ask for {want!r}; "
+            "re-run `dvc repro extract`"
+        ),
+        missing=lambda key, want: (
+            f"attribute '{key}' is missing (expected {want!r}); re-run `dvc repro extract`"
+        ),
+        equal=lambda key, have, want: _matches(key, have, want, attrs),
+    )
 
 
 class FeatureStore:

@@ -31,19 +31,18 @@ is among the query's image-level labels (index ``classes``), as in the episode f
 
 from __future__ import annotations
 
-import math
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
-import torch.nn.functional as F
 
-from fscs.data.images import VOID, load_mask
+from fscs.config import SUPERVISIONS
+from fscs.data.images import VOID, gt_mask
 from fscs.errors import FscsError
-
-SUPERVISIONS = ("image", "mixed", "pixel")
+from fscs.lru import LRUCache
+from fscs.resample import nearest_torch
 
 
 def check_supervision(supervision: str) -> str:
@@ -52,36 +51,20 @@ def check_supervision(supervision: str) -> str:
     return supervision
 
 
-def resize_nearest(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-    """(H, W) uint8 label mask -> (size, size) or (h, w) by nearest neighbour (torch 'nearest-exact')."""
-    t = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.uint8))[None, None]
-    hw = (size, size) if isinstance(size, int) else tuple(int(v) for v in size)
-    return F.interpolate(t, size=hw, mode="nearest-exact")[0, 0].numpy()
-
-
 class GtMasks:
     """GT label masks (uint8, 0 bg / class ids / 255 void) at ``size`` x ``size``, read once and cached."""
 
     def __init__(self, index: pd.DataFrame, size: int):
         self.index = index
         self.size = int(size)
-        self._cache: dict[str, np.ndarray] = {}
+        self._cache = LRUCache()
 
     def __call__(self, image_id: str) -> np.ndarray:
-        hit = self._cache.get(image_id)
-        if hit is not None:
-            return hit
-        try:
-            path = self.index.loc[image_id, "mask_path"]
-        except KeyError:
-            raise FscsError(f"image index: image id {image_id!r} not found") from None
-        if path is None or (isinstance(path, float) and math.isnan(path)):
-            raise FscsError(
-                f"image index: image {image_id!r} has no mask_path, but this setting needs its mask"
-            )
-        mask = resize_nearest(load_mask(path), self.size)
+        return self._cache.get_or(image_id, partial(self._read, image_id))
+
+    def _read(self, image_id: str) -> np.ndarray:
+        mask = nearest_torch(gt_mask(self.index, image_id, ", but this setting needs its mask"), self.size)
         mask.setflags(write=False)
-        self._cache[image_id] = mask
         return mask
 
 

@@ -30,10 +30,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fscs.calibration import Records, calibrate
-from fscs.cst_predictor import CSTPredictor, TokenBank
+from fscs.cst_predictor import CSTPredictor, PreparedBank, TokenBank
 from fscs.data.episodes import TrainEpisodeSampler
+from fscs.data.images import VOID
 from fscs.errors import FscsError
 from fscs.model.cst import CST, CSTConfig
+from fscs.resample import bilinear
 from fscs.targets import Targets
 from fscs.train_config import TrainConfig
 
@@ -92,8 +94,8 @@ def segmentation_loss(seg_logits: torch.Tensor, target: torch.Tensor) -> torch.T
 
     Mean over the non-ignored pixels of the batch (0 when there are none)."""
     logits = F.interpolate(seg_logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
-    total = F.cross_entropy(logits, target, ignore_index=255, reduction="sum")
-    count = (target != 255).sum().clamp(min=1)
+    total = F.cross_entropy(logits, target, ignore_index=VOID, reduction="sum")
+    count = (target != VOID).sum().clamp(min=1)
     return total / count
 
 
@@ -118,29 +120,6 @@ def training_images(index: pd.DataFrame, split: str, classes: list[int]) -> list
         (index["split"] == split) & index["classes"].map(lambda cs: bool(wanted & set(map(int, cs))))
     ]
     return [str(i) for i in rows.index]
-
-
-class PreparedBank:
-    """Each image's prepared (normalised, per-head; support also downsampled) features, computed once.
-
-    Preparing has no trainable parameters, so re-preparing the same tokens every batch (fp16 -> fp32 copies
-    of every layer, the support interpolation) only cost time: about a third of a training step."""
-
-    def __init__(self, model: CST, tokens: TokenBank):
-        self.model = model
-        self.tokens = tokens
-        self._cache: dict[str, dict[str, torch.Tensor]] = {"query": {}, "support": {}}
-
-    def get(self, kind: str, image_ids: list[str]) -> torch.Tensor:
-        cache = self._cache[kind]
-        todo = [i for i in dict.fromkeys(image_ids) if i not in cache]
-        if todo:
-            with torch.no_grad():
-                raw = self.tokens.get(todo)
-                prep = self.model.prepare_query(raw) if kind == "query" else self.model.prepare_support(raw)
-            for i, image_id in enumerate(todo):
-                cache[image_id] = prep[i].clone()
-        return torch.stack([cache[i] for i in image_ids])
 
 
 class Batcher:
@@ -225,13 +204,12 @@ def validate(
         c = int(row.support_classes[0])
         p, fg = predictor.predict(str(row.query_id), [c], [list(row.support_ids[0])])
         gt = targets.gt(str(row.query_id))
-        prob = F.interpolate(torch.from_numpy(fg[None]), size=gt.shape, mode="bilinear", align_corners=False)
         target = (gt == c).astype(np.uint8)
-        target[gt == 255] = 255
+        target[gt == VOID] = VOID
         cls.append(c), lab.append(bool(row.labels[0])), pres.append(float(p[0]))
-        fgs.append(prob[0, 0].numpy()), gts.append(target)
+        fgs.append(bilinear(fg[0], gt.shape)), gts.append(target)
     rec = Records(np.asarray(cls), np.asarray(lab), np.asarray(pres), np.stack(fgs), np.stack(gts))
-    keep = rec.gt != 255
+    keep = rec.gt != VOID
     sig = pixel_signals(rec.fg[keep], rec.gt[keep] == 1)
     cal = calibrate(rec, classes)
     return {

@@ -42,7 +42,7 @@ from fscs.enhancer_study import (
     study_report,
 )
 from fscs.io import atomic_path, write_json
-from fscs.pseudo import provenance
+from fscs.provenance import recorded
 from fscs.pseudo_quality import pseudo_config, stuff_ids, train_images
 from fscs.store import FeatureStore, expected_attrs
 from stages._common import run_stage, stage_parser
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         main_run = results[mixed["fraction"]]
         models = main_run["models"]
         enhanced = {name: enhance(m, maps.astype(np.float32)) for name, m in models.items()}
-        prov = provenance(store.attrs)
+        prov = recorded(store.attrs)
 
     saved = checkpoint_config(cfg, mixed, models, main_run["labelled"], data.grid, prov)
     report = study_report(cfg, pcfg, mixed, results)

@@ -22,7 +22,8 @@ from fscs.config import load_config
 from fscs.data.folds import read_folds
 from fscs.data.index import read_index
 from fscs.io import atomic_path, write_json
-from fscs.pseudo import provenance, write_self_maps
+from fscs.provenance import recorded
+from fscs.pseudo import write_self_maps
 from fscs.pseudo_quality import (
     measure,
     pseudo_config,
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         labels = train_images(index, folds, store, args.index)
         ids, maps = self_maps(store, cfg["center_keys"])
         res = measure(store, index, labels, cfg, stuff)
-        prov = provenance(store.attrs)
+        prov = recorded(store.attrs)
 
     with atomic_path(args.out) as tmp:
         write_self_maps(tmp, ids, maps, self_maps_attrs(cfg, prov))

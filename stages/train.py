@@ -20,13 +20,14 @@ import csv
 import io
 from typing import Any
 
+from fscs.config import SUPERVISIONS
 from fscs.io import atomic_path
 from fscs.params import load_params, section
 from stages._common import run_stage, stage_parser
 
 
 def add_data_arguments(parser: Any, out_help: str) -> None:
-    parser.add_argument("--supervision", required=True, choices=("image", "mixed", "pixel"))
+    parser.add_argument("--supervision", required=True, choices=SUPERVISIONS)
     parser.add_argument("--fold", required=True, type=int)
     parser.add_argument("--index", required=True, help="image index (data/index/<ds>.parquet)")
     parser.add_argument("--folds", required=True, help="folds file (data/episodes/<ds>/folds.json)")

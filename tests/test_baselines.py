@@ -235,7 +235,8 @@ def test_stage_on_tiny_voc(voc_fixture, tmp_path):
 
     from fscs.backbone import create_backbone, extract_to_store
     from fscs.data.index import read_index
-    from fscs.pseudo import head_cosine, provenance, write_self_maps
+    from fscs.provenance import recorded
+    from fscs.pseudo import head_cosine, write_self_maps
     from fscs.store import FeatureStore
     from stages import baselines as stage
     from stages import prepare
@@ -263,7 +264,7 @@ def test_stage_on_tiny_voc(voc_fixture, tmp_path):
         maps = np.stack(
             [head_cosine(store.cls_query(i), store.patch_keys(i), True).reshape(-1, *store.grid) for i in ids]
         )
-        attrs = {"recipe": "cst", "center_keys": True, **provenance(store.attrs)}
+        attrs = {"recipe": "cst", "center_keys": True, **recorded(store.attrs)}
         write_self_maps(tmp_path / "pseudo.h5", ids, maps, attrs)
     out = tmp_path / "out" / "fold0.json"
     args = [

@@ -17,12 +17,12 @@ from fscs.enhancer import (
     load_enhancer,
     read_enhanced,
     read_labelled_ids,
-    resize_labels,
     save_enhancer,
     train_enhancer,
 )
 from fscs.errors import FscsError
 from fscs.labelled import select_labelled
+from fscs.resample import nearest
 from tests.test_pseudo import tiny_world  # noqa: F401 - fixture
 
 
@@ -59,7 +59,7 @@ def test_resize_and_targets():
     gt = np.zeros((4, 6), np.uint8)
     gt[:, 3:] = 2
     gt[:2] = 255  # pixel centres of a 2x2 resize sample rows 1 and 3, columns 1 and 4
-    assert resize_labels(gt, 2).tolist() == [[255, 255], [0, 2]]
+    assert nearest(gt, 2).tolist() == [[255, 255], [0, 2]]
     t = binary_target(gt, 2, 4)
     assert t.dtype == np.uint8 and set(np.unique(t)) == {0, 1, 255}
 

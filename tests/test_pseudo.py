@@ -24,7 +24,7 @@ from fscs.pseudo import (
     to_mask,
 )
 from fscs.pseudo_quality import sample_pairs
-from fscs.resample import upsample
+from fscs.resample import bilinear
 
 # ------------------------------------------------------------------------- synthetic store for tests
 GRID = (4, 4)
@@ -207,16 +207,16 @@ def test_dino_attention_and_mass():
 
 def test_upsample_and_to_mask():
     m = np.array([[0.0, 1.0], [0.0, 1.0]], np.float32)
-    up = upsample(m, 4)
+    up = bilinear(m, 4)
     assert up.shape == (4, 4) and up.dtype == np.float32
     np.testing.assert_allclose(up[0], [0.0, 0.25, 0.75, 1.0])  # align_corners=False
-    assert upsample(np.stack([m, 1 - m]), (3, 6)).shape == (2, 3, 6)
+    assert bilinear(np.stack([m, 1 - m]), (3, 6)).shape == (2, 3, 6)
     mask = to_mask(m, 0.5, (4, 6))
     assert mask.dtype == bool and mask.shape == (4, 6)
     assert mask[:, :3].sum() == 0 and mask[:, 3:].all()
     assert to_mask(m, 0.5, 8).shape == (8, 8)
     with pytest.raises(FscsError):
-        upsample(np.zeros(4), 8)
+        bilinear(np.zeros(4), 8)
 
 
 class FakeStore:

@@ -91,13 +91,13 @@ def read_folds(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def fold_classes(folds: dict[str, Any], fold: int | str, role: str) -> list[int]:
-    """The test or train class ids of a fold from a folds document."""
+    """The test or train class ids of a fold from a folds document (the one reader of a fold's classes)."""
     key = str(fold)
     if key not in folds["folds"]:
         raise FscsError(f"fold {fold} not in folds file (folds: {', '.join(folds['folds'])})")
     if role not in ("test", "train"):
         raise ValueError(role)
-    return list(folds["folds"][key][role])
+    return [int(c) for c in folds["folds"][key][role]]
 
 
 def class_names(folds: dict[str, Any]) -> dict[int, str]:

@@ -1,16 +1,21 @@
-"""Decoding images and index masks, with errors that name the file."""
+"""Decoding images and index masks, with errors that name the file; the one ground-truth mask reader."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
 from fscs.errors import FscsError
 
+if TYPE_CHECKING:
+    import pandas as pd
+
+#: The label of void pixels in every index mask (ignored or counted as background by the metrics).
 VOID = 255
 
 #: Environment variable that raises Pillow's decompression-bomb limit (pixels) for images meant to be huge.
@@ -74,4 +79,28 @@ def load_mask(path: str | os.PathLike) -> np.ndarray:
                 f"{bad.size} such pixels)"
             )
         mask = mask.astype(np.uint8)
+    return mask
+
+
+def has_mask(mask_path: Any) -> bool:
+    """Whether an index row's ``mask_path`` names a mask (the index stores None, pandas may give NaN)."""
+    return isinstance(mask_path, str) and bool(mask_path)
+
+
+def gt_mask(index: pd.DataFrame, image_id: str, why: str = "") -> np.ndarray:
+    """The ground-truth mask of an indexed image, checked against the index's size; ``why`` ends the
+    "has no mask_path" error (what needed the mask)."""
+    try:
+        row = index.loc[image_id]
+    except KeyError:
+        raise FscsError(f"image index: image id {image_id!r} not found") from None
+    path = row["mask_path"]
+    if not has_mask(path):
+        raise FscsError(f"image index: image {image_id!r} has no mask_path{why}")
+    mask = load_mask(path)
+    if mask.shape != (int(row["height"]), int(row["width"])):
+        raise FscsError(
+            f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but the index says "
+            f"{int(row['width'])}x{int(row['height'])} for {image_id!r}"
+        )
     return mask

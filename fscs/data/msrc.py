@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fscs.data.images import VOID
 from fscs.errors import FscsError
 
 # class index -> (name, colour in the official ground truth); the order of the official class list
@@ -43,7 +44,6 @@ CLASSES: dict[int, tuple[str, tuple[int, int, int]]] = {
     22: ("body", (64, 64, 0)),
     23: ("boat", (192, 64, 0)),
 }
-VOID = 255
 
 # The fixed split: image `<row>_<n>_s` is in val when n is listed for its row, else in train.
 VAL_NUMBERS: dict[int, str] = {

@@ -23,6 +23,7 @@ from fscs.errors import FscsError
 from fscs.model.correlation import correlate, prepare_query, prepare_support, resize_mask
 from fscs.model.heads import ClassificationHead, SegmentationHead
 from fscs.model.transformer import CorrelationBlock, GroupNormLast, pool_support
+from fscs.provenance import check_provenance, plain
 
 #: Store attributes a checkpoint records and a store must match at load/eval time.
 BACKBONE_KEYS = (
@@ -42,13 +43,6 @@ BACKBONE_KEYS = (
 
 def backbone_attrs(store_attrs: dict[str, Any]) -> dict[str, Any]:
     """The store attributes a checkpoint records, as plain Python values."""
-
-    def plain(v: Any) -> Any:
-        if isinstance(v, list | tuple):
-            return [plain(x) for x in v]
-        if hasattr(v, "item") and not isinstance(v, str | bytes):
-            return v.item()
-        return v
 
     return {k: plain(store_attrs[k]) for k in BACKBONE_KEYS if k in store_attrs}
 
@@ -220,15 +214,16 @@ def load_checkpoint(path: str | os.PathLike, store: Any = None) -> tuple[CST, di
 
 def check_store(config: CSTConfig, store: Any, checkpoint: str = "checkpoint") -> None:
     """FscsError naming the first backbone attribute where the store differs from the training features."""
-    have = backbone_attrs(store.attrs)
     where = getattr(store, "path", "feature store")
-    for key, want in config.backbone.items():
-        got = have.get(key)
-        if got != want:
-            raise FscsError(
-                f"{where}: attribute '{key}' is {got!r} but {checkpoint} was trained on features with "
-                f"{want!r}; use a feature store extracted with the same backbone"
-            )
+    check_provenance(
+        backbone_attrs(store.attrs),
+        config.backbone,
+        str(where),
+        lambda key, have, want: (
+            f"attribute '{key}' is {have!r} but {checkpoint} was trained on features with {want!r}; "
+            "use a feature store extracted with the same backbone"
+        ),
+    )
     gh, gw = config.grid
     if tuple(int(v) for v in store.attrs["grid"]) != (gh, gw):
         raise FscsError(f"{where}: token grid differs from {checkpoint}'s {gh}x{gw}")
