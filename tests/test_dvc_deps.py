@@ -195,7 +195,8 @@ def _argument_problems(name: str, stage: dict) -> list[str]:
 
 def _data_problems(name: str, stage: dict, files: set[str]) -> list[str]:
     """A stage that can open dataset images or masks (through the index's paths) depends on the dataset."""
-    if READER in files and DATASET not in stage.get("deps", []):
+    makes_it = DATASET in _paths(stage.get("outs", []))
+    if READER in files and DATASET not in stage.get("deps", []) and not makes_it:
         return [f"stage {name}: reads dataset files through {READER} but does not declare {DATASET}"]
     return []
 
