@@ -31,7 +31,7 @@ from tqdm import tqdm
 from fscs.config import EnhancerConfig
 from fscs.data.images import VOID
 from fscs.errors import FscsError
-from fscs.io import json_attr
+from fscs.io import json_attr, save_torch
 from fscs.iou import IoUCounter
 from fscs.resample import bilinear, nearest
 
@@ -206,14 +206,14 @@ def calibrate_threshold(model: Enhancer, inputs: np.ndarray, targets: np.ndarray
 
 # ------------------------------------------------------------------------------------------ checkpoints
 def save_enhancer(path: str | os.PathLike, models: dict[str, Enhancer], config: dict[str, Any]) -> None:
-    """torch.save({"state_dict": {name: state_dict}, "config": config}) to ``path`` (write to a temp path).
+    """Save {"state_dict": {name: state_dict}, "config": config} to ``path`` (atomic, reproducible bytes).
 
     ``models`` maps a name (``fold0`` ... or ``all``) to a trained enhancer; their mask thresholds and
     input scale go into ``config["thresholds"]`` / ``config["scale"]``."""
     state = {name: {k: v.detach().clone() for k, v in m.state_dict().items()} for name, m in models.items()}
     config = {**config, "thresholds": {name: float(m.threshold) for name, m in models.items()}}
     config["scale"] = int(next(iter(models.values())).scale) if models else int(config.get("scale", 1))
-    torch.save({"state_dict": state, "config": config}, path)
+    save_torch({"state_dict": state, "config": config}, path)
 
 
 def load_enhancer(path: str | os.PathLike, fold: int | str | None = None) -> Enhancer:

@@ -1,9 +1,10 @@
 """Atomic writes: every output goes to a temporary sibling and is renamed into place only when complete.
 
-Also the JSON encoding of HDF5 attributes shared by the pseudo-label files."""
+Also reproducible checkpoints and the JSON encoding of HDF5 attributes shared by the pseudo-label files."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Iterator
@@ -26,6 +27,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def save_torch(obj: Any, path: str | os.PathLike) -> None:
+    """`torch.save` to `path` atomically and reproducibly: serialised in memory first, because the zip
+    archive's inner folder is named after the file written, and a temporary name would change its md5."""
+    import torch  # here, not at the top: most readers of this module never load torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buf.getvalue())
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

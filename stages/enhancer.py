@@ -93,8 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         int(cfg["figures"]),
         pcfg["cst_threshold"],
     )
-    with atomic_path(args.model) as tmp:
-        save_enhancer(tmp, models, saved)
+    save_enhancer(args.model, models, saved)
     with atomic_path(args.out) as tmp:
         write_enhanced(tmp, ids, enhanced, main_run["labelled"], {**saved, "content": "enhanced self maps"})
     write_json(args.report, report)

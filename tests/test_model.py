@@ -178,6 +178,16 @@ def test_checkpoint_roundtrip_weights_only_and_store_check(tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
 
 
+def test_checkpoint_bytes_do_not_depend_on_the_file_name(tmp_path):
+    """DVC hashes checkpoints: the same model must give the same md5 whatever (temporary) name it went to."""
+    torch.manual_seed(0)
+    cfg = tiny_config(backbone={"backbone": "fake", "grid": list(G), "num_heads": H, "layers": [0, 1]})
+    model = CST(cfg)
+    for name in ("a.pt", "other-name.pt"):
+        save_checkpoint(tmp_path / name, model, fold=0, supervision="pixel", epoch=0, val_miou=None)
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "other-name.pt").read_bytes()
+
+
 def make_predictor(model: CST, store: FakeStore) -> CSTPredictor:
     def support_mask(image_id: str, class_id: int) -> np.ndarray:
         m = np.zeros((16, 16), dtype=bool)

@@ -172,15 +172,14 @@ def save_checkpoint(
     """Write {"state_dict", "config", **extra} atomically (extra: fold, supervision, epoch, val_miou, ...).
 
     ``config_extra`` (e.g. label_size, supervision) is merged into the config dict; plain values only."""
-    from fscs.io import atomic_path
+    from fscs.io import save_torch
 
     payload: dict[str, Any] = {
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     }
     payload["config"] = {**model.config.to_dict(), **(config_extra or {})}
     payload.update(extra)
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    save_torch(payload, path)
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
