@@ -8,7 +8,8 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run repro test test-fast lint format ui flow plots bench
+.PHONY: help setup run repro test test-fast lint format ui flow flow-dask plots bench
+FSCS_REMOTE ?= $(CURDIR)/.cache/dvc-remote
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -43,6 +44,9 @@ ui:  ## start the Prefect server on 127.0.0.1:4200 and serve the pipeline deploy
 
 flow:  ## run the pipeline flow once against the server started by `make ui`
 	PREFECT_API_URL=http://127.0.0.1:4200/api $(PY) -m flows.pipeline
+
+flow-dask:  ## run the study on a local Dask cluster (2 workers) under Prefect; data moves through FSCS_REMOTE
+	$(PY) -m flows.dask_pipeline --remote $(FSCS_REMOTE) --summary reports/dask_run.json
 
 plots:  ## render learning curves and the threshold sweep with dvc plots into reports/plots_html/index.html (offline)
 	test -f .cache/vega/node_modules/vega-embed/build/vega-embed.min.js || \

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import time
+import urllib.request
 from pathlib import Path
 
 import dask
@@ -31,6 +32,7 @@ from flows.dvc_cli import dvc
 from flows.dvc_graph import StagePlan, plan_stages
 from flows.lockbook import record, stale
 from flows.pipeline import study_targets
+from flows.serve import API_URL
 from flows.workspace import Remote, StageJob, StageResult, pack_code, read_tree, run_stage
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -168,6 +170,15 @@ def worker_roles(address: str) -> tuple[bool, list[str]]:
     return len(cpu) < len(workers), cpu
 
 
+def ui_is_up() -> bool:
+    """Whether `make ui`'s Prefect server answers on this machine."""
+    try:
+        with urllib.request.urlopen(f"{API_URL}/health", timeout=2) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--address", help="scheduler of an existing Dask cluster (default: a local one)")
@@ -181,11 +192,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     server = None
     if not os.environ.get("PREFECT_API_URL"):  # workers must report to the same API as the flow
-        from prefect.server.api.server import SubprocessASGIServer
+        if ui_is_up():
+            os.environ["PREFECT_API_URL"] = API_URL
+        else:
+            from prefect.server.api.server import SubprocessASGIServer
 
-        server = SubprocessASGIServer()
-        server.start()
-        os.environ["PREFECT_API_URL"] = server.api_url
+            server = SubprocessASGIServer()  # lives as long as this run; `make ui` keeps the history
+            server.start()
+            os.environ["PREFECT_API_URL"] = server.api_url
     cluster = None
     address = args.address
     if not address:
