@@ -31,7 +31,7 @@ PER_SHARD = ("image_ids_sha256", "complete")
 def shard_rows(n: int, shards: int, shard: int) -> range:
     """Rows [shard * n / shards, (shard + 1) * n / shards) of an n-row index: contiguous, sizes within 1."""
     if not 0 <= shard < shards:
-        raise FscsError(f"shard {shard} is not one of the {shards} shards 0..{shards - 1}")
+        raise FscsError(f"--shard {shard}: not one of backbone.shards 0..{shards - 1}")
     if shards > n:
         raise FscsError(f"backbone.shards: {shards} shards for {n} images; at most one shard per image")
     return range(shard * n // shards, (shard + 1) * n // shards)
