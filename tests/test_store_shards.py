@@ -203,3 +203,17 @@ def test_invalid_shard_ids_refused(tmp_path, msrc_index, shards):
     assert proc.returncode == 2
     assert proc.stderr.startswith(f"error: params: backbone.shards = {shards!r}: expected"), proc.stderr
     assert not list(tmp_path.glob("s.h5*"))
+
+
+def test_damaged_shard_row_named_through_the_joined_store(stores, tmp_path):
+    """Fletcher32 still guards each row: a damaged chunk in a shard fails its read through the join."""
+    joined = copy_joined(stores, tmp_path)
+    shard = joined.parent / "shards" / "shard-1.h5"
+    with h5py.File(shard) as f:
+        info = f["tokens"].id.get_chunk_info_by_coord((1, 0, 0, 0))  # joined row 4
+    data = bytearray(shard.read_bytes())
+    data[info.byte_offset + info.size // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with FeatureStore(joined) as fs, pytest.raises(FscsError) as exc:
+        fs.tokens(fs.image_ids[4])
+    assert f"{joined}: dataset 'tokens' is damaged: rows 4 (" in str(exc.value)
