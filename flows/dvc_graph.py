@@ -10,7 +10,7 @@ from pathlib import Path
 
 # Stages that run a ViT or train a network: on a cluster they go to workers that offer the Dask resource GPU
 # (a worker without a GPU may still offer it, e.g. in tests). Matched on the name before '@'.
-GPU_STAGES = ("extract", "extract_shard", "enhancer", "train", "evaluate")
+GPU_STAGES = ("extract_shard", "enhancer", "train", "evaluate")
 
 
 @dataclass(frozen=True)

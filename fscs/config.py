@@ -90,6 +90,15 @@ class BackboneConfig(Section):
     fused: bool = True
     threads: Count = 0  # 0: all available cores
     arch: str | None = None  # timm architecture of a path: checkpoint
+    # extraction shards as a list (dvc.yaml's matrix needs one; N = its length), exactly 0..N-1
+    shards: Annotated[list[Count], Field(min_length=1)] = [0]
+
+    @field_validator("shards")
+    @classmethod
+    def _shards_are_a_range(cls, shards: list[int]) -> list[int]:
+        if shards != list(range(len(shards))):
+            raise ValueError(f"the shard ids 0..{len(shards) - 1} in order, one per shard")
+        return shards
 
 
 class PseudoConfig(Section):

@@ -157,7 +157,10 @@ class FeatureStore:
                 raise FscsError(
                     f"{self.path}: feature store lacks datasets {missing}; re-run `dvc repro extract`"
                 )
-            unchecked = [d for d in CHECKSUMMED if not self._f[d].fletcher32]
+            sharded = self._f["tokens"].is_virtual  # joined from shard files (fscs.store_shards)
+            if sharded:
+                check_shards(self.path, self.attrs)  # their checksums, rows and completeness
+            unchecked = [d for d in CHECKSUMMED if not (sharded or self._f[d].fletcher32)]
             if unchecked:
                 raise FscsError(
                     f"{self.path}: feature store written without checksums ({', '.join(unchecked)}; an older "
@@ -265,6 +268,49 @@ class FeatureStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+#: Attributes a joined store records per shard, in shard order (written by fscs.store_shards.join_shards).
+SHARD_ATTRS = ("shard_files", "shard_rows", "shard_ids_sha256")
+
+
+def check_shards(path: Path, attrs: dict[str, Any]) -> None:
+    """Refuse a joined store whose shard files are not all there, complete and the ones it was joined from.
+
+    A virtual dataset reads a missing source as fill values, not an error, so each shard is checked here:
+    present beside the store (relative names resolve against the store's folder, whatever the cwd),
+    readable, ``complete``, written with checksums, holding the rows and image-id digest the join recorded.
+    """
+    if os.environ.get("HDF5_VDS_PREFIX"):
+        raise FscsError(
+            f"{path}: HDF5_VDS_PREFIX is set ({os.environ['HDF5_VDS_PREFIX']}), so HDF5 would read the shard "
+            "files from there instead of beside the store; unset it"
+        )
+    files, rows, digests = (attrs.get(k) for k in SHARD_ATTRS)
+    if not (isinstance(files, list) and isinstance(rows, list) and isinstance(digests, list)) or not (
+        len(files) == len(rows) == len(digests) > 0
+    ):
+        raise FscsError(f"{path}: sharded feature store lacks its shard record; re-run `dvc repro extract`")
+    for name, n, digest in zip(files, rows, digests, strict=True):
+        shard = path.parent / name
+        fix = f"; re-run `dvc repro extract` (shard of {n} rows of {path})"
+        if not shard.is_file():
+            raise FscsError(f"{shard}: shard file is missing{fix}")
+        try:
+            with h5py.File(shard, "r") as f:
+                have = {k: _plain(v) for k, v in f.attrs.items()}
+                lengths = {d: f[d].shape[0] for d in DATASETS if d in f}
+                unchecked = [d for d in CHECKSUMMED if d not in f or not f[d].fletcher32]
+        except OSError as exc:
+            raise FscsError(f"{shard}: shard is not a readable HDF5 file ({exc}){fix}") from None
+        if not have.get("complete", False):
+            raise FscsError(f"{shard}: shard is incomplete{fix}")
+        if unchecked:
+            raise FscsError(f"{shard}: shard lacks checksummed datasets {unchecked}{fix}")
+        if set(lengths) != set(DATASETS) or set(lengths.values()) != {n}:
+            raise FscsError(f"{shard}: shard holds {lengths} rows, the join recorded {n}{fix}")
+        if have.get("image_ids_sha256") != digest:
+            raise FscsError(f"{shard}: shard holds other images than the join recorded{fix}")
 
 
 def partial_path(path: str | os.PathLike) -> Path:

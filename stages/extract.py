@@ -6,41 +6,21 @@
 Params (section `backbone`): `name`, `input_size`, `layers`, `batch_size`, optional `arch` (for `path:`
 names) and `threads` (torch CPU threads; default all available cores). Images are checked to decode before
 the model runs. The store is written to `<out>.partial` and renamed when complete; a killed run resumes.
+With `--shard I` only shard I's rows of the index are extracted (`backbone.shards` lists the shards; rows
+from `fscs.store_shards.shard_rows`): `dvc.yaml` runs one `extract_shard@I` per shard, then stage
+`extract` (`stages.join_features`) joins them into the store later stages read.
 """
 
 from __future__ import annotations
 
-import os
 import time
-from pathlib import Path
-
-import pandas as pd
 
 from fscs.config import load_config
-from fscs.errors import FscsError
+from fscs.data.image_list import read_image_list
 from fscs.io import write_json
+from fscs.store_shards import shard_rows
 from fscs.threads import default_threads
 from stages._common import run_stage, stage_parser
-
-
-def read_image_list(index: str | os.PathLike) -> tuple[list[str], list[str]]:
-    """(image_ids, image_paths) from the index parquet, in index order."""
-    path = Path(index)
-    if not path.is_file():
-        raise FscsError(f"{path}: image index not found; run `dvc repro prepare`")
-    try:
-        df = pd.read_parquet(path, columns=["image_id", "image_path"])
-    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for bad files / missing columns
-        raise FscsError(f"{path}: cannot read image_id and image_path from the index ({exc})") from exc
-    if df.empty:
-        raise FscsError(f"{path}: the image index is empty")
-    if df["image_id"].isna().any() or df["image_path"].isna().any():
-        raise FscsError(f"{path}: null image_id or image_path in the index")
-    ids = [str(i) for i in df["image_id"]]
-    dup = pd.Series(ids)[pd.Series(ids).duplicated()]
-    if len(dup):
-        raise FscsError(f"{path}: duplicate image_id {dup.iloc[0]!r} in the index")
-    return ids, [str(p) for p in df["image_path"]]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,11 +28,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--index", required=True, help="image index parquet (image_id, image_path)")
     parser.add_argument("--out", required=True, help="feature store to write (.h5)")
     parser.add_argument("--report", required=True, help="extraction report JSON")
+    parser.add_argument("--shard", type=int, help="extract only this shard's rows (default: every row)")
     args = parser.parse_args(argv)
 
     config = load_config(args.params)
     bb = config.need("backbone")
     ids, paths = read_image_list(args.index)
+    if args.shard is not None:
+        rows = shard_rows(len(ids), len(bb.shards), args.shard)
+        ids, paths = ids[rows.start : rows.stop], paths[rows.start : rows.stop]
     layers, batch_size = bb.layers, bb.batch_size
     threads = bb.threads or default_threads()
 

@@ -21,7 +21,7 @@ pytestmark = [
     pytest.mark.skipif(not MSRC.is_dir(), reason="needs ../shared/data/msrc-v2"),
 ]
 
-GPU_STAGES = {"extract", "enhancer", "train@image-0", "train@mixed-0", "train@pixel-0"}
+GPU_STAGES = {"extract_shard@0", "enhancer", "train@image-0", "train@mixed-0", "train@pixel-0"}
 GPU_STAGES |= {"evaluate@image-0", "evaluate@mixed-0", "evaluate@pixel-0"}
 
 

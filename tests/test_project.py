@@ -50,12 +50,12 @@ def test_dvc_yaml_lists_the_full_matrix():
 def test_stage_plan_follows_the_dvc_graph(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the flow may run anywhere: names must not depend on the working directory
     plan = stage_plan(["image", "pixel"], [0, 2])
-    assert plan[:5] == ["get_data", "prepare", "extract", "pseudo", "enhancer"]
+    assert plan[:6] == ["get_data", "prepare", "extract_shard@0", "extract", "pseudo", "enhancer"]
     assert plan.index("train@image-0") < plan.index("evaluate@image-0")
     assert "report" not in plan  # a partial selection: the report reads every setting and fold
     assert "baselines@2" in plan and "train@pixel-2" in plan
     assert stage_plan()[-1] == "report"
-    shared = ["get_data", "prepare", "extract", "pseudo", "enhancer"]
+    shared = ["get_data", "prepare", "extract_shard@0", "extract", "pseudo", "enhancer"]
     assert stage_plan(["image"], [0]) == [
         *shared,
         "train@image-0",
