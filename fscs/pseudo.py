@@ -37,7 +37,7 @@ from fscs.resample import size_hw, upsample
 RECIPES = ("cst", "dino")
 DINO_HEADS = ("mean", "vote", "union")
 # store attributes copied into pseudo-label files and checked when a Labeler reads one back
-PROVENANCE = ("backbone", "weights_sha256", "input_size", "patch_size", "grid", "num_heads")
+PROVENANCE = ("backbone", "weights_sha256", "input_size", "patch_size", "grid", "num_heads", "precision")
 
 
 # ----------------------------------------------------------------------------------------------- recipes

@@ -98,13 +98,15 @@ def main(argv: list[str] | None = None) -> None:
         val_miou=result.best_val_miou,
         train={k: v for k, v in asdict(cfg).items() if k != "model"},
         curve=result.curve,
+        device=result.device,
     )
     with atomic_path(args.curve) as tmp:
         tmp.write_text(curve_csv(result.curve))
     n_params = count_parameters(result.model)
     print(
         f"train {args.supervision} fold {args.fold}: {len(result.curve)} epochs in {result.seconds:.0f}s, "
-        f"best epoch {result.best_epoch} (val mIoU {result.best_val_miou}), {n_params} params -> {args.out}"
+        f"best epoch {result.best_epoch} (val mIoU {result.best_val_miou}), {n_params} params, "
+        f"{result.device} -> {args.out}"
     )
 
 

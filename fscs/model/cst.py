@@ -37,6 +37,7 @@ BACKBONE_KEYS = (
     "embed_dim",
     "normalization",
     "code_version",
+    "precision",
 )
 
 
