@@ -27,7 +27,8 @@ def resolve_device(value: str | None = None) -> torch.device:
     """``value`` (default ``$FSCS_DEVICE``, else ``auto``) -> a torch.device; FscsError for a bad/absent one.
 
     Resolving to CUDA also sets ``CUBLAS_WORKSPACE_CONFIG`` (unless set), before any cuBLAS call, so that
-    ``torch.use_deterministic_algorithms(True)`` holds there."""
+    ``torch.use_deterministic_algorithms(True)`` holds there, and turns TF32 off (cuDNN convolutions use it
+    by default): ``fp32`` means float32 on every device."""
     raw = os.environ.get(ENV, "auto") if value is None else value
     v = raw.strip().lower()
     if v in ("", "auto"):
@@ -43,6 +44,8 @@ def resolve_device(value: str | None = None) -> torch.device:
     if index >= torch.cuda.device_count():
         raise FscsError(f"{ENV}={raw!r}: only {torch.cuda.device_count()} CUDA device(s) here")
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     return torch.device("cuda", index)
 
 
