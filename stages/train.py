@@ -62,8 +62,10 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
+    from fscs.device import resolve_device
     from fscs.train_cell import load_cell, train_cell
 
+    device = resolve_device()  # a bad FSCS_DEVICE stops here, before the tokens load
     torch.set_num_threads(int(cfg.threads))
     paths = {k: getattr(args, k) for k in ("index", "folds", "episodes", "features", "pseudo", "enhanced")}
     cell = load_cell(params, args.supervision, args.fold, {**paths, "enhancer": args.enhancer})
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         )
 
     with cell.store:
-        result = train_cell(cell, cfg, on_epoch=report)
+        result = train_cell(cell, cfg, on_epoch=report, device=device)
     from dataclasses import asdict
 
     from fscs.model.cst import count_parameters, save_checkpoint
