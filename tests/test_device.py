@@ -8,10 +8,10 @@ import os
 
 import numpy as np
 import pytest
+import test_extract
 import torch
 import torch.nn.functional as F
 import yaml
-from test_extract import argv, setup
 from test_train import run_train, toy_dataset, val_frame
 
 from fscs import deterministic
@@ -84,11 +84,11 @@ def test_bf16_extraction_within_tolerance_of_fp32():
 
 
 def test_store_and_report_record_device_and_precision(tmp_path, monkeypatch):
-    _, index, params_file, params = setup(tmp_path, n=3)
+    _, index, params_file, params = test_extract.setup(tmp_path, n=3)
     params["backbone"].update(precision="bf16", fused=False)
     params_file.write_text(yaml.safe_dump(params))
     monkeypatch.setenv(ENV, "cpu")
-    extract_stage.main(argv(tmp_path, index, params_file))
+    extract_stage.main(test_extract.argv(tmp_path, index, params_file))
     report = json.loads((tmp_path / "extract.json").read_text())
     assert report["device"] == "cpu" and report["precision"] == "bf16"
     with FeatureStore(tmp_path / "f.h5", expected_attrs(params)) as fs:
@@ -107,10 +107,10 @@ def test_store_and_report_record_device_and_precision(tmp_path, monkeypatch):
 
 
 def test_bad_device_stops_extraction_before_output(tmp_path, monkeypatch):
-    _, index, params_file, _ = setup(tmp_path, n=2)
+    _, index, params_file, _ = test_extract.setup(tmp_path, n=2)
     monkeypatch.setenv(ENV, "tpu")
     with pytest.raises(FscsError, match=ENV):
-        extract_stage.main(argv(tmp_path, index, params_file))
+        extract_stage.main(test_extract.argv(tmp_path, index, params_file))
     assert not list(tmp_path.glob("f.h5*")) and not (tmp_path / "extract.json").exists()
 
 
