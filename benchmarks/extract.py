@@ -9,14 +9,18 @@ Rows (same process, same threads, same images; rounds interleaved, each row keep
   norm, q/k of the last block), bit-identical to timm;
 - ``fscs extract (fused)``: the default `FusedBlocks` path (oneDNN GEMMs with bias/GELU/residual fused,
   LayerScale folded), float32;
+- ``fscs extract (bf16 autocast)``: ``precision: bf16`` (timm's blocks under ``torch.autocast`` to
+  bfloat16); its % peak is of the bfloat16 GEMM peak measured in the same run, and the tokens' max abs and
+  cosine difference against the float32 (fused) row on the same images are printed below the table;
 - ``fscs extract (compiled)`` with ``--compile``: torch.compile of the fused extraction (slow to compile);
 - ``fscs end-to-end``: decode + preprocess + extract + float16 conversion + HDF5 store write.
 
 Columns: images/s, GFLOP per image (counted analytically from the architecture; FlopCounterMode's count is
-printed as a cross-check), achieved GFLOP/s, % of the float32 matmul peak measured in this run (best of a
-large square ``torch.mm`` and a ViT-shaped GEMM on the same threads), ratio to the baseline, bytes per image
-in the store and the process' peak RSS after the row. Numbers on a shared machine are noisy: rounds are
-interleaved and each row keeps its best; ``--threads 1 --clock cpu`` measures by CPU time instead.
+printed as a cross-check), achieved GFLOP/s, % of the matmul peak of the row's dtype measured in this run
+(best of a large square ``torch.mm`` and ViT-shaped GEMMs on the same threads), ratio to the baseline,
+bytes per image in the store and the process' peak RSS after the row. Numbers on a shared machine are
+noisy: rounds are interleaved and each row keeps its best; ``--threads 1 --clock cpu`` measures by CPU
+time instead.
 """
 
 from __future__ import annotations
@@ -71,12 +75,12 @@ def counted_flops(backbone: Backbone) -> float:
 CLOCK = time.perf_counter  # --clock cpu (one thread only) swaps in the thread's CPU time
 
 
-def matmul_peak(seconds: float = 1.5) -> tuple[float, str]:
-    """Best float32 GFLOP/s of a square 2048 mm and a ViT-shaped GEMM (2048x384 @ 384x1536)."""
+def matmul_peak(seconds: float = 1.5, dtype: torch.dtype = torch.float32) -> tuple[float, str]:
+    """Best GFLOP/s in ``dtype`` of a square 2048 mm and ViT-shaped GEMMs (2048x384 @ 384x1536 and back)."""
     best, what = 0.0, ""
     for m, k, n in ((2048, 2048, 2048), (2048, 384, 1536), (4096, 1536, 384)):
-        a, b = torch.randn(m, k), torch.randn(k, n)
-        out = torch.empty(m, n)
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        out = torch.empty(m, n, dtype=dtype)
         for _ in range(3):
             torch.mm(a, b, out=out)
         reps, t0 = 0, CLOCK()
@@ -87,6 +91,21 @@ def matmul_peak(seconds: float = 1.5) -> tuple[float, str]:
         if gflops > best:
             best, what = gflops, f"mm {m}x{k}@{k}x{n}"
     return best, what
+
+
+BF16_ROW = "fscs extract (bf16 autocast)"
+
+
+def token_difference(ref: Backbone, other: Backbone, batches: list[torch.Tensor]) -> dict[str, float]:
+    """Max abs and per-token cosine difference of ``other``'s tokens against ``ref``'s on the same batches."""
+    max_abs, max_ref, cos = 0.0, 0.0, []
+    for x in batches:
+        a, b = ref.extract(x).tokens, other.extract(x).tokens
+        max_abs = max(max_abs, float((a - b).abs().max()))
+        max_ref = max(max_ref, float(a.abs().max()))
+        cos.append(torch.nn.functional.cosine_similarity(a, b, dim=-1).flatten())
+    c = torch.cat(cos)
+    return {"max_abs": max_abs, "max_ref": max_ref, "cos_min": float(c.min()), "cos_mean": float(c.mean())}
 
 
 def peak_rss_mb() -> float:
@@ -147,6 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(threads)
     bb = create_backbone(args.backbone, args.input_size, fused=True)
     ref = create_backbone(args.backbone, args.input_size, fused=False)
+    bf16 = create_backbone(args.backbone, args.input_size, fused=False, precision="bf16")
     paths, images = load_images(args.images, args.input_size)
     ids = [Path(p).stem for p in paths]
     x_all = bb.preprocess_batch(images)
@@ -163,6 +183,7 @@ def main(argv: list[str] | None = None) -> None:
         "timm forward_features": timm_forward,
         "fscs extract (timm blocks)": ref.extract,
         f"fscs extract ({'fused' if bb.fused else 'fused n/a'})": bb.extract,
+        BF16_ROW: bf16.extract,
     }
     if args.compile:
         try:
@@ -177,14 +198,19 @@ def main(argv: list[str] | None = None) -> None:
     best = dict.fromkeys(candidates, float("inf"))
     rss = dict.fromkeys(candidates, 0.0)
     peak, peak_what = 0.0, ""
+    peak16, peak16_what = 0.0, ""
     for _ in range(args.repeat):
         p, what = matmul_peak()
         if p > peak:
             peak, peak_what = p, what
+        p, what = matmul_peak(dtype=torch.bfloat16)
+        if p > peak16:
+            peak16, peak16_what = p, what
         for name, fn in candidates.items():
             best[name] = min(best[name], time_forward(fn, batches))
             rss[name] = peak_rss_mb()
     rows = [(name, best[name], rss[name]) for name in candidates]
+    diff = token_difference(bb, bf16, batches)
 
     with tempfile.TemporaryDirectory() as tmp:
         e2e = float("inf")
@@ -203,7 +229,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         f"GFLOP/image {flops / 1e9:.4g} (analytic; FlopCounterMode {counted / 1e9:.4g}); "
-        f"float32 matmul peak {peak:.1f} GFLOP/s ({peak_what})"
+        f"float32 matmul peak {peak:.1f} GFLOP/s ({peak_what}); "
+        f"bfloat16 peak {peak16:.1f} GFLOP/s ({peak16_what})"
     )
     head = f"{'row':32} {'img/s':>7} {'GFLOP/s':>8} {'% peak':>7} {'vs timm':>8} {'MB/img':>7}"
     head += f" {'peak RSS MB':>12}"
@@ -212,10 +239,15 @@ def main(argv: list[str] | None = None) -> None:
     for name, secs, rss in rows:
         ips = n / secs
         gfs = ips * flops / 1e9
+        row_peak = peak16 if name == BF16_ROW else peak
         mb = f"{stats['bytes_per_image'] / 1e6:7.2f}" if name.startswith("fscs end") else f"{'-':>7}"
-        print(
-            f"{name:32} {ips:7.2f} {gfs:8.1f} {100 * gfs / peak:6.1f}% {base / secs:7.2f}x {mb} {rss:12.0f}"
-        )
+        pct = 100 * gfs / row_peak
+        print(f"{name:32} {ips:7.2f} {gfs:8.1f} {pct:6.1f}% {base / secs:7.2f}x {mb} {rss:12.0f}")
+    print(
+        f"bf16 vs float32 tokens ({n} images, all layers): max abs {diff['max_abs']:.4f} "
+        f"(float32 max |token| {diff['max_ref']:.1f}), "
+        f"cosine min {diff['cos_min']:.5f} mean {diff['cos_mean']:.6f}"
+    )
     per_image = stats["bytes_per_image"]
     print(
         f"projection for {args.project} images: store {per_image * args.project / 1e9:.2f} GB, "

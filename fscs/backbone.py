@@ -34,11 +34,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fscs.backbone_names import HUB_BACKBONES, IMGFOCUS, TINY, resolve_arch
-from fscs.config import backbone_section
 from fscs.data.images import load_rgb, open_image
+from fscs.device import autocast, describe
 from fscs.errors import FscsError
 from fscs.imgfocus import SOURCE, converted_weights, sha256_file
 from fscs.store import NORMALIZATION, STORE_VERSION, StoreWriter, iter_batches, resolve_layers
+from fscs.threads import default_threads
 
 DEFAULT_INPUT_SIZE = 224
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -80,6 +81,29 @@ class Features:
     def cls_tokens(self) -> torch.Tensor:
         """(B, L, D)."""
         return self.tokens[:, :, 0]
+
+    def cpu(self) -> Features:
+        """The batch on the CPU, in one device-to-host copy (itself when already there)."""
+        if self.tokens.device.type == "cpu":
+            return self
+        parts = (self.tokens, self.cls_query, self.patch_keys)
+        flat = torch.cat([t.reshape(t.shape[0], -1) for t in parts], dim=1).cpu()
+        sizes = [t[0].numel() for t in parts]
+        out = [c.reshape(t.shape) for c, t in zip(flat.split(sizes, dim=1), parts, strict=True)]
+        return Features(*out)
+
+
+def preprocess(image: np.ndarray, size: int) -> torch.Tensor:
+    """RGB uint8 (H, W, 3) -> (3, S, S) float32: bilinear antialiased resize to SxS, ImageNet mean/std."""
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise FscsError(f"expected an RGB image (H, W, 3), got shape {image.shape}")
+    x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
+    x = F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+    return (x - _MEAN) / _STD
+
+
+_MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+_STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 
 def state_dict_sha256(sd: dict[str, torch.Tensor]) -> str:
@@ -294,11 +318,26 @@ class FusedBlocks:
 
 
 class Backbone:
-    """A frozen timm ViT plus what the feature store needs: preprocessing and per-block token extraction."""
+    """A frozen timm ViT plus what the feature store needs: preprocessing and per-block token extraction.
 
-    def __init__(self, model: torch.nn.Module, provenance: Provenance, input_size: int, fused: bool = True):
-        self.model = model.eval().requires_grad_(False)
-        self.fused = bool(fused) and FusedBlocks.supports(self.model)
+    ``device`` (default CPU) holds the model; ``precision`` ``bf16`` autocasts its forward (`fscs.device`).
+    The fused path is the float32 CPU path: CUDA and bf16 run timm's blocks (SDPA attention)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        provenance: Provenance,
+        input_size: int,
+        fused: bool = True,
+        device: torch.device | None = None,
+        precision: str = "fp32",
+    ):
+        self.device = torch.device("cpu") if device is None else device
+        self.precision = precision
+        autocast(self.device, precision)  # refuses an unknown precision
+        self.model = model.eval().requires_grad_(False).to(self.device)
+        cpu_fp32 = self.device.type == "cpu" and precision == "fp32"
+        self.fused = bool(fused) and cpu_fp32 and FusedBlocks.supports(self.model)
         self._fused = FusedBlocks(self.model) if self.fused else None
         self.provenance = provenance
         self.input_size = int(input_size)
@@ -313,8 +352,6 @@ class Backbone:
             raise FscsError(f"backbone {provenance.name}: architecture {provenance.arch} has no CLS token")
         self._qkv: torch.Tensor | None = None
         self._hook = model.blocks[-1].attn.qkv.register_forward_hook(self._keep_qkv)
-        self._mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        self._std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
     @property
     def name(self) -> str:
@@ -328,13 +365,8 @@ class Backbone:
         self._qkv = output
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
-        """RGB uint8 (H, W, 3) -> (3, S, S) float32: bilinear antialiased resize to SxS, ImageNet mean/std."""
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise FscsError(f"expected an RGB image (H, W, 3), got shape {image.shape}")
-        x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
-        s = self.input_size
-        x = F.interpolate(x[None], size=(s, s), mode="bilinear", align_corners=False, antialias=True)[0]
-        return (x - self._mean) / self._std
+        """`preprocess` at this backbone's input size."""
+        return preprocess(image, self.input_size)
 
     def preprocess_batch(self, images: list[np.ndarray]) -> torch.Tensor:
         return torch.stack([self.preprocess(im) for im in images]).contiguous()
@@ -346,19 +378,25 @@ class Backbone:
     def extract(self, x: torch.Tensor, layers: Any = "all", dtype: torch.dtype = torch.float32) -> Features:
         """Tokens of the selected blocks (through the final norm) and the last block's CLS query / patch keys.
 
-        Computation is float32; ``dtype`` is only the output type (``torch.float16`` for the store: each
-        layer's normed tokens are rounded straight into the output buffer, identical to ``.half()`` later).
+        ``x`` is moved to the backbone's device (non-blocking: pinned batches overlap the copy) and the
+        result stays there (`Features.cpu`). Computation is float32 (``bf16``: under autocast, so the GEMMs
+        and attention run in bfloat16 and the norms in float32); ``dtype`` is only the output type
+        (``torch.float16`` for the store: each layer's normed tokens are rounded straight into the output
+        buffer, identical to ``.half()`` later).
         With ``fused=False`` the blocks run one by one exactly as timm's ``forward_features`` does (the last
         block's tokens equal timm's output bit for bit) and the last block's q/k come from a forward hook on
         its qkv projection (no extra compute). With ``fused=True`` (the default where supported) the blocks
         run through `FusedBlocks`: the same math with fewer memory passes, equal to timm up to float32
         rounding.
         """
-        sel = self.resolve_layers(layers)
+        with autocast(self.device, self.precision):
+            return self._extract(x.to(self.device, non_blocking=True), self.resolve_layers(layers), dtype)
+
+    def _extract(self, x: torch.Tensor, sel: list[int], dtype: torch.dtype) -> Features:
         m = self.model
         p0 = self.num_prefix_tokens
         b = x.shape[0]
-        tokens = torch.empty(b, len(sel), 1 + self.num_patches, self.embed_dim, dtype=dtype)
+        tokens = torch.empty(b, len(sel), 1 + self.num_patches, self.embed_dim, dtype=dtype, device=x.device)
         x = m.patch_embed(x)
         x = m._pos_embed(x)
         x = m.patch_drop(x)
@@ -406,6 +444,8 @@ class Backbone:
             "normalization": NORMALIZATION,
             "code_version": STORE_VERSION,
             "fused": self.fused,
+            "precision": self.precision,
+            "device": describe(self.device),
         }
 
     def store_shapes(self, layers: Any = "all") -> dict[str, tuple[int, ...]]:
@@ -453,6 +493,8 @@ def create_backbone(
     arch: str | None = None,
     cache: str | os.PathLike | None = None,
     fused: bool = True,
+    device: torch.device | None = None,
+    precision: str = "fp32",
 ) -> Backbone:
     """A frozen backbone by registry name (see the module doc) for square ``input_size`` input."""
     input_size = int(input_size)
@@ -489,7 +531,7 @@ def create_backbone(
         num_heads=int(model.blocks[0].attn.num_heads),
         depth=len(model.blocks),
     )
-    return Backbone(model, provenance, input_size, fused=fused)
+    return Backbone(model, provenance, input_size, fused=fused, device=device, precision=precision)
 
 
 def _check_divisible(name: str, input_size: int, patch: int) -> None:
@@ -503,13 +545,41 @@ def _check_size_and_create(arch: str, input_size: int) -> torch.nn.Module:
     return model
 
 
-def backbone_from_params(params: dict[str, Any]) -> Backbone:
-    """`create_backbone` from params.yaml (the whole file or its ``backbone`` section)."""
+def backbone_from_params(params: dict[str, Any], device: torch.device | None = None) -> Backbone:
+    """`create_backbone` from params.yaml (the whole file or its ``backbone`` section) on ``device``."""
+    from fscs.config import backbone_section  # pydantic: kept out of the import of this module (GPU smoke)
+
     bb = backbone_section(params)
-    return create_backbone(bb.name, bb.input_size, bb.arch, fused=bb.fused)
+    return create_backbone(
+        bb.name, bb.input_size, bb.arch, fused=bb.fused, device=device, precision=bb.precision
+    )
 
 
 # ---- extraction into a store ------------------------------------------------------------------------------
+
+
+class _ImageBatches(torch.utils.data.Dataset):
+    """Decoded, preprocessed batches of rows (the DataLoader workers' job on CUDA)."""
+
+    def __init__(self, paths: list[str], batches: list[list[int]], size: int):
+        self.paths, self.batches, self.size = paths, batches, size
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> tuple[list[int], torch.Tensor]:
+        rows = self.batches[i]
+        return rows, torch.stack([preprocess(load_rgb(self.paths[r]), self.size) for r in rows])
+
+
+def _batches(backbone: Backbone, paths: list[str], todo: list[list[int]]) -> Any:
+    """(rows, preprocessed batch) in order: decoded in this process on the CPU; on CUDA by DataLoader
+    workers into pinned memory, so decoding overlaps the GPU."""
+    data = _ImageBatches(list(paths), todo, backbone.input_size)
+    if backbone.device.type != "cuda":
+        return (data[i] for i in range(len(data)))
+    workers = max(1, min(8, default_threads() - 1))
+    return torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers, pin_memory=True)
 
 
 def check_images(paths: list[str]) -> None:
@@ -558,9 +628,8 @@ def extract_to_store(
             desc=f"extract {backbone.name}",
         )
         with bar:
-            for rows in todo:
-                x = backbone.preprocess_batch([load_rgb(image_paths[r]) for r in rows])
-                f = backbone.extract(x, layers, dtype=torch.float16)
+            for rows, x in _batches(backbone, image_paths, todo):
+                f = backbone.extract(x, layers, dtype=torch.float16).cpu()
                 writer.write(rows, f.tokens.numpy(), f.cls_query.numpy(), f.patch_keys.numpy())
                 computed += len(rows)
                 bar.update(int((~done[rows]).sum()))

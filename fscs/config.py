@@ -88,6 +88,7 @@ class BackboneConfig(Section):
     layers: Literal["all"] | int | Annotated[list[int], Field(min_length=1)] = "all"
     batch_size: PositiveInt = 8
     fused: bool = True
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast around the ViT forward (fscs.device)
     threads: Count = 0  # 0: all available cores
     arch: str | None = None  # timm architecture of a path: checkpoint
     # extraction shards as a list (dvc.yaml's matrix needs one; N = its length), exactly 0..N-1
@@ -99,6 +100,15 @@ class BackboneConfig(Section):
         if shards != list(range(len(shards))):
             raise ValueError(f"the shard ids 0..{len(shards) - 1} in order, one per shard")
         return shards
+
+    @field_validator("precision")
+    @classmethod
+    def _bf16_not_fused(cls, precision: str, info: ValidationInfo) -> str:
+        if precision == "bf16" and info.data.get("fused"):
+            raise ValueError(
+                "bf16 runs timm's blocks under autocast (the fused path is float32 only): set fused: false"
+            )
+        return precision
 
 
 class PseudoConfig(Section):

@@ -18,6 +18,9 @@ of each (way, shot) list shares its query and usually its first support) is comp
 `prefetch(episodes)` computes all distinct pairs of an episode list up front, sorted by query, in large
 batches; each image's prepared (normalized, per-head, support-downsampled) features are computed once and
 kept in a bounded cache, so a query or support image shared by many pairs is prepared once.
+
+The model runs on the device its parameters are on (tokens stay in RAM and move per batch); results come
+back to the CPU as numpy arrays.
 """
 
 from __future__ import annotations
@@ -99,7 +102,7 @@ class PreparedBank:
         todo = [i for i in dict.fromkeys(image_ids) if i not in cache]
         if todo:
             with torch.no_grad():
-                raw = self.tokens.get(todo)
+                raw = self.tokens.get(todo).to(next(self.model.parameters()).device, non_blocking=True)
                 prep = self.model.prepare_query(raw) if kind == "query" else self.model.prepare_support(raw)
             for i, image_id in enumerate(todo):
                 cache[image_id] = prep[i].clone()
@@ -130,6 +133,7 @@ class CSTPredictor:
         cache_size: int = 100_000,
     ):
         self.model = model.eval()
+        self.device = next(model.parameters()).device
         self.tokens = tokens if isinstance(tokens, TokenBank) else TokenBank(tokens)
         self.support_mask = support_mask
         self.mask_depends_on_class = bool(mask_depends_on_class)
@@ -148,9 +152,9 @@ class CSTPredictor:
         q = self.prepared.get("query", queries[:1] if len(set(queries)) == 1 else queries)
         s = self.prepared.get("support", [p[1] for p in pairs])
         m = torch.from_numpy(np.stack([np.asarray(self.support_mask(p[1], p[2]), dtype=bool) for p in pairs]))
-        cls_logits, seg_logits = self.model.forward_prepared(q, s, m)
-        present = torch.softmax(cls_logits.float(), dim=1)[:, 1].numpy()
-        fg = torch.softmax(seg_logits.float(), dim=1)[:, 1].numpy()
+        cls_logits, seg_logits = self.model.forward_prepared(q, s, m.to(self.device))
+        present = torch.softmax(cls_logits.float(), dim=1)[:, 1].cpu().numpy()
+        fg = torch.softmax(seg_logits.float(), dim=1)[:, 1].cpu().numpy()
         self.pairs_computed += len(pairs)
         return [(float(present[i]), fg[i]) for i in range(len(pairs))]
 

@@ -30,6 +30,8 @@ from tqdm import tqdm
 
 from fscs.config import EnhancerConfig
 from fscs.data.images import VOID
+from fscs.deterministic import interpolate_bilinear
+from fscs.device import resolve_device
 from fscs.errors import FscsError
 from fscs.io import json_attr, save_torch
 from fscs.iou import IoUCounter
@@ -80,7 +82,7 @@ class Enhancer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, gh, gw) per-head cosine maps -> (B, 1, scale*gh, scale*gw) logits."""
         if self.scale != 1:
-            x = F.interpolate(x, scale_factor=self.scale, mode="bilinear", align_corners=False)
+            x = interpolate_bilinear(x, scale_factor=self.scale)
         return self.net(x)
 
 
@@ -91,10 +93,12 @@ def enhance(model: Enhancer, cos_maps: np.ndarray, batch_size: int = 256) -> np.
         raise FscsError(f"enhance: expected (B, H, gh, gw) cosine maps, got shape {x.shape}")
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     out = []
     with torch.no_grad():
         for start in range(0, len(x), batch_size):
-            out.append(torch.sigmoid(model(torch.from_numpy(x[start : start + batch_size])))[:, 0].numpy())
+            batch = torch.from_numpy(x[start : start + batch_size]).to(device)
+            out.append(torch.sigmoid(model(batch))[:, 0].cpu().numpy())
     model.train(was_training)
     return np.concatenate(out, axis=0) if out else np.zeros((0, *x.shape[2:]), np.float32)
 
@@ -123,18 +127,25 @@ def _loss(logits: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor
 
 
 def train_enhancer(
-    inputs: np.ndarray, targets: np.ndarray, config: dict[str, Any] | None = None, progress: bool = False
+    inputs: np.ndarray,
+    targets: np.ndarray,
+    config: dict[str, Any] | None = None,
+    progress: bool = False,
+    device: torch.device | None = None,
 ) -> tuple[Enhancer, list[float]]:
     """Train a fresh enhancer on (N, H, gh, gw) cosine maps and (N, L, L) uint8 targets {0, 1, 255}.
 
-    Returns the model (eval mode) and the mean loss of each block of 50 steps. Seeded and deterministic.
+    Returns the model (eval mode, on ``device``: default `fscs.device.resolve_device`) and the mean loss of
+    each block of 50 steps. Seeded and deterministic (the batch order and flips are drawn on the CPU).
     """
+    device = resolve_device() if device is None else device
     cfg = {**DEFAULT_CONFIG, **(config or {})}
     x_all = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))
     y_all = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.uint8)).long()
     if x_all.ndim != 4 or y_all.ndim != 3 or len(x_all) != len(y_all) or len(x_all) == 0:
         raise FscsError(f"train_enhancer: bad sample shapes {tuple(x_all.shape)} / {tuple(y_all.shape)}")
     label_size = int(y_all.shape[-1])
+    x_all, y_all = x_all.to(device), y_all.to(device)
     prev_det = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
@@ -142,7 +153,9 @@ def train_enhancer(
         gen = torch.Generator().manual_seed(int(cfg["seed"]))
         fixed = cfg["threshold"] != "auto"
         start_threshold = float(cfg["threshold"]) if fixed else 0.5
-        model = Enhancer(int(x_all.shape[1]), int(cfg["width"]), start_threshold, int(cfg["scale"]))
+        model = Enhancer(int(x_all.shape[1]), int(cfg["width"]), start_threshold, int(cfg["scale"])).to(
+            device
+        )
         opt = torch.optim.Adam(
             model.parameters(), lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"])
         )
@@ -161,15 +174,13 @@ def train_enhancer(
                 pos = 0
             idx = order[pos : pos + bs]
             pos += bs
-            x, y = x_all[idx], y_all[idx]
+            x, y = x_all[idx.to(device)], y_all[idx.to(device)]
             if cfg["flip"]:
-                flip = torch.rand(len(idx), generator=gen) < 0.5
+                flip = (torch.rand(len(idx), generator=gen) < 0.5).to(device)
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
                 y = torch.where(flip[:, None, None], y.flip(-1), y)
             logits = model(x)
-            logits = F.interpolate(
-                logits, size=(label_size, label_size), mode="bilinear", align_corners=False
-            )
+            logits = interpolate_bilinear(logits, size=(label_size, label_size))
             loss = _loss(logits[:, 0], y, str(cfg["loss"]))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -210,7 +221,9 @@ def save_enhancer(path: str | os.PathLike, models: dict[str, Enhancer], config: 
 
     ``models`` maps a name (``fold0`` ... or ``all``) to a trained enhancer; their mask thresholds and
     input scale go into ``config["thresholds"]`` / ``config["scale"]``."""
-    state = {name: {k: v.detach().clone() for k, v in m.state_dict().items()} for name, m in models.items()}
+    state = {
+        name: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()} for name, m in models.items()
+    }
     config = {**config, "thresholds": {name: float(m.threshold) for name, m in models.items()}}
     config["scale"] = int(next(iter(models.values())).scale) if models else int(config.get("scale", 1))
     save_torch({"state_dict": state, "config": config}, path)

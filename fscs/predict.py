@@ -14,7 +14,8 @@ Several supports of a class make a K-shot episode (shots combined by the checkpo
 thresholds, as in evaluation).
 Images of any size are resized to the backbone's input size.
 
-The checkpoint's config names the backbone (and its weights' sha256): that backbone is built and must match.
+The checkpoint's config names the backbone (and its weights' sha256, precision): that backbone is built and
+must match. It and the CST model run on ``FSCS_DEVICE`` (`fscs.device`).
 Writes per query ``<name>.json`` (class names, presence probabilities, present flags, mask pixel counts),
 ``<name>_mask.png`` (index PNG at the query's original size: 0 background, i = class i, VOC palette) and
 ``<name>_overlay.png``, per support ``support<i>_<name>_overlay.png`` (the mask the class was taught with,
@@ -167,19 +168,25 @@ class Predictor:
 
     def __init__(self, checkpoint: str, params: dict[str, Any] | None = None):
         from fscs.backbone import create_backbone
+        from fscs.device import resolve_device
         from fscs.model.cst import load_checkpoint
 
         self.checkpoint = str(checkpoint)
         self.params = dict(params or {})
         if not Path(checkpoint).is_file():
             raise FscsError(f"{checkpoint}: checkpoint not found")
+        device = resolve_device()
         self.model, self.ckpt = load_checkpoint(checkpoint)
+        self.model.to(device)
         bb = dict(self.model.config.backbone)
         if "backbone" not in bb or "input_size" not in bb:
             raise FscsError(f"{checkpoint}: checkpoint config does not name its backbone (config.backbone)")
         check_params_backbone(self.checkpoint, bb, self.params.get("backbone"))
         self.layers = list(bb["layers"]) if isinstance(bb.get("layers"), list) else "all"
-        self.backbone = create_backbone(str(bb["backbone"]), int(bb["input_size"]), bb.get("arch"))
+        precision = str(bb.get("precision", "fp32"))
+        self.backbone = create_backbone(
+            str(bb["backbone"]), int(bb["input_size"]), bb.get("arch"), device=device, precision=precision
+        )
         check_backbone(self.backbone, bb, self.checkpoint, self.layers)
         check_sizes(self.model.config, self.backbone, self.layers, self.checkpoint)
         config = self.ckpt.get("config", {})
@@ -193,7 +200,7 @@ class Predictor:
         out = []
         for i in range(0, len(images), batch_size):
             x = self.backbone.preprocess_batch(images[i : i + batch_size])
-            f = self.backbone.extract(x, self.layers)
+            f = self.backbone.extract(x, self.layers).cpu()
             for b in range(x.shape[0]):
                 out.append(
                     {

@@ -12,7 +12,7 @@ import numpy as np
 from fscs.errors import FscsError
 
 #: Store attributes copied into derived files (pseudo-labels, enhancer) and checked when one is read back.
-DERIVED = ("backbone", "weights_sha256", "input_size", "patch_size", "grid", "num_heads")
+DERIVED = ("backbone", "weights_sha256", "input_size", "patch_size", "grid", "num_heads", "precision")
 
 
 def plain(value: Any) -> Any:

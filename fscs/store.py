@@ -10,15 +10,17 @@ Layout (row r = one image, one image per HDF5 chunk so a read touches only that 
 
 Attributes: ``backbone``, ``arch``, ``weights_sha256``, ``source``, ``input_size``, ``patch_size``,
 ``grid`` [gh, gw], ``layers`` (resolved block indices), ``depth``, ``num_heads``, ``embed_dim``,
-``normalization``, ``code_version``, ``fused`` (which CPU path computed it, see fscs.backbone) and
+``normalization``, ``code_version``, ``fused`` (which CPU path computed it, see fscs.backbone),
+``precision`` (``fp32`` | ``bf16``), ``device`` (where it was computed; recorded, never compared) and
 ``complete`` (True only after the last write) and ``image_ids_sha256``.
 
 Integrity: every row of ``tokens``, ``cls_query``, ``patch_keys`` (and ``done``) carries HDF5's Fletcher32
 checksum, verified by HDF5 on each read; a damaged row is refused with the file, the dataset and the rows
 named. ``image_ids`` (variable-length strings, which HDF5 cannot filter) is checked against its SHA-256 on
 open. `FeatureStore` compares ``backbone``, ``arch``,
-``input_size``, ``layers`` ("all" means every block of ``depth``), ``normalization`` and ``code_version``
-with what the params ask for (`expected_attrs`), plus any other key given in ``expect``.
+``input_size``, ``layers`` ("all" means every block of ``depth``), ``normalization``, ``code_version`` and
+``precision`` (absent in stores written before it: those are ``fp32``) with what the params ask for
+(`expected_attrs`), plus any other key given in ``expect``.
 
 Writing goes to ``<path>.partial``; rows are flushed batch by batch with their ``done`` flags, and only when
 every row is done is ``complete`` set and the file renamed to ``<path>``. A re-run after a crash resumes the
@@ -37,7 +39,6 @@ import h5py
 import numpy as np
 
 from fscs.backbone_names import resolve_arch
-from fscs.config import backbone_section
 from fscs.errors import FscsError
 from fscs.provenance import check_provenance
 
@@ -56,7 +57,10 @@ NORMALIZATION = (
 DATASETS = ("image_ids", "tokens", "cls_query", "patch_keys", "done")
 
 # Attributes compared between a store and what the params ask for, in this order.
-_COMPARED = ("backbone", "arch", "input_size", "layers", "normalization", "code_version")
+_COMPARED = ("backbone", "arch", "input_size", "layers", "normalization", "code_version", "precision")
+
+# Compared attributes that stores written before them lack, with the value those stores have.
+_BEFORE = {"precision": "fp32"}
 
 
 def _plain(value: Any) -> Any:
@@ -92,6 +96,8 @@ def resolve_layers(layers: Any, depth: int) -> list[int]:
 
 def expected_attrs(params: dict[str, Any]) -> dict[str, Any]:
     """The ``expect`` dict for `FeatureStore` from params.yaml (whole file or its ``backbone`` section)."""
+    from fscs.config import backbone_section  # pydantic: kept out of the import of this module (GPU smoke)
+
     bb = backbone_section(params)
     return {
         "backbone": bb.name,
@@ -100,6 +106,7 @@ def expected_attrs(params: dict[str, Any]) -> dict[str, Any]:
         "layers": bb.layers,
         "normalization": NORMALIZATION,
         "code_version": STORE_VERSION,
+        "precision": bb.precision,
     }
 
 
@@ -121,7 +128,7 @@ def check_attrs(attrs: dict[str, Any], expect: dict[str, Any], where: str) -> No
     """Raise FscsError naming the first attribute of ``attrs`` that differs from ``expect``."""
     order = [k for k in _COMPARED if k in expect] + [k for k in expect if k not in _COMPARED]
     check_provenance(
-        attrs,
+        {**_BEFORE, **attrs},  # a store older than a key holds its old meaning
         {key: expect[key] for key in order},
         where,
         lambda key, have, want: (

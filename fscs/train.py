@@ -12,6 +12,8 @@
   best validation mIoU is above 0, see `improves`).
 - Determinism: ``torch.manual_seed(seed)``, ``torch.use_deterministic_algorithms(True)``, a fixed thread
   count; two runs with the same inputs give bit-identical weights on the same machine.
+- Device: ``FSCS_DEVICE`` (`fscs.device`); on CUDA the loss's upsampling and cross-entropy run through
+  `fscs.deterministic` (torch has no deterministic CUDA backward for them).
 """
 
 from __future__ import annotations
@@ -26,13 +28,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from fscs.calibration import Records, calibrate
 from fscs.cst_predictor import CSTPredictor, PreparedBank, TokenBank
-from fscs.data.episodes import TrainEpisodeSampler
 from fscs.data.images import VOID
+from fscs.deterministic import cross_entropy, interpolate_bilinear
+from fscs.device import describe, resolve_device
 from fscs.errors import FscsError
 from fscs.model.cst import CST, CSTConfig
 from fscs.resample import bilinear
@@ -93,8 +95,8 @@ def segmentation_loss(seg_logits: torch.Tensor, target: torch.Tensor) -> torch.T
     """CE over (bg, fg) logits (B, 2, h, w) upsampled to the target (B, S, S) size; 255 ignored.
 
     Mean over the non-ignored pixels of the batch (0 when there are none)."""
-    logits = F.interpolate(seg_logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
-    total = F.cross_entropy(logits, target, ignore_index=VOID, reduction="sum")
+    logits = interpolate_bilinear(seg_logits, size=tuple(target.shape[-2:]))
+    total = cross_entropy(logits, target, ignore_index=VOID, reduction="sum")
     count = (target != VOID).sum().clamp(min=1)
     return total / count
 
@@ -110,7 +112,7 @@ def episode_loss(
 ) -> torch.Tensor:
     """The training loss of a batch of prepared (query, support) features (see `PreparedBank`)."""
     cls_logits, seg_logits = model.forward_prepared(query, support, mask)
-    return cls_weight * F.cross_entropy(cls_logits, presence) + segmentation_loss(seg_logits, target)
+    return cls_weight * cross_entropy(cls_logits, presence) + segmentation_loss(seg_logits, target)
 
 
 def training_images(index: pd.DataFrame, split: str, classes: list[int]) -> list[str]:
@@ -137,12 +139,13 @@ class Batcher:
         masks = np.stack([t.support_mask(s, c) for s, c in zip(ss, cs, strict=True)])
         target = np.stack([t.query_target(q, s, c) for q, s, c in zip(qs, ss, cs, strict=True)])
         presence = [t.presence(q, c) for q, c in zip(qs, cs, strict=True)]
+        query = self.tokens.get("query", qs)
         return (
-            self.tokens.get("query", qs),
+            query,
             self.tokens.get("support", ss),
-            torch.from_numpy(masks),
-            torch.from_numpy(target.astype(np.int64)),
-            torch.tensor(presence, dtype=torch.long),
+            torch.from_numpy(masks).to(query.device),
+            torch.from_numpy(target.astype(np.int64)).to(query.device),
+            torch.tensor(presence, dtype=torch.long).to(query.device),
         )
 
 
@@ -153,6 +156,7 @@ class TrainResult:
     best_val_miou: float | None
     curve: list[dict[str, Any]]
     seconds: float
+    device: str  # where it was trained (recorded, never compared)
 
 
 def pixel_signals(scores: np.ndarray, labels: np.ndarray, bins: int = 200) -> dict[str, float]:
@@ -237,14 +241,19 @@ def train(
     void: str = "ignore",
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     progress: bool | None = None,
+    device: torch.device | None = None,
 ) -> TrainResult:
-    """Train one CST model; returns the best epoch's model and the learning curve.
+    """Train one CST model on ``device`` (default: `fscs.device.resolve_device`); returns the best epoch's
+    model (on the CPU) and the learning curve.
 
     ``val_episodes``: 1-way 1-shot validation rows of this fold (None or empty: keep the last epoch).
     """
+    from fscs.data.episodes import TrainEpisodeSampler  # pydantic (via the index): kept out of the GPU smoke
+
+    device = resolve_device() if device is None else device
     set_determinism(config.seed, config.threads)
     start = time.perf_counter()
-    model = CST(model_config)
+    model = CST(model_config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=float(config.lr))
     total_steps = config.steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -315,5 +324,5 @@ def train(
                 break
     model.load_state_dict(best_state)
     model.config.presence_threshold, model.config.fg_threshold = best_thresholds
-    model.eval()
-    return TrainResult(model, best_epoch, best_miou, curve, time.perf_counter() - start)
+    model.eval().cpu()
+    return TrainResult(model, best_epoch, best_miou, curve, time.perf_counter() - start, describe(device))

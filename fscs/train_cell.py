@@ -108,9 +108,10 @@ def load_cell(
 
 
 def train_cell(
-    cell: Cell, cfg: TrainConfig, on_epoch: Any = None, progress: bool | None = None
+    cell: Cell, cfg: TrainConfig, on_epoch: Any = None, progress: bool | None = None, device: Any = None
 ) -> TrainResult:
-    """Train one CST model for the cell (selection on its validation episodes)."""
+    """Train one CST model for the cell (selection on its validation episodes) on ``device`` (a
+    torch.device; default `fscs.device.resolve_device`)."""
     return train(
         config=cfg,
         tokens=cell.tokens,
@@ -124,4 +125,5 @@ def train_cell(
         void=cell.void,
         on_epoch=on_epoch,
         progress=progress,
+        device=device,
     )

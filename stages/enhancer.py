@@ -30,6 +30,7 @@ import torch
 from fscs.config import load_config
 from fscs.data.folds import read_folds
 from fscs.data.index import read_index
+from fscs.device import describe, resolve_device
 from fscs.enhancer import enhance, save_enhancer, write_enhanced
 from fscs.enhancer_figure import pseudo_label_figure
 from fscs.enhancer_study import (
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     config = load_config(args.params)
     pcfg, cfg, mixed = pseudo_config(config), enhancer_config(config), mixed_config(config)
     index, folds = read_index(args.index), read_folds(args.folds)
+    device = resolve_device()  # fscs.enhancer trains there; recorded in the checkpoint and report
     torch.set_num_threads(int(cfg["threads"]))
     with FeatureStore(args.features, expect=expected_attrs(config.params())) as store:
         ids, maps = load_checked_self_maps(args.pseudo, store, pcfg["center_keys"], args.features)
@@ -82,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
         prov = recorded(store.attrs)
 
     saved = checkpoint_config(cfg, mixed, models, main_run["labelled"], data.grid, prov)
-    report = study_report(cfg, pcfg, mixed, results)
+    saved["device"] = describe(device)
+    report = {**study_report(cfg, pcfg, mixed, results), "device": describe(device)}
     fig_dir = Path(args.figures)
     fig_dir.mkdir(parents=True, exist_ok=True)
     report["figure_images"] = pseudo_label_figure(

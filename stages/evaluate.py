@@ -54,11 +54,13 @@ def main(argv: list[str] | None = None) -> None:
     from fscs.data.episodes import read_episodes
     from fscs.data.folds import class_names, fold_classes, read_folds
     from fscs.data.index import read_index
+    from fscs.device import describe, resolve_device
     from fscs.evaluation import evaluation_json, run_episodes
     from fscs.model.cst import load_checkpoint, read_checkpoint
     from fscs.store import FeatureStore
     from fscs.targets import targets_for
 
+    device = resolve_device()
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
     ckpt = read_checkpoint(args.checkpoint)
@@ -80,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     with FeatureStore(args.features) as store:
         model, _ = load_checkpoint(args.checkpoint, store=store)
+        model.to(device)
         if args.supervision == "mixed" and not args.enhancer:
             raise FscsError("supervision 'mixed' needs --enhancer (its test support masks are enhanced)")
         enhancer_fold = ckpt.get("fold", args.fold)  # cross-dataset: the enhancer of the checkpoint's fold
@@ -114,7 +117,12 @@ def main(argv: list[str] | None = None) -> None:
         results = run_episodes(episodes, predictor, index, classes, void=void, progress=None)
     seconds = time.perf_counter() - t0
     doc = evaluation_json(args.fold, args.supervision, void, results)
-    doc["run"] = {"pairs": int(pairs), "seconds": round(seconds, 1), "checkpoint_epoch": ckpt.get("epoch")}
+    doc["run"] = {
+        "pairs": int(pairs),
+        "seconds": round(seconds, 1),
+        "checkpoint_epoch": ckpt.get("epoch"),
+        "device": describe(device),
+    }
     write_json(args.out, doc)
     summary = "; ".join(f"{k} ER {v['er']} mIoU {v['miou']}" for k, v in doc["results"].items())
     print(f"evaluate {args.supervision} fold {args.fold}: {summary} ({pairs} pairs, {seconds:.0f}s)")

@@ -3,8 +3,9 @@
     python -m stages.extract --index data/index/msrc.parquet --out data/features/msrc.h5 \
         --report reports/extract.json [--params params.yaml]
 
-Params (section `backbone`): `name`, `input_size`, `layers`, `batch_size`, optional `arch` (for `path:`
-names) and `threads` (torch CPU threads; default all available cores). Images are checked to decode before
+Params (section `backbone`): `name`, `input_size`, `layers`, `batch_size`, `precision`, optional `arch` (for
+`path:` names) and `threads` (torch CPU threads; default all available cores). The device comes from
+``FSCS_DEVICE`` (`fscs.device`), not from params. Images are checked to decode before
 the model runs. The store is written to `<out>.partial` and renamed when complete; a killed run resumes.
 With `--shard I` only shard I's rows of the index are extracted (`backbone.shards` lists the shards; rows
 from `fscs.store_shards.shard_rows`): `dvc.yaml` runs one `extract_shard@I` per shard, then stage
@@ -43,12 +44,14 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from fscs.backbone import backbone_from_params, check_images, extract_to_store
+    from fscs.device import describe, resolve_device
 
+    device = resolve_device()  # a bad FSCS_DEVICE stops here, before any work
     check_images(paths)  # before the (slow) backbone load and before any output
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
     t0 = time.perf_counter()
-    backbone = backbone_from_params(config.params())
+    backbone = backbone_from_params(config.params(), device)
     load_s = time.perf_counter() - t0
     stats = extract_to_store(
         backbone, ids, paths, args.out, layers=layers, batch_size=batch_size, check=False
@@ -63,6 +66,8 @@ def main(argv: list[str] | None = None) -> None:
         "layers": backbone.resolve_layers(layers),
         "backbone": backbone.provenance.as_dict(),
         "torch": torch.__version__,
+        "device": describe(device),
+        "precision": backbone.precision,
     }
     write_json(args.report, report)
     rate = f"{stats['images_per_s']:.2f} img/s" if stats["images_per_s"] else "nothing to compute"

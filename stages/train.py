@@ -63,8 +63,10 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
+    from fscs.device import resolve_device
     from fscs.train_cell import load_cell, train_cell
 
+    device = resolve_device()  # a bad FSCS_DEVICE stops here, before the tokens load
     torch.set_num_threads(int(cfg.threads))
     paths = {k: getattr(args, k) for k in ("index", "folds", "episodes", "features", "pseudo", "enhanced")}
     cell = load_cell(params, args.supervision, args.fold, {**paths, "enhancer": args.enhancer})
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         )
 
     with cell.store:
-        result = train_cell(cell, cfg, on_epoch=report)
+        result = train_cell(cell, cfg, on_epoch=report, device=device)
     from dataclasses import asdict
 
     from fscs.model.cst import count_parameters, save_checkpoint
@@ -99,13 +101,15 @@ def main(argv: list[str] | None = None) -> None:
         val_miou=result.best_val_miou,
         train={k: v for k, v in asdict(cfg).items() if k != "model"},
         curve=result.curve,
+        device=result.device,
     )
     with atomic_path(args.curve) as tmp:
         tmp.write_text(curve_csv(result.curve))
     n_params = count_parameters(result.model)
     print(
         f"train {args.supervision} fold {args.fold}: {len(result.curve)} epochs in {result.seconds:.0f}s, "
-        f"best epoch {result.best_epoch} (val mIoU {result.best_val_miou}), {n_params} params -> {args.out}"
+        f"best epoch {result.best_epoch} (val mIoU {result.best_val_miou}), {n_params} params, "
+        f"{result.device} -> {args.out}"
     )
 
 

@@ -11,6 +11,22 @@ import pytest
 from PIL import Image
 from tiny_repo import make_tiny_repo, run, tiny_env
 
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA GPU here")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 VOC_FIXTURE_CLASSES = {1: "cat", 2: "dog", 3: "sky", 4: "tree", 5: "car", 6: "boat"}
 
 

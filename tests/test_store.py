@@ -185,6 +185,7 @@ def test_expected_attrs_from_params():
         "layers": "all",
         "normalization": NORMALIZATION,
         "code_version": STORE_VERSION,
+        "precision": "fp32",
     }
     assert (
         expected_attrs({"name": "path:/x.pt", "arch": "vit_small_patch16_224"})["arch"]

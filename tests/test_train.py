@@ -308,6 +308,7 @@ def test_train_and_evaluate_stages(tiny_artifacts, capsys):
     ckpt = read_checkpoint(ckpt_path)
     assert ckpt["supervision"] == "image" and ckpt["fold"] == 0 and ckpt["config"]["label_size"] == 16
     assert ckpt["config"]["backbone"]["backbone"] == "vit_tiny_random"
+    assert ckpt["device"] == "cpu" and ckpt["config"]["backbone"]["precision"] == "fp32"  # recorded
     lines = curve.read_text().splitlines()
     assert lines[0].split(",") == list(CURVE_COLUMNS) and len(lines) == 3
     rows = [dict(zip(CURVE_COLUMNS, line.split(","), strict=True)) for line in lines[1:]]
@@ -318,6 +319,7 @@ def test_train_and_evaluate_stages(tiny_artifacts, capsys):
     evaluate.main([*common, "--checkpoint", str(ckpt_path), "--out", str(out)])
     doc = json.loads(out.read_text())
     assert doc["fold"] == 0 and doc["supervision"] == "image" and doc["void"] == "ignore"
+    assert doc["run"]["device"] == "cpu"
     assert set(doc["results"]) == {"1way1shot", "1way5shot", "2way1shot", "2way5shot"}
     for r in doc["results"].values():
         assert r["episodes"] == 6 and 0 <= r["er"] <= 100 and 0 <= r["miou"] <= 100

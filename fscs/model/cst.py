@@ -38,6 +38,7 @@ BACKBONE_KEYS = (
     "embed_dim",
     "normalization",
     "code_version",
+    "precision",
 )
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from fscs.deterministic import interpolate_bilinear
 
 
 class ClassificationHead(nn.Module):
@@ -53,5 +54,5 @@ class SegmentationHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.pre(x)
-        y = F.interpolate(y, scale_factor=2, mode="bilinear", align_corners=False)
+        y = interpolate_bilinear(y, scale_factor=2)
         return self.post(y)
