@@ -113,6 +113,7 @@ def fscs_pipeline_dask(
         del running[name]
         try:
             result = future.result()
+            future.wrapped_future.release()  # else Dask recomputes it if the worker holding it dies later
             record(repo, result, plans[name].uncached_outs, logger)
             done[name] = {"ran": True, "worker": result.worker, "seconds": round(result.seconds, 1)}
         except Exception as err:  # keep recording the others; downstream of a failure never starts

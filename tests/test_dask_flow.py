@@ -100,9 +100,10 @@ def _kill_worker_running(stage_module: str, flow_pid: int, timeout: float = 600)
     while worker.parent() and worker.parent().pid != flow_pid:
         worker = worker.parent()
     victims = [worker, *worker.children(recursive=True)]
+    cmdline = " ".join(worker.cmdline())
     for p in victims:
         p.send_signal(signal.SIGKILL)
-    return " ".join(worker.cmdline())
+    return cmdline
 
 
 @pytest.fixture
