@@ -34,6 +34,8 @@ from flows.lockbook import record, stale
 from flows.pipeline import study_targets
 from flows.serve import API_URL
 from flows.workspace import Remote, StageJob, StageResult, pack_code, read_tree, run_stage
+from fscs.config import load_config
+from fscs.data.get import local_copy, source_variable
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,6 +65,15 @@ def default_remote(repo: Path) -> Remote:
     return Remote(options.pop("url"), options)
 
 
+def dataset_source(repo: Path) -> dict[str, str]:
+    """Where the flow's machine finds the dataset (`FSCS_<NAME>_SOURCE`, or shared/data above the project),
+    for workers whose workspaces sit elsewhere. A worker's own variable wins; without either, a worker's
+    `get_data` downloads the dataset."""
+    name = load_config(repo / "params.yaml").dataset.name
+    found = local_copy(name, repo)
+    return {source_variable(name): str(Path(found).resolve())} if found else {}
+
+
 def set_remote(repo: Path, remote: Remote) -> None:
     """Make `remote` this workspace's default DVC remote `fscs` (in .dvc/config.local, not committed)."""
     dvc(["remote", "add", "--local", "--force", "--default", "fscs", remote.url], repo)
@@ -87,6 +98,7 @@ def fscs_pipeline_dask(
     remote = default_remote(repo)
     plans = plan_stages(repo, study_targets(supervisions, folds, repo))
     code = pack_code(repo, exclude=[out for p in plans.values() for out in p.uncached_outs] + ["dvc.lock"])
+    env = dataset_source(repo)
     project = f"{repo.name}-{hashlib.sha1(str(repo).encode()).hexdigest()[:8]}"
     done: dict[str, dict] = {}
     failed: list[str] = []
@@ -103,7 +115,8 @@ def fscs_pipeline_dask(
                 dvc(["repro", "--single-item", name], repo, logger)
                 done[name] = {"ran": True, "worker": "flow"}
             else:
-                running[name] = _submit(plan, repo, project, code, remote, gpu_resource, cpu_workers or [])
+                job = _job(plan, repo, project, code, remote, env)
+                running[name] = _submit(job, gpu_resource, cpu_workers or [])
         if any(n in done for n in ready):
             continue  # stages done here may have made others ready
         if not running:
@@ -124,19 +137,23 @@ def fscs_pipeline_dask(
     return done
 
 
-def _submit(
-    plan: StagePlan, repo: Path, project: str, code: bytes, remote: Remote, gpu: bool, cpu_workers: list[str]
-):
-    """Submit one stage with the flow's current dvc.lock and the uncached upstream outs it reads: a GPU
-    stage to a worker offering GPU (when one does), a CPU stage preferably to one that doesn't."""
-    job = StageJob(
+def _job(plan: StagePlan, repo: Path, project: str, code: bytes, remote: Remote, env: dict) -> StageJob:
+    """One stage with the flow's current dvc.lock and the uncached upstream outs it reads."""
+    lock = repo / "dvc.lock"
+    return StageJob(
         plan=plan,
         project=project,
         code=code,
-        lock=(repo / "dvc.lock").read_text() if (repo / "dvc.lock").is_file() else "",
+        lock=lock.read_text() if lock.is_file() else "",
         shipped=read_tree(repo, plan.ship),
         remote=remote,
+        env=env,
     )
+
+
+def _submit(job: StageJob, gpu: bool, cpu_workers: list[str]):
+    """A GPU stage to a worker offering GPU (when one does), a CPU stage preferably to one that doesn't."""
+    plan = job.plan
     if gpu and plan.gpu:
         placement = {"resources": {"GPU": 1}}
     elif gpu and cpu_workers:

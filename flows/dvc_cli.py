@@ -19,13 +19,21 @@ def dvc_env() -> dict[str, str]:
 Logger = logging.Logger | logging.LoggerAdapter
 
 
-def dvc(args: list[str], cwd: str | Path, logger: Logger | None = None) -> str:
-    """Run `dvc *args` in `cwd`, logging each output line; return the output; raise naming it on failure."""
+def dvc(
+    args: list[str], cwd: str | Path, logger: Logger | None = None, env: dict[str, str] | None = None
+) -> str:
+    """Run `dvc *args` in `cwd` (with `env` added to the environment), logging each output line; return the
+    output; raise naming the command on failure."""
     cmd = [str(Path(sys.executable).parent / "dvc"), *args]
     if logger:
         logger.info("$ dvc %s  (in %s)", " ".join(args), cwd)
     proc = subprocess.Popen(
-        cmd, cwd=cwd, env=dvc_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd,
+        cwd=cwd,
+        env={**dvc_env(), **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     assert proc.stdout is not None
     lines = []

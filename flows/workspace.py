@@ -49,6 +49,7 @@ class StageJob:
     lock: str  # the flow's dvc.lock as it stands when the stage is submitted
     shipped: dict[str, bytes]  # the upstream uncached outs the stage reads, file by file
     remote: Remote | None
+    env: dict[str, str] = field(default_factory=dict)  # defaults for the worker's environment (see below)
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,7 @@ def run_stage(job: StageJob, worker: str, logger: logging.Logger | logging.Logge
     """Bring the workspace to the flow's state, run the stage, push its outs, return its record."""
     start = time.monotonic()
     plan = job.plan
+    env = {key: value for key, value in job.env.items() if key not in os.environ}  # the worker's own win
     ws = workspace_dir(job.project, worker)
     ws.mkdir(parents=True, exist_ok=True)
     sync_code(ws, job.code)
@@ -148,11 +150,11 @@ def run_stage(job: StageJob, worker: str, logger: logging.Logger | logging.Logge
     (ws / "dvc.lock").write_text(job.lock)
     write_tree(ws, plan.ship, job.shipped)
     for local in plan.local:  # e.g. get_data: links or downloads the dataset on this machine
-        dvc(["repro", "--single-item", local], ws, logger)
+        dvc(["repro", "--single-item", local], ws, logger, env)
     if plan.pull:
-        dvc(["pull", *plan.pull], ws, logger)
-    dvc(["repro", "--single-item", plan.name], ws, logger)
-    dvc(["push", plan.name], ws, logger)
+        dvc(["pull", *plan.pull], ws, logger, env)
+    dvc(["repro", "--single-item", plan.name], ws, logger, env)
+    dvc(["push", plan.name], ws, logger, env)
     entry = (yaml.safe_load((ws / "dvc.lock").read_text()) or {}).get("stages", {}).get(plan.name)
     if entry is None:
         raise RuntimeError(f"{plan.name}: no dvc.lock entry in {ws} after dvc repro")
