@@ -46,7 +46,7 @@ flow:  ## run the pipeline flow once against the server started by `make ui`
 	PREFECT_API_URL=http://127.0.0.1:4200/api $(PY) -m flows.pipeline
 
 flow-dask:  ## run the study on a local Dask cluster (2 workers) under Prefect; data moves through FSCS_REMOTE
-	$(PY) -m flows.dask_pipeline --remote $(FSCS_REMOTE) --summary reports/dask_run.json
+	$(PY) -m flows.dask_pipeline --remote $(FSCS_REMOTE) --summary .cache/dask_run.json
 
 plots:  ## render learning curves and the threshold sweep with dvc plots into reports/plots_html/index.html (offline)
 	test -f .cache/vega/node_modules/vega-embed/build/vega-embed.min.js || \
