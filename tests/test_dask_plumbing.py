@@ -1,15 +1,21 @@
 """The Dask flow's plumbing without a cluster: how each stage's inputs reach a worker (from DVC's graph of
-this project), and the worker's code sync."""
+this project), the worker's code sync, and the flow's rule for recording a worker's result."""
 
 from __future__ import annotations
 
 import io
+import logging
 import subprocess
 import tarfile
 from pathlib import Path
 
+import pytest
+import yaml
+
+from flows.dvc_cli import dvc
 from flows.dvc_graph import plan_stages
-from flows.workspace import pack_code, sync_code
+from flows.lockbook import StageRejected, record, stale
+from flows.workspace import StageResult, pack_code, sync_code
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,3 +74,38 @@ def test_sync_code_replaces_the_workspace_code_and_drops_removed_files(tmp_path)
     sync_code(ws, pack_code(second, []))
     assert (ws / "a.py").read_text() == "2" and not (ws / "b.py").exists()
     assert (ws / "data.h5").read_text() == "a stage output"  # not code: left alone
+
+
+def _dvc_project(path: Path, remote: Path) -> Path:
+    """A no-git DVC project with one stage writing a cached out and an uncached report."""
+    path.mkdir()
+    (path / "dvc.yaml").write_text(
+        "stages:\n  s:\n    cmd: echo hello > out.txt && echo report > rep.json\n"
+        "    outs:\n      - out.txt\n      - rep.json:\n          cache: false\n"
+    )
+    for args in (["init", "--no-scm", "-q"], ["remote", "add", "-d", "r", str(remote)]):
+        dvc(args, path)
+    return path
+
+
+def test_the_flow_records_a_worker_result_only_when_dvc_agrees(tmp_path):
+    """A worker's result is kept when its outs are on the remote and `dvc status` agrees; otherwise
+    dvc.lock and the uncached outs go back to what they were."""
+    remote = tmp_path / "remote"
+    worker = _dvc_project(tmp_path / "worker", remote)
+    flow = _dvc_project(tmp_path / "flow", remote)
+    dvc(["repro", "s"], worker)
+    entry = yaml.safe_load((worker / "dvc.lock").read_text())["stages"]["s"]
+    files = {"rep.json": (worker / "rep.json").read_bytes()}
+    log = logging.getLogger("test")
+    result = StageResult("s", entry, files, "w", 0.1)
+    with pytest.raises(RuntimeError, match="dvc pull s failed"):  # nothing pushed yet
+        record(flow, result, ("rep.json",), log)
+    assert not (flow / "dvc.lock").exists() and not (flow / "rep.json").exists()
+    dvc(["push", "s"], worker)
+    forged = dict(entry, cmd="echo forged > out.txt")
+    with pytest.raises(StageRejected, match="dvc status still finds"):
+        record(flow, StageResult("s", forged, files, "w", 0.1), ("rep.json",), log)
+    assert not (flow / "dvc.lock").exists()
+    record(flow, result, ("rep.json",), log)
+    assert (flow / "out.txt").read_text() == "hello\n" and stale(flow, "s") == {}
