@@ -122,18 +122,23 @@ def time_forward(fn, batches: list[torch.Tensor], warmup: int = 1) -> float:
     return CLOCK() - t0
 
 
+def write_random_jpegs(folder: Path, n: int) -> list[str]:
+    """`n` random 320x240 JPEGs (seed 0) in `folder`: benchmark input when no dataset is at hand."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        p = folder / f"{i}.jpg"
+        Image.fromarray(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)).save(p)
+        paths.append(str(p))
+    return paths
+
+
 def load_images(n: int, size: int) -> tuple[list[str], list[np.ndarray]]:
     paths = sorted(glob.glob(MSRC_IMAGES))[:n]
     if len(paths) < n:  # no dataset: random images written to a temp dir so decode is measured too
-        from PIL import Image
-
-        tmp = Path(tempfile.mkdtemp(prefix="fscs-bench-"))
-        rng = np.random.default_rng(0)
-        paths = []
-        for i in range(n):
-            p = tmp / f"{i}.jpg"
-            Image.fromarray(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)).save(p)
-            paths.append(str(p))
+        paths = write_random_jpegs(Path(tempfile.mkdtemp(prefix="fscs-bench-")), n)
     return paths, [load_rgb(p) for p in paths]
 
 

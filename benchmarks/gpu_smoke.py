@@ -29,8 +29,8 @@ import h5py
 import numpy as np
 import timm
 import torch
-from PIL import Image
 
+from benchmarks.extract import write_random_jpegs
 from fscs.backbone import Backbone, Provenance, create_backbone, extract_to_store
 from fscs.device import describe, resolve_device, synchronize
 from fscs.model.cst import CST, CSTConfig
@@ -49,16 +49,6 @@ def random_vits14(device: torch.device, precision: str) -> Backbone:
         model = timm.create_model(ARCH, pretrained=False, num_classes=0, img_size=SIZE)
     prov = Provenance("vits14_random", ARCH, "random", "seed 0", 14, 384, 6, 12)
     return Backbone(model, prov, SIZE, fused=False, device=device, precision=precision)
-
-
-def write_images(folder: Path, n: int) -> list[str]:
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(n):
-        p = folder / f"{i}.jpg"
-        Image.fromarray(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)).save(p)
-        paths.append(str(p))
-    return paths
 
 
 def extract(bb: Backbone, paths: list[str], out: Path, batch: int) -> tuple[dict[str, np.ndarray], float]:
@@ -143,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rates: dict[tuple[str, str], float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        paths = write_images(Path(tmp), args.images)
+        paths = write_random_jpegs(Path(tmp), args.images)
         for precision in ("fp32", "bf16"):
             ref, rates[("cpu", precision)] = extract(
                 random_vits14(cpu, precision), paths, Path(tmp) / f"cpu-{precision}.h5", args.batch

@@ -30,10 +30,8 @@ from pydantic import (
 
 from fscs.cst_config import CSTConfig
 from fscs.errors import FscsError
+from fscs.supervision import SUPERVISIONS, Supervision
 from fscs.train_config import TrainConfig
-
-Supervision = Literal["image", "mixed", "pixel"]
-SUPERVISIONS: tuple[str, ...] = typing.get_args(Supervision)
 
 
 def _as_list(value: Any) -> Any:

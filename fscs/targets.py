@@ -38,11 +38,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fscs.config import SUPERVISIONS
 from fscs.data.images import VOID, gt_mask
 from fscs.errors import FscsError
 from fscs.lru import LRUCache
 from fscs.resample import nearest_torch
+from fscs.supervision import SUPERVISIONS
 
 
 def check_supervision(supervision: str) -> str:

@@ -21,9 +21,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from fscs.config import SUPERVISIONS, checkpoint_label_size, load_config
+from fscs.config import checkpoint_label_size, load_config
 from fscs.errors import FscsError
 from fscs.io import write_json
+from fscs.supervision import SUPERVISIONS
 from stages._common import run_stage, stage_parser
 
 

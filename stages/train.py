@@ -20,9 +20,9 @@ import csv
 import io
 from typing import Any
 
-from fscs.config import SUPERVISIONS
 from fscs.io import atomic_path
 from fscs.params import load_params, section
+from fscs.supervision import SUPERVISIONS
 from stages._common import run_stage, stage_parser
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +24,8 @@ from fscs.device import CUBLAS_WORKSPACE, ENV, autocast, resolve_device
 from fscs.errors import FscsError
 from fscs.store import FeatureStore, check_attrs, expected_attrs
 from stages import extract as extract_stage
+
+ROOT = Path(__file__).resolve().parent.parent
 
 #: bf16 autocast vs fp32 on the tiny random ViT (tokens through the final LayerNorm, O(1) values)
 BF16_MAX_ABS = 0.1
@@ -176,3 +181,12 @@ def test_cuda_training_is_deterministic(tmp_path, monkeypatch):
         assert torch.equal(v, b.model.state_dict()[k]), k
     assert [r["train_loss"] for r in a.curve] == [r["train_loss"] for r in b.curve]
     assert np.isfinite(a.curve[-1]["train_loss"])
+
+
+def test_gpu_smoke_imports_no_params_layer():
+    """The GPU machine has torch, timm, h5py, numpy but not pydantic / dvc / prefect: keep them out."""
+    code = (
+        "import sys, benchmarks.gpu_smoke; print(sorted({'pydantic', 'dvc', 'prefect'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]"
