@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 from dvc.utils.serialize import modify_yaml
 
 from flows.dvc_cli import dvc
 from flows.workspace import StageResult, read_tree, write_tree
+from fscs.io import atomic_path
 
 
 class StageRejected(RuntimeError):
@@ -50,8 +50,7 @@ def record(
         if lock_before is None:
             lock.unlink(missing_ok=True)
         else:
-            tmp = lock.with_suffix(".lock.tmp")
-            tmp.write_bytes(lock_before)
-            os.replace(tmp, lock)
+            with atomic_path(lock) as tmp:
+                tmp.write_bytes(lock_before)
         raise
     logger.info("recorded %s (ran %.1f s on worker %s)", result.stage, result.seconds, result.worker)
