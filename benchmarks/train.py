@@ -199,11 +199,11 @@ def main(argv: list[str] | None = None) -> None:
             for b in range(args.batches + 1):
                 chunk = train_eps[b * batch : (b + 1) * batch]
                 t0 = time.perf_counter()
-                _, _, m, target, presence = batcher(chunk)
+                _, _, m, target, presence, prior = batcher(chunk)
                 counter = FlopCounterMode(display=False) if b == 0 else contextlib.nullcontext()
                 with counter, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     q, s = features(model, chunk, source)
-                    loss = episode_loss(model, q, s, m, target, presence, cfg.cls_weight)
+                    loss = episode_loss(model, q, s, m, target, presence, cfg.cls_weight, prior)
                     opt.zero_grad()
                     loss.backward()
                 opt.step()

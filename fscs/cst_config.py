@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 KSHOT_RULES = ("mean_prob", "mean_logit")
+PRIORS = ("none", "prototype")
 
 
 @dataclass
@@ -24,6 +25,8 @@ class CSTConfig:
     groups: int = 4
     init: str = "torch"  # torch: PyTorch's default init | he: He init, prior-log-odds foreground bias
     fg_prior: float = 0.21  # foreground fraction the "he" init's last segmentation bias starts from
+    prior: str = "none"  # none | prototype: the masked-prototype map of one block fed to both heads
+    prior_layer: int = -1  # stored layer (position in the store's layer axis) the prototype prior matches
     kshot: str = "mean_prob"  # how K shots' pair predictions combine: mean_prob | mean_logit (CSTPredictor)
     presence_threshold: float = 0.5  # decision thresholds chosen on validation (fscs.calibration); the
     fg_threshold: float = 0.5  # predictor shifts probabilities so that they fall on 0.5

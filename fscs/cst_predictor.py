@@ -94,16 +94,21 @@ class PreparedBank:
         self.model = model
         self.tokens = tokens
         self.budget_mb = budget_mb
-        self._cache = {"query": LRUCache(), "support": LRUCache()}
+        self._cache = {"query": LRUCache(), "support": LRUCache(), "prior": LRUCache()}
 
     def get(self, kind: str, image_ids: Sequence[str]) -> torch.Tensor:
-        """Prepared query (B, C, Pq, d) or support (B, C, 1+S*S, d) features, float32, in order."""
+        """Prepared query (B, C, Pq, d), support (B, C, 1+S*S, d) or prior (B, P, D) features, float32."""
         cache = self._cache[kind]
         todo = [i for i in dict.fromkeys(image_ids) if i not in cache]
         if todo:
             with torch.no_grad():
                 raw = self.tokens.get(todo).to(next(self.model.parameters()).device, non_blocking=True)
-                prep = self.model.prepare_query(raw) if kind == "query" else self.model.prepare_support(raw)
+                prepare = {
+                    "query": self.model.prepare_query,
+                    "support": self.model.prepare_support,
+                    "prior": self.model.prepare_prior,
+                }[kind]
+                prep = prepare(raw)
             for i, image_id in enumerate(todo):
                 cache[image_id] = prep[i].clone()
         for image_id in image_ids:
@@ -140,7 +145,9 @@ class CSTPredictor:
         self.batch_size = int(batch_size)
         self._cache = LRUCache(int(cache_size))  # pair results; `prefetch` may raise the bound
         self.pairs_computed = 0
-        self.prepared = PreparedBank(self.model, self.tokens, budget_mb={"query": 256.0, "support": 1024.0})
+        self.prepared = PreparedBank(
+            self.model, self.tokens, budget_mb={"query": 256.0, "support": 1024.0, "prior": 512.0}
+        )
 
     def _key(self, query_id: str, support_id: str, class_id: int) -> tuple:
         return (query_id, support_id, int(class_id) if self.mask_depends_on_class else None)
@@ -149,10 +156,15 @@ class CSTPredictor:
     def _run(self, pairs: list[tuple[str, str, int]]) -> list[tuple[float, np.ndarray]]:
         """Forward (query, support, class) pairs in one batch -> [(p_present, p_fg (2gh, 2gw))]."""
         queries = [p[0] for p in pairs]
-        q = self.prepared.get("query", queries[:1] if len(set(queries)) == 1 else queries)
-        s = self.prepared.get("support", [p[1] for p in pairs])
+        q_ids = queries[:1] if len(set(queries)) == 1 else queries
+        s_ids = [p[1] for p in pairs]
+        q = self.prepared.get("query", q_ids)
+        s = self.prepared.get("support", s_ids)
+        prior = None
+        if self.model.uses_prior:
+            prior = (self.prepared.get("prior", q_ids), self.prepared.get("prior", s_ids))
         m = torch.from_numpy(np.stack([np.asarray(self.support_mask(p[1], p[2]), dtype=bool) for p in pairs]))
-        cls_logits, seg_logits = self.model.forward_prepared(q, s, m.to(self.device))
+        cls_logits, seg_logits = self.model.forward_prepared(q, s, m.to(self.device), prior)
         present = torch.softmax(cls_logits.float(), dim=1)[:, 1].cpu().numpy()
         fg = torch.softmax(seg_logits.float(), dim=1)[:, 1].cpu().numpy()
         self.pairs_computed += len(pairs)

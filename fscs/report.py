@@ -105,6 +105,36 @@ def claims(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def reproduction_rows(summary: dict[str, Any], record: dict[str, Any] | None, kinds: list[str]) -> list[str]:
+    """The paper's CST (a committed record of an earlier default run) beside the current learners, with the
+    current learner's margin over it (mIoU / ER points)."""
+    if not record:
+        return []
+    lines = [
+        "",
+        f"## The paper's CST, the reproduction row (ER / mIoU; commit {record['commit']})",
+        "",
+        f"{record['model']}. {record['how']}",
+        "",
+        "| setting | " + " | ".join(kinds) + " |",
+        "| --- | " + " | ".join("---" for _ in kinds) + " |",
+    ]
+    for setting, by_kind in record["metrics"].items():
+        ours = summary.get(setting, {})
+        cells = []
+        for kind in kinds:
+            ref, now = by_kind.get(kind), ours.get(kind)
+            if ref is None:
+                cells.append("–")
+                continue
+            cell = f"{ref['er']:.1f} / {ref['miou']:.1f}"
+            if now is not None:
+                cell += f" (now {now['miou'] - ref['miou']:+.1f} / {now['er'] - ref['er']:+.1f})"
+            cells.append(cell)
+        lines.append(f"| {setting}, paper CST | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _kind_order(kind: str) -> tuple[int, int]:
     way, shot = kind.replace("shot", "").split("way")
     return int(way), int(shot)
@@ -171,6 +201,7 @@ def markdown_report(summary: dict[str, Any], context: dict[str, Any]) -> str:
             f"{'yes' if c['holds'] else 'no'} |"
             for c in checked
         ]
+    lines += reproduction_rows(summary, context.get("reproduction"), kinds)
     lines += [
         "",
         "## Published numbers (mean of 4 folds, 1-shot, ER / mIoU)",

@@ -109,9 +109,11 @@ def episode_loss(
     target: torch.Tensor,
     presence: torch.Tensor,
     cls_weight: float,
+    prior: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """The training loss of a batch of prepared (query, support) features (see `PreparedBank`)."""
-    cls_logits, seg_logits = model.forward_prepared(query, support, mask)
+    """The training loss of a batch of prepared (query, support) features (see `PreparedBank`); ``prior``:
+    the prepared (query, support) prior vectors when the model uses the prior map."""
+    cls_logits, seg_logits = model.forward_prepared(query, support, mask, prior)
     return cls_weight * cross_entropy(cls_logits, presence) + segmentation_loss(seg_logits, target)
 
 
@@ -125,7 +127,8 @@ def training_images(index: pd.DataFrame, split: str, classes: list[int]) -> list
 
 
 class Batcher:
-    """Turns 1-way 1-shot episodes into tensors: prepared features, support masks, query targets, presence."""
+    """Turns 1-way 1-shot episodes into tensors: prepared features, support masks, query targets, presence,
+    and the prepared prior vectors (query, support) when the model uses the prior map (else None)."""
 
     def __init__(self, tokens: PreparedBank, targets: Targets):
         self.tokens = tokens
@@ -140,12 +143,16 @@ class Batcher:
         target = np.stack([t.query_target(q, s, c) for q, s, c in zip(qs, ss, cs, strict=True)])
         presence = [t.presence(q, c) for q, c in zip(qs, cs, strict=True)]
         query = self.tokens.get("query", qs)
+        prior = None
+        if self.tokens.model.uses_prior:
+            prior = (self.tokens.get("prior", qs), self.tokens.get("prior", ss))
         return (
             query,
             self.tokens.get("support", ss),
             torch.from_numpy(masks).to(query.device),
             torch.from_numpy(target.astype(np.int64)).to(query.device),
             torch.tensor(presence, dtype=torch.long).to(query.device),
+            prior,
         )
 
 
@@ -278,8 +285,8 @@ def train(
         bar = tqdm(total=per_epoch, desc=f"epoch {epoch}", unit="ep", disable=None if progress else True)
         for b0 in range(0, per_epoch, bs):
             chunk = episodes[b0 : b0 + bs]
-            q, s, m, target, presence = batcher(chunk)
-            loss = episode_loss(model, q, s, m, target, presence, float(config.cls_weight))
+            q, s, m, target, presence, prior = batcher(chunk)
+            loss = episode_loss(model, q, s, m, target, presence, float(config.cls_weight), prior)
             if not torch.isfinite(loss):
                 raise FscsError(f"training diverged at epoch {epoch} (loss {loss.item()})")
             optimizer.zero_grad(set_to_none=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -25,6 +26,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--summary", required=True)
     parser.add_argument("--readme", required=True)
     parser.add_argument("--figures", required=True)
+    parser.add_argument(
+        "--reproduction", help="JSON record of the paper's CST on this dataset (reports/reproduction/)"
+    )
     args = parser.parse_args(argv)
 
     config = load_config(args.params)
@@ -56,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         "episodes": per_kind,
         "void": config.evaluate.void,
         "figures": [str(Path(f).resolve().relative_to(readme_dir.resolve())) for f in figures],
+        "reproduction": reproduction_record(args.reproduction, config.need("dataset").name),
     }
     write_json(args.metrics, metrics_json(summary))
     write_json(args.summary, summary_json(summary, study["compare"]))
@@ -66,6 +71,14 @@ def main(argv: list[str] | None = None) -> None:
         f"report: {len(summary)} settings x {len(study['folds'])} folds; {study['compare']} 1way1shot "
         f"ER {lead.get('er', float('nan')):.1f} mIoU {lead.get('miou', float('nan')):.1f} -> {args.readme}"
     )
+
+
+def reproduction_record(path: str | None, dataset: str) -> dict | None:
+    """The committed reproduction record if there is one for this dataset (None otherwise)."""
+    if not path or not Path(path).is_file():
+        return None
+    record = json.loads(Path(path).read_text())
+    return record if record.get("dataset") == dataset else None
 
 
 def qualitative_figures(args, params: dict, study: dict) -> list[str]:

@@ -18,10 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from fscs.cst_config import KSHOT_RULES, CSTConfig
+from fscs.cst_config import KSHOT_RULES, PRIORS, CSTConfig
 from fscs.errors import FscsError
 from fscs.model.correlation import correlate, prepare_query, prepare_support, resize_mask
 from fscs.model.heads import ClassificationHead, SegmentationHead
+from fscs.model.prior import CHANNELS as PRIOR_CHANNELS
+from fscs.model.prior import prepare_prior, prototype_prior
 from fscs.model.transformer import CorrelationBlock, GroupNormLast, pool_support
 from fscs.provenance import check_provenance, plain
 
@@ -82,14 +84,22 @@ class CST(nn.Module):
             GroupNormLast(config.groups, c2),
             nn.ReLU(),
         )
-        self.cls_head = ClassificationHead(c2, c2 // 2)
-        self.seg_head = SegmentationHead(c2, c2 // 2)
+        if config.prior not in PRIORS:
+            raise ValueError(f"CST prior must be one of {PRIORS}, got {config.prior!r}")
+        extra = PRIOR_CHANNELS if self.uses_prior else 0
+        self.cls_head = ClassificationHead(c2, c2 // 2, extra)
+        self.seg_head = SegmentationHead(c2, c2 // 2, extra)
         if config.kshot not in KSHOT_RULES:
             raise ValueError(f"CST kshot must be one of {KSHOT_RULES}, got {config.kshot!r}")
         if config.init == "he":
             he_init(self, config.fg_prior)
         elif config.init != "torch":
             raise ValueError(f"CST init must be 'torch' or 'he', got {config.init!r}")
+
+    @property
+    def uses_prior(self) -> bool:
+        """Whether the heads take the prototype prior map (then `forward_prepared` needs ``prior``)."""
+        return self.config.prior != "none"
 
     # The pieces are exposed so training can prepare (normalize, downsample) each image's tokens once.
     def prepare_query(self, query_tokens: torch.Tensor) -> torch.Tensor:
@@ -104,13 +114,25 @@ class CST(nn.Module):
             support_tokens, self.config.grid, self.config.num_heads, self.config.support_size
         )
 
+    def prepare_prior(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L, 1+P, D) tokens -> (B, P, D) unit patch vectors of the prior's layer (query or support)."""
+        self._check_tokens(tokens, "prior")
+        return prepare_prior(tokens, self.config.prior_layer)
+
     def forward_prepared(
-        self, query: torch.Tensor, support: torch.Tensor, support_mask: torch.Tensor
+        self,
+        query: torch.Tensor,
+        support: torch.Tensor,
+        support_mask: torch.Tensor,
+        prior: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prepared query/support (prepare_*), support mask (B, h, w) -> (cls (B,2), seg (B,2,2gh,2gw)).
 
-        ``query`` may have batch 1 for B supports (one query scored against several support images)."""
+        ``query`` may have batch 1 for B supports (one query scored against several support images).
+        ``prior``: (query, support) from `prepare_prior`, needed when the model uses the prior map."""
         gh, gw = self.config.grid
+        if self.uses_prior and prior is None:
+            raise ValueError(f"this CST uses the {self.config.prior!r} prior: pass prior=(query, support)")
         x = correlate(query, support).permute(0, 2, 3, 1)  # B, Pq, 1+S*S, L*H (channel-last view)
         # Block 1's attention queries are the support-pooled correlations. The correlation is linear in the
         # (unit) support vectors, so pooling the support vectors first gives the same numbers far cheaper.
@@ -122,13 +144,20 @@ class CST(nn.Module):
         x = self.post(x)
         b, c = x.shape[0], x.shape[-1]
         maps = x.permute(0, 2, 3, 1).reshape(b, 2, c, gh, gw)
-        return self.cls_head(maps[:, 0]), self.seg_head(maps[:, 1])
+        cls_in, seg_in = maps[:, 0], maps[:, 1]
+        if self.uses_prior:
+            p = prototype_prior(prior[0], prior[1], support_mask.to(x.device), (gh, gw))
+            cls_in, seg_in = torch.cat([cls_in, p], dim=1), torch.cat([seg_in, p], dim=1)
+        return self.cls_head(cls_in), self.seg_head(seg_in)
 
     def forward(
         self, query_tokens: torch.Tensor, support_tokens: torch.Tensor, support_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        prior = None
+        if self.uses_prior:
+            prior = (self.prepare_prior(query_tokens), self.prepare_prior(support_tokens))
         return self.forward_prepared(
-            self.prepare_query(query_tokens), self.prepare_support(support_tokens), support_mask
+            self.prepare_query(query_tokens), self.prepare_support(support_tokens), support_mask, prior
         )
 
     def _check_tokens(self, tokens: torch.Tensor, what: str) -> None:

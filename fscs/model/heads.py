@@ -9,16 +9,16 @@ from fscs.deterministic import interpolate_bilinear
 
 
 class ClassificationHead(nn.Module):
-    """(B, C, gh, gw) -> (B, 2) (absent, present) logits.
+    """(B, C + extra, gh, gw) -> (B, 2) (absent, present) logits.
 
-    1x1 convs C->C->C/2 with ReLU, 3x3/2 average pooling (padded, so any grid size works), 1x1 convs
-    C/2->C/2->2, global average.
+    1x1 convs C+extra->C->C/2 with ReLU, 3x3/2 average pooling (padded, so any grid size works), 1x1 convs
+    C/2->C/2->2, global average. ``extra``: prior-map channels concatenated to the input (0: none).
     """
 
-    def __init__(self, channels: int = 128, hidden: int = 64):
+    def __init__(self, channels: int = 128, hidden: int = 64, extra: int = 0):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(channels, channels, 1),
+            nn.Conv2d(channels + extra, channels, 1),
             nn.ReLU(inplace=True),
             nn.Conv2d(channels, hidden, 1),
             nn.ReLU(inplace=True),
@@ -33,15 +33,15 @@ class ClassificationHead(nn.Module):
 
 
 class SegmentationHead(nn.Module):
-    """(B, C, gh, gw) -> (B, 2, 2gh, 2gw) (background, foreground) logits.
+    """(B, C + extra, gh, gw) -> (B, 2, 2gh, 2gw) (background, foreground) logits.
 
-    3x3 convs C->C->C/2 with ReLU, bilinear x2, 3x3 convs C/2->C/2 (ReLU) -> 2.
+    3x3 convs C+extra->C->C/2 with ReLU, bilinear x2, 3x3 convs C/2->C/2 (ReLU) -> 2.
     """
 
-    def __init__(self, channels: int = 128, hidden: int = 64):
+    def __init__(self, channels: int = 128, hidden: int = 64, extra: int = 0):
         super().__init__()
         self.pre = nn.Sequential(
-            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.Conv2d(channels + extra, channels, 3, padding=1),
             nn.ReLU(inplace=True),
             nn.Conv2d(channels, hidden, 3, padding=1),
             nn.ReLU(inplace=True),
