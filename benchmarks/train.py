@@ -12,7 +12,8 @@ pseudo-label files are needed), same CST training step (forward, loss, backward,
 - ``store``: tokens from RAM (`TokenBank`, loaded once), normalised / split into heads / downsampled every
   batch (the design before the prepared-feature cache);
 - ``cache``: prepared features computed once per image (`fscs.cst_predictor.PreparedBank`, as training does);
-  at the old batch size 12, at the default, and under bf16 autocast (measured only; training runs fp32).
+  at the old batch size 12, at the default, under bf16 autocast and with 2 attention heads instead of 8
+  (those two measured only: training runs fp32 with 8 heads).
 
 Rows: episodes/s (after one warm-up batch, mean over the timed batches), seconds per episode, the ratio to
 the "before" row, GFLOP per episode (forward + backward, torch's FlopCounterMode) and the fraction of the
@@ -31,6 +32,7 @@ import argparse
 import contextlib
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -189,10 +191,13 @@ def main(argv: list[str] | None = None) -> None:
             q, s = get([e.query_id for e in chunk]), get([e.support_ids[0][0] for e in chunk])
             return model.prepare_query(q), model.prepare_support(s)
 
-        def run_row(source: str, batch: int, bf16: bool = False) -> tuple[float, float, float]:
-            """(episodes/s, GFLOP per episode, peak RSS MB) of Adam steps on ``batch``-episode batches."""
+        def run_row(
+            source: str, batch: int, bf16: bool = False, heads: int | None = None
+        ) -> tuple[float, float, float]:
+            """(episodes/s, GFLOP per episode, peak RSS MB) of Adam steps on ``batch``-episode batches;
+            ``heads``: another number of attention heads in the correlation transformer."""
             torch.manual_seed(0)
-            model = CST(model_cfg)
+            model = CST(replace(model_cfg, attn_heads=heads or model_cfg.attn_heads))
             opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
             times, flops = [], 0.0
             reset_peak_rss()
@@ -220,6 +225,7 @@ def main(argv: list[str] | None = None) -> None:
             "store + prepared-feature cache, batch 12": ("cache", 12, False),
             f"store + prepared-feature cache, batch {bs} (default)": ("cache", bs, False),
             "store + prepared-feature cache, bf16 autocast (not used)": ("cache", bs, True),
+            "store + prepared-feature cache, 2 attention heads (not used)": ("cache", bs, False, 2),
         }
         rows = {label: run_row(*spec) for label, spec in designs.items()}
         base = rows["store, tokens re-prepared every batch (before)"][0]

@@ -9,7 +9,9 @@ Each ``--support IMG:CLASS[:MASK]`` adds one support image of CLASS (a free name
 foreground (a binary PNG or an index PNG; 255 counts as foreground too, as any non-zero value); otherwise the
 support's self pseudo-mask (its own last-block CLS attention through `fscs.pseudo.Labeler`, with the
 ``pseudo`` settings the checkpoint records, else those of --params, else the Labeler's defaults) is used, as
-in image-level training. Support masks are fed at the checkpoint's training mask size (``label_size``).
+in image-level training; for a stuff class (``--stuff grass``, or params' ``pseudo.stuff_classes`` under
+``stuff_masks: complement``) its complement, as image-level training and evaluation do. Support masks are
+fed at the checkpoint's training mask size (``label_size``).
 Several supports of a class make a K-shot episode (shots combined by the checkpoint's ``kshot`` rule and
 thresholds, as in evaluation).
 Images of any size are resized to the backbone's input size.
@@ -79,6 +81,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--params",
         default=None,
         help="params file: its pseudo section (support pseudo-masks), a backbone the checkpoint must match",
+    )
+    parser.add_argument(
+        "--stuff",
+        action="append",
+        default=[],
+        metavar="CLASS",
+        help="a stuff class (grass, sky, ...): its supports without a mask use the complement of their "
+        "pseudo-mask, as image-level training does (repeat; also pseudo.stuff_classes of --params when its "
+        "pseudo.stuff_masks is complement)",
     )
     parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default 0.5)")
 
@@ -212,19 +223,22 @@ class Predictor:
         return out
 
     def support_masks(
-        self, encs: list[dict[str, np.ndarray]], fgs: list[np.ndarray | None]
+        self, encs: list[dict[str, np.ndarray]], fgs: list[np.ndarray | None], stuff: list[bool]
     ) -> list[np.ndarray]:
-        """Bool (label_size, label_size) masks: the given full-size foreground, else the self pseudo-mask."""
+        """Bool (label_size, label_size) masks: the given full-size foreground, else the self pseudo-mask
+        (its complement where ``stuff``: attention covers the salient object, not the grass around it)."""
         from fscs.pseudo import Labeler
         from fscs.resample import nearest_torch
 
         labeler = Labeler.from_params(_MemoryStore(encs, self.backbone), {"pseudo": self.pseudo})
-        return [
-            labeler.support_mask(str(i), self.mask_size)
-            if fg is None
-            else nearest_torch(np.asarray(fg, dtype=np.uint8), self.mask_size) > 0
-            for i, fg in enumerate(fgs)
-        ]
+        masks = []
+        for i, (fg, is_stuff) in enumerate(zip(fgs, stuff, strict=True)):
+            if fg is not None:
+                masks.append(nearest_torch(np.asarray(fg, dtype=np.uint8), self.mask_size) > 0)
+                continue
+            pseudo = np.asarray(labeler.support_mask(str(i), self.mask_size), dtype=bool)
+            masks.append(~pseudo if is_stuff else pseudo)
+        return masks
 
     def episode_predictor(self, encs: list[dict[str, np.ndarray]], masks: dict[str, np.ndarray]) -> Any:
         """A CSTPredictor over the encoded images (ids "0", "1", ...) with the given support masks."""
@@ -239,6 +253,14 @@ class Predictor:
 def read_params(path: str | None) -> dict[str, Any]:
     """The params file when given (its ``pseudo`` and ``backbone`` sections are used), else {}."""
     return {} if path is None else load_params(path)
+
+
+def stuff_classes(names: list[str], params: dict[str, Any]) -> set[str]:
+    """Class names whose pseudo-masks are complemented: ``--stuff``, plus the params' ``pseudo.stuff_classes``
+    when its ``pseudo.stuff_masks`` is ``complement`` (the rule image-level training used)."""
+    pseudo = params.get("pseudo") or {}
+    listed = pseudo.get("stuff_classes") or [] if pseudo.get("stuff_masks") == "complement" else []
+    return set(names) | set(listed)
 
 
 class _MemoryStore:
@@ -300,7 +322,9 @@ def run(args: argparse.Namespace) -> None:
     # 2. encode, support masks, one N-way K-shot episode per query
     enc = predictor.encode(sup_images + query_images)
     ns = len(specs)
-    masks = predictor.support_masks(enc[:ns], sup_fg)
+    stuff = stuff_classes(args.stuff, params)
+    complemented = [fg is None and sp.cls in stuff for sp, fg in zip(specs, sup_fg, strict=True)]
+    masks = predictor.support_masks(enc[:ns], sup_fg, complemented)
     episodes = predictor.episode_predictor(enc, {str(i): m for i, m in enumerate(masks)})
     support_ids = [[str(i) for i, sp in enumerate(specs) if sp.cls == c] for c in classes]
     shots = {c: len(ids) for c, ids in zip(classes, support_ids, strict=True)}
@@ -326,7 +350,8 @@ def run(args: argparse.Namespace) -> None:
         full = nearest_torch(mask.astype(np.uint8), image.shape[:2]) * np.uint8(cls_index)
         with atomic_path(out / name) as tmp:
             Image.fromarray(overlay(image, full, alpha=args.alpha)).save(tmp, format="PNG")
-        supports.append({"image": sp.image, "class": sp.cls, "mask": sp.mask or "pseudo", "overlay": name})
+        kind = sp.mask or ("pseudo, complemented (stuff)" if complemented[i] else "pseudo")
+        supports.append({"image": sp.image, "class": sp.cls, "mask": kind, "overlay": name})
     summary = []
     for path, image, name, presence, present, labels in results:
         doc = {

@@ -115,6 +115,34 @@ def test_end_to_end_tiny(tiny_ckpt, images, tmp_path, capsys):
     assert (out / "q1_mask.png").read_bytes() == (out2 / "q1_mask.png").read_bytes()
 
 
+def test_stuff_supports_without_a_mask_use_the_complement(tiny_ckpt, images, tmp_path):
+    ckpt, _ = tiny_ckpt
+    supports = [f"{images['b']}:grass", f"{images['b']}:sheep"]
+    plain, stuff = tmp_path / "plain", tmp_path / "stuff"
+    cli_main(_args(ckpt, supports, [images["q1"]], plain))
+    cli_main(_args(ckpt, supports, [images["q1"]], stuff) + ["--stuff", "grass"])
+    doc = json.loads((stuff / "predictions.json").read_text())
+    assert [s["mask"] for s in doc["supports"]] == ["pseudo, complemented (stuff)", "pseudo"]
+    with Image.open(images["b"]) as b:
+        raw = np.asarray(b.convert("RGB"))
+
+    def taught(folder: Path, i: int) -> np.ndarray:
+        name = json.loads((folder / "predictions.json").read_text())["supports"][i]["overlay"]
+        with Image.open(folder / name) as o:
+            return np.any(np.asarray(o) != raw, axis=-1)
+
+    # the grass support is taught with the other pixels; the sheep support is unchanged
+    a, c = taught(plain, 0), taught(stuff, 0)
+    assert 0.05 < a.mean() < 0.95 and (a ^ c).mean() > 0.9
+    np.testing.assert_array_equal(taught(plain, 1), taught(stuff, 1))
+    # the params' stuff list applies only under its complement rule
+    params = tmp_path / "p.yaml"
+    params.write_text(yaml.safe_dump({"pseudo": {"stuff_masks": "complement", "stuff_classes": ["grass"]}}))
+    via_params = tmp_path / "via_params"
+    cli_main(_args(ckpt, supports, [images["q1"]], via_params, params))
+    np.testing.assert_array_equal(taught(via_params, 0), c)
+
+
 @pytest.mark.parametrize(
     "case, message",
     [

@@ -87,13 +87,13 @@ def val_frame(index: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def model_config() -> CSTConfig:
+def model_config(**kw) -> CSTConfig:
     return CSTConfig(
-        num_layers=L, num_heads=H, embed_dim=D, grid=G, support_size=4, channels=(16, 32), pooled_grid=2
+        num_layers=L, num_heads=H, embed_dim=D, grid=G, support_size=4, channels=(16, 32), pooled_grid=2, **kw
     )
 
 
-def run_train(index, store, val, **cfg):
+def run_train(index, store, val, model: dict | None = None, **cfg):
     base = dict(seed=0, epochs=2, episodes_per_epoch=16, batch_size=8, label_size=SIZE, patience=0, threads=1)
     base.update(cfg)
     config = TrainConfig(**base)
@@ -101,7 +101,7 @@ def run_train(index, store, val, **cfg):
     return train(
         config=config,
         tokens=TokenBank(store, list(index.index)),
-        model_config=model_config(),
+        model_config=model_config(**(model or {})),
         targets=targets,
         index=index,
         train_split="train",
@@ -447,12 +447,24 @@ def test_he_init_starts_at_the_foreground_prior():
         CST(cfg)
 
 
-def test_a_few_dozen_steps_move_predictions_off_all_background(tmp_path):
+@pytest.mark.parametrize("prior", ["none", "prototype"])
+def test_a_few_dozen_steps_move_predictions_off_all_background(tmp_path, prior):
     """24 Adam steps on toy episodes: the foreground maps rank pixels well and calibrated thresholds turn
-    that into masks (the checkpoint keeps the thresholds its best epoch was scored with)."""
+    that into masks (the checkpoint keeps the thresholds its best epoch was scored with); with and without
+    the prototype prior map."""
     index, store = toy_dataset(tmp_path)
     torch.manual_seed(0)
-    res = run_train(index, store, val_frame(index), epochs=3, episodes_per_epoch=64, lr=3e-3, calibrate=True)
+    res = run_train(
+        index,
+        store,
+        val_frame(index),
+        {"prior": prior},
+        epochs=3,
+        episodes_per_epoch=64,
+        lr=3e-3,
+        calibrate=True,
+    )
+    assert res.model.uses_prior == (prior == "prototype")
     last = res.curve[-1]
     assert last["step"] == 24
     assert last["val_auc"] > 0.8 and last["val_miou_cal"] > 30.0, last  # ranked well: learned
