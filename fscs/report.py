@@ -105,33 +105,34 @@ def claims(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def reproduction_rows(summary: dict[str, Any], record: dict[str, Any] | None, kinds: list[str]) -> list[str]:
-    """The paper's CST (a committed record of an earlier default run) beside the current learners, with the
-    current learner's margin over it (mIoU / ER points)."""
-    if not record:
-        return []
-    lines = [
-        "",
-        f"## The paper's CST, the reproduction row (ER / mIoU; commit {record['commit']})",
-        "",
-        f"{record['model']}. {record['how']}",
-        "",
-        "| setting | " + " | ".join(kinds) + " |",
-        "| --- | " + " | ".join("---" for _ in kinds) + " |",
-    ]
-    for setting, by_kind in record["metrics"].items():
-        ours = summary.get(setting, {})
-        cells = []
-        for kind in kinds:
-            ref, now = by_kind.get(kind), ours.get(kind)
-            if ref is None:
-                cells.append("–")
-                continue
-            cell = f"{ref['er']:.1f} / {ref['miou']:.1f}"
-            if now is not None:
-                cell += f" (now {now['miou'] - ref['miou']:+.1f} / {now['er'] - ref['er']:+.1f})"
-            cells.append(cell)
-        lines.append(f"| {setting}, paper CST | " + " | ".join(cells) + " |")
+def variant_rows(summary: dict[str, Any], records: list[dict[str, Any]], kinds: list[str]) -> list[str]:
+    """Committed records of other measured learner variants (earlier default runs on the same episodes)
+    beside the current learners: their ER / mIoU and the current learner's margin over them."""
+    lines: list[str] = []
+    for record in records:
+        lines += [
+            "",
+            f"## Measured variant: {record['name']} (ER / mIoU; commit {record['commit']})",
+            "",
+            f"{record['model']}. {record['how']} In brackets: the current default's margin over it "
+            "(mIoU / ER points).",
+            "",
+            "| setting | " + " | ".join(kinds) + " |",
+            "| --- | " + " | ".join("---" for _ in kinds) + " |",
+        ]
+        for setting, by_kind in record["metrics"].items():
+            ours = summary.get(setting, {})
+            cells = []
+            for kind in kinds:
+                ref, now = by_kind.get(kind), ours.get(kind)
+                if ref is None:
+                    cells.append("–")
+                    continue
+                cell = f"{ref['er']:.1f} / {ref['miou']:.1f}"
+                if now is not None:
+                    cell += f" ({now['miou'] - ref['miou']:+.1f} / {now['er'] - ref['er']:+.1f})"
+                cells.append(cell)
+            lines.append(f"| {setting} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -201,7 +202,7 @@ def markdown_report(summary: dict[str, Any], context: dict[str, Any]) -> str:
             f"{'yes' if c['holds'] else 'no'} |"
             for c in checked
         ]
-    lines += reproduction_rows(summary, context.get("reproduction"), kinds)
+    lines += variant_rows(summary, context.get("variants") or [], kinds)
     lines += [
         "",
         "## Published numbers (mean of 4 folds, 1-shot, ER / mIoU)",

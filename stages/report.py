@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--readme", required=True)
     parser.add_argument("--figures", required=True)
     parser.add_argument(
-        "--reproduction", help="JSON record of the paper's CST on this dataset (reports/reproduction/)"
+        "--variants", help="folder of JSON records of other measured learner variants (reports/variants/)"
     )
     args = parser.parse_args(argv)
 
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         "episodes": per_kind,
         "void": config.evaluate.void,
         "figures": [str(Path(f).resolve().relative_to(readme_dir.resolve())) for f in figures],
-        "reproduction": reproduction_record(args.reproduction, config.need("dataset").name),
+        "variants": variant_records(args.variants, config.need("dataset").name),
     }
     write_json(args.metrics, metrics_json(summary))
     write_json(args.summary, summary_json(summary, study["compare"]))
@@ -73,12 +73,12 @@ def main(argv: list[str] | None = None) -> None:
     )
 
 
-def reproduction_record(path: str | None, dataset: str) -> dict | None:
-    """The committed reproduction record if there is one for this dataset (None otherwise)."""
-    if not path or not Path(path).is_file():
-        return None
-    record = json.loads(Path(path).read_text())
-    return record if record.get("dataset") == dataset else None
+def variant_records(folder: str | None, dataset: str) -> list[dict]:
+    """The committed variant records for this dataset, by file name (none without the folder)."""
+    if not folder or not Path(folder).is_dir():
+        return []
+    records = [json.loads(p.read_text()) for p in sorted(Path(folder).glob("*.json"))]
+    return [r for r in records if r.get("dataset") == dataset]
 
 
 def qualitative_figures(args, params: dict, study: dict) -> list[str]:

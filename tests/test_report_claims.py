@@ -33,25 +33,25 @@ def test_each_learner_is_held_against_its_own_reference():
     assert claims({"pixel": entry(1, 1)}) == []  # no reference run: nothing claimed
 
 
-def test_reproduction_row_shows_the_paper_cst_and_the_margin_over_it(tmp_path):
+def test_variant_rows_show_a_recorded_variant_and_the_margin_over_it(tmp_path):
     import json
 
-    from fscs.report import reproduction_rows
-    from stages.report import reproduction_record
+    from fscs.report import variant_rows
+    from stages.report import variant_records
 
     record = {
         "dataset": "msrc",
-        "model": "CST as in the paper",
+        "name": "CST + prior",
+        "model": "CST with a prior",
         "commit": "abc1234",
-        "how": "an earlier default run",
+        "how": "An earlier default run.",
         "metrics": {"image": {"1way1shot": {"er": 60.0, "miou": 18.0, "fbiou": 0.0}}},
     }
-    lines = reproduction_rows({"image": entry(62.5, 19.0)}, record, ["1way1shot", "2way1shot"])
-    assert "commit abc1234" in lines[1]
-    assert lines[-1] == "| image, paper CST | 60.0 / 18.0 (now +1.0 / +2.5) | – |"
-    assert reproduction_rows({}, None, ["1way1shot"]) == []
-    path = tmp_path / "r.json"
-    path.write_text(json.dumps(record))
-    assert reproduction_record(str(path), "msrc") == record
-    assert reproduction_record(str(path), "pascal") is None  # another dataset's record is not shown
-    assert reproduction_record(str(tmp_path / "missing.json"), "msrc") is None
+    lines = variant_rows({"image": entry(62.5, 19.0)}, [record], ["1way1shot", "2way1shot"])
+    assert "CST + prior" in lines[1] and "commit abc1234" in lines[1]
+    assert lines[-1] == "| image | 60.0 / 18.0 (+1.0 / +2.5) | – |"
+    assert variant_rows({}, [], ["1way1shot"]) == []
+    (tmp_path / "a.json").write_text(json.dumps(record))
+    (tmp_path / "b.json").write_text(json.dumps({**record, "dataset": "pascal"}))
+    assert variant_records(str(tmp_path), "msrc") == [record]  # another dataset's record is not shown
+    assert variant_records(str(tmp_path / "missing"), "msrc") == []

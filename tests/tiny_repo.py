@@ -52,7 +52,7 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedP
 def make_tiny_repo(repo: Path, env: dict[str, str]) -> Path:
     """Copy the project's code into `repo` with tiny params, as a fresh git + DVC repository (nothing run)."""
     repo.mkdir(parents=True)
-    for name in ("fscs", "stages", "flows", "dvc.yaml"):
+    for name in ("fscs", "stages", "flows", "dvc.yaml", "reports/variants"):
         src = ROOT / name
         if src.is_dir():
             shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
