@@ -82,18 +82,26 @@ def test_second_dask_run_is_a_noop(dask_run, tmp_path):
     assert (repo / "dvc.lock").read_bytes() == lock
 
 
-def _stage_process(stage_module: str) -> psutil.Process | None:
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = proc.info["cmdline"] or []
-        if stage_module in cmdline:
-            return proc
+def _stage_process(stage_module: str, flow_pid: int) -> psutil.Process | None:
+    """A descendant of the flow running `python -m stage_module` (never another run's process on the
+    machine: walking up from one of those would reach init and kill everything)."""
+    try:
+        descendants = psutil.Process(flow_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return None
+    for proc in descendants:
+        try:
+            if stage_module in proc.cmdline():
+                return proc
+        except psutil.Error:
+            continue
     return None
 
 
 def _kill_worker_running(stage_module: str, flow_pid: int, timeout: float = 600) -> str:
-    """Wait until a worker runs `python -m stage_module`; SIGKILL that worker process and its children."""
+    """Wait until a worker of the flow runs `python -m stage_module`; SIGKILL that worker and its children."""
     deadline = time.monotonic() + timeout
-    while (proc := _stage_process(stage_module)) is None:
+    while (proc := _stage_process(stage_module, flow_pid)) is None:
         assert time.monotonic() < deadline, f"{stage_module} never started"
         time.sleep(0.2)
     worker = proc
