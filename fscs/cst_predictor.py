@@ -95,6 +95,11 @@ class PreparedBank:
         self.tokens = tokens
         self.budget_mb = budget_mb
         self._cache = {"query": LRUCache(), "support": LRUCache(), "prior": LRUCache()}
+        self._prepare = {
+            "query": model.prepare_query,
+            "support": model.prepare_support,
+            "prior": model.prepare_prior,
+        }
 
     def get(self, kind: str, image_ids: Sequence[str]) -> torch.Tensor:
         """Prepared query (B, C, Pq, d), support (B, C, 1+S*S, d) or prior (B, P, D) features, float32."""
@@ -103,12 +108,7 @@ class PreparedBank:
         if todo:
             with torch.no_grad():
                 raw = self.tokens.get(todo).to(next(self.model.parameters()).device, non_blocking=True)
-                prepare = {
-                    "query": self.model.prepare_query,
-                    "support": self.model.prepare_support,
-                    "prior": self.model.prepare_prior,
-                }[kind]
-                prep = prepare(raw)
+                prep = self._prepare[kind](raw)
             for i, image_id in enumerate(todo):
                 cache[image_id] = prep[i].clone()
         for image_id in image_ids:
@@ -118,6 +118,15 @@ class PreparedBank:
             cache.maxsize = max(1, int(self.budget_mb[kind] * 2**20 // (out[0].numel() * out.element_size())))
             cache.trim()
         return out
+
+    def priors(
+        self, query_ids: Sequence[str], support_ids: Sequence[str]
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The prepared (query, support) prior vectors `CST.forward_prepared` takes, or None when the model
+        has no prior map."""
+        if not self.model.uses_prior:
+            return None
+        return self.get("prior", query_ids), self.get("prior", support_ids)
 
 
 class CSTPredictor:
@@ -160,9 +169,7 @@ class CSTPredictor:
         s_ids = [p[1] for p in pairs]
         q = self.prepared.get("query", q_ids)
         s = self.prepared.get("support", s_ids)
-        prior = None
-        if self.model.uses_prior:
-            prior = (self.prepared.get("prior", q_ids), self.prepared.get("prior", s_ids))
+        prior = self.prepared.priors(q_ids, s_ids)
         m = torch.from_numpy(np.stack([np.asarray(self.support_mask(p[1], p[2]), dtype=bool) for p in pairs]))
         cls_logits, seg_logits = self.model.forward_prepared(q, s, m.to(self.device), prior)
         present = torch.softmax(cls_logits.float(), dim=1)[:, 1].cpu().numpy()

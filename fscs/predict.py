@@ -255,14 +255,6 @@ def read_params(path: str | None) -> dict[str, Any]:
     return {} if path is None else load_params(path)
 
 
-def stuff_classes(names: list[str], params: dict[str, Any]) -> set[str]:
-    """Class names whose pseudo-masks are complemented: ``--stuff``, plus the params' ``pseudo.stuff_classes``
-    when its ``pseudo.stuff_masks`` is ``complement`` (the rule image-level training used)."""
-    pseudo = params.get("pseudo") or {}
-    listed = pseudo.get("stuff_classes") or [] if pseudo.get("stuff_masks") == "complement" else []
-    return set(names) | set(listed)
-
-
 class _MemoryStore:
     """Enough of `fscs.store.FeatureStore` for a Labeler over freshly encoded images (ids "0", "1", ...)."""
 
@@ -303,6 +295,7 @@ def run(args: argparse.Namespace) -> None:
     from fscs.io import atomic_path, write_json
     from fscs.overlay import overlay, palette
     from fscs.resample import nearest_torch
+    from fscs.targets import complemented_names
 
     # 1. parse and read everything (errors before any output)
     specs = [parse_support(s) for s in args.support]
@@ -322,7 +315,7 @@ def run(args: argparse.Namespace) -> None:
     # 2. encode, support masks, one N-way K-shot episode per query
     enc = predictor.encode(sup_images + query_images)
     ns = len(specs)
-    stuff = stuff_classes(args.stuff, params)
+    stuff = set(args.stuff) | set(complemented_names(params) or ())
     complemented = [fg is None and sp.cls in stuff for sp, fg in zip(specs, sup_fg, strict=True)]
     masks = predictor.support_masks(enc[:ns], sup_fg, complemented)
     episodes = predictor.episode_predictor(enc, {str(i): m for i, m in enumerate(masks)})

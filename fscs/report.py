@@ -105,6 +105,11 @@ def claims(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _table_head(kinds: list[str]) -> list[str]:
+    """The header and rule lines of a setting x episode-type table."""
+    return ["| setting | " + " | ".join(kinds) + " |", "| --- | " + " | ".join("---" for _ in kinds) + " |"]
+
+
 def variant_rows(summary: dict[str, Any], records: list[dict[str, Any]], kinds: list[str]) -> list[str]:
     """Committed records of other measured learner variants (earlier default runs on the same episodes)
     beside the current learners: their ER / mIoU and the current learner's margin over them."""
@@ -117,8 +122,7 @@ def variant_rows(summary: dict[str, Any], records: list[dict[str, Any]], kinds: 
             f"{record['model']}. {record['how']} In brackets: the current default's margin over it "
             "(mIoU / ER points).",
             "",
-            "| setting | " + " | ".join(kinds) + " |",
-            "| --- | " + " | ".join("---" for _ in kinds) + " |",
+            *_table_head(kinds),
         ]
         for setting, by_kind in record["metrics"].items():
             ours = summary.get(setting, {})
@@ -156,8 +160,7 @@ def markdown_report(summary: dict[str, Any], context: dict[str, Any]) -> str:
         "",
         "## Settings side by side (ER / mIoU / FB-IoU)",
         "",
-        "| setting | " + " | ".join(kinds) + " |",
-        "| --- | " + " | ".join("---" for _ in kinds) + " |",
+        *_table_head(kinds),
     ]
     for setting in settings + baselines:
         cells = []
@@ -172,10 +175,7 @@ def markdown_report(summary: dict[str, Any], context: dict[str, Any]) -> str:
         lines.append(f"| {setting} | " + " | ".join(cells) + " |")
     if baselines and settings:
         lines += ["", "## Learner minus the best training-free baseline (mIoU / ER points)", ""]
-        lines += [
-            "| setting | " + " | ".join(kinds) + " |",
-            "| --- | " + " | ".join("---" for _ in kinds) + " |",
-        ]
+        lines += _table_head(kinds)
         for setting in settings:
             cells = []
             for kind in kinds:

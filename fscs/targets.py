@@ -225,18 +225,23 @@ def targets_for(
 STUFF_MASKS = ("same", "complement")
 
 
-def complement_classes(params: dict[str, Any], names: dict[int, str] | None) -> set[int]:
-    """Class ids whose pseudo-masks are complemented: ``pseudo.stuff_classes`` (by name) when
-    ``pseudo.stuff_masks`` is ``complement`` (default ``same``: no class is)."""
+def complemented_names(params: dict[str, Any]) -> list[str] | None:
+    """Class names whose pseudo-masks are complemented: ``pseudo.stuff_classes`` when ``pseudo.stuff_masks``
+    is ``complement``; None under ``same`` (the default)."""
     pseudo = params.get("pseudo", {}) or {}
     rule = pseudo.get("stuff_masks", "same")
     if rule not in STUFF_MASKS:
         raise FscsError(f"params: pseudo.stuff_masks must be one of {STUFF_MASKS}, got {rule!r}")
-    if rule == "same":
+    return list(pseudo.get("stuff_classes") or []) if rule == "complement" else None
+
+
+def complement_classes(params: dict[str, Any], names: dict[int, str] | None) -> set[int]:
+    """Class ids whose pseudo-masks are complemented: `complemented_names` matched to the dataset's names."""
+    wanted = complemented_names(params)
+    if wanted is None:
         return set()
     if names is None:
         raise FscsError("pseudo.stuff_masks 'complement' needs the dataset's class names (folds.json)")
-    wanted = list(pseudo.get("stuff_classes") or [])
     unknown = sorted(set(wanted) - set(names.values()))
     if unknown:
         raise FscsError(f"params: pseudo.stuff_classes names unknown classes {unknown}")

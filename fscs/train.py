@@ -143,16 +143,13 @@ class Batcher:
         target = np.stack([t.query_target(q, s, c) for q, s, c in zip(qs, ss, cs, strict=True)])
         presence = [t.presence(q, c) for q, c in zip(qs, cs, strict=True)]
         query = self.tokens.get("query", qs)
-        prior = None
-        if self.tokens.model.uses_prior:
-            prior = (self.tokens.get("prior", qs), self.tokens.get("prior", ss))
         return (
             query,
             self.tokens.get("support", ss),
             torch.from_numpy(masks).to(query.device),
             torch.from_numpy(target.astype(np.int64)).to(query.device),
             torch.tensor(presence, dtype=torch.long).to(query.device),
-            prior,
+            self.tokens.priors(qs, ss),
         )
 
 

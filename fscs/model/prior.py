@@ -34,7 +34,7 @@ def prototype_prior(
     empty = w.sum(dim=1, keepdim=True) <= 0
     w = torch.where(empty, torch.ones_like(w), w)
     proto = F.normalize(torch.einsum("bp,bpd->bd", w, support), dim=-1, eps=EPS)
-    cos = torch.einsum("bpd,bd->bp", query.expand(support.shape[0], -1, -1), proto)
+    cos = torch.matmul(query, proto.unsqueeze(-1)).squeeze(-1)  # a query batch of 1 broadcasts: B, P
     lo = cos.min(dim=1, keepdim=True).values
     hi = cos.max(dim=1, keepdim=True).values
     scaled = (cos - lo) / (hi - lo).clamp(min=EPS)
