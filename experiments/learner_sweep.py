@@ -6,7 +6,8 @@ process (tokens and targets loaded once) and print each run's learning curve on 
 
 ``--set k=v`` applies to every run; each ``--vs`` is one run's extra overrides (``model.init=he`` reaches
 ``train.model``). Values are parsed as YAML. Never reads the test episodes. Results go to stdout and, with
-``--out``, to a CSV (one row per run and epoch) so a sweep is kept with its numbers.
+``--out``, to a CSV (one row per run and epoch) so a sweep is kept with its numbers. ``--holdout 4`` trains
+on 3 of every 4 training classes and validates on the fourth (`experiments.holdout`): novel-class ranking.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from experiments.holdout import holdout_cell
 from fscs.train import TrainConfig
 from fscs.train_cell import load_cell, train_cell
 
@@ -77,22 +79,42 @@ def main() -> None:
         "--kshot-check", action="store_true", help="also score 1-way 5-shot val episodes per rule"
     )
     ap.add_argument(
+        "--holdout",
+        type=int,
+        default=0,
+        metavar="EVERY",
+        help="validate on every EVERY-th training class, held out of training (experiments.holdout)",
+    )
+    ap.add_argument("--holdout-episodes", type=int, default=200, help="held-out validation episodes")
+    ap.add_argument(
         "--no-pseudo-file", action="store_true", help="recompute self maps from the store (no pseudo .h5)"
     )
     args = ap.parse_args()
+    if args.holdout and args.kshot_check:
+        ap.error("--kshot-check reads the pipeline's validation episodes: not with --holdout")
     params = merged(yaml.safe_load(Path(args.params).read_text()), parse_overrides(",".join(args.pset)))
     base = merged(params["train"], parse_overrides(",".join(args.set)))
     runs = args.vs[1:] or [""]
     rows = []
     for fold in args.fold:
         cell = load_cell(params, args.supervision, fold, {"pseudo": None} if args.no_pseudo_file else None)
+        if args.holdout:
+            cell = holdout_cell(cell, args.holdout, args.holdout_episodes, params["episodes"]["seed"])
+            print(f"fold {fold}: validating on held-out classes {cell.val_classes}", flush=True)
         for spec in runs:
             section = merged(base, parse_overrides(spec))
             result = train_cell(cell, TrainConfig.from_params(section), progress=False)
             extra = kshot_scores(cell, result.model, params) if args.kshot_check else {}
             for r in result.curve:
                 rows.append(
-                    {"supervision": args.supervision, "fold": fold, "run": spec or "base", **r, **extra}
+                    {
+                        "supervision": args.supervision,
+                        "fold": fold,
+                        "run": spec or "base",
+                        "holdout": args.holdout,
+                        **r,
+                        **extra,
+                    }
                 )
             if extra:
                 print(f"fold {fold} [{spec or 'base'}] val 1-way 5-shot: {extra}", flush=True)

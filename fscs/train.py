@@ -243,6 +243,7 @@ def train(
     fold: int,
     val_episodes: pd.DataFrame | None,
     void: str = "ignore",
+    val_classes: list[int] | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     progress: bool | None = None,
     device: torch.device | None = None,
@@ -250,7 +251,8 @@ def train(
     """Train one CST model on ``device`` (default: `fscs.device.resolve_device`); returns the best epoch's
     model (on the CPU) and the learning curve.
 
-    ``val_episodes``: 1-way 1-shot validation rows of this fold (None or empty: keep the last epoch).
+    ``val_episodes``: 1-way 1-shot validation rows of this fold (None or empty: keep the last epoch);
+    ``val_classes``: the classes their mIoU averages over (default: ``train_classes``).
     """
     from fscs.data.episodes import TrainEpisodeSampler  # pydantic (via the index): kept out of the GPU smoke
 
@@ -299,7 +301,14 @@ def train(
         val: dict[str, Any] = {}
         if has_val:
             val = validate(
-                model, tokens, targets, val_episodes, index, train_classes, void, config.eval_batch_size
+                model,
+                tokens,
+                targets,
+                val_episodes,
+                index,
+                train_classes if val_classes is None else val_classes,
+                void,
+                config.eval_batch_size,
             )
         val_miou = val.get("miou_cal" if config.calibrate else "miou")
         row = {

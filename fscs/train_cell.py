@@ -35,6 +35,7 @@ class Cell:
     targets: Targets
     tokens: TokenBank
     void: str
+    val_classes: list[int] | None = None  # classes of `val` if not `train_classes` (held-out validation)
 
     def model_config(self, cfg: TrainConfig) -> CSTConfig:
         return config_from_store(self.store, **cfg.model)
@@ -123,6 +124,7 @@ def train_cell(
         fold=cell.fold,
         val_episodes=cell.val,
         void=cell.void,
+        val_classes=cell.val_classes,
         on_epoch=on_epoch,
         progress=progress,
         device=device,

@@ -397,6 +397,35 @@ def test_train_stage_mixed_supervision(tiny_artifacts):
     assert (tmp_path / "mixed.json").is_file()
 
 
+def test_holdout_cell_validates_on_training_classes_it_never_trains_on(tiny_artifacts, monkeypatch):
+    import yaml
+
+    import fscs.train
+    from experiments.holdout import held_out_classes, holdout_cell
+    from fscs.train_cell import load_cell, train_cell
+
+    tmp_path, p, d = tiny_artifacts
+    params = yaml.safe_load(p.read_text())
+    paths = {"index": str(d / "index.parquet"), "folds": str(d / "episodes" / "folds.json")}
+    paths |= {"episodes": str(d / "episodes"), "features": str(d / "features.h5")}
+    cell = load_cell(params, "pixel", 0, paths)
+    assert held_out_classes([5, 1, 3, 9], fold=1, every=2) == [3, 9]
+    inner = holdout_cell(cell, every=2, episodes=6)
+    held = held_out_classes(cell.train_classes, 0, 2)
+    assert held and inner.val_classes == held
+    assert sorted(inner.train_classes + held) == sorted(cell.train_classes)
+    assert len(inner.val) == 6 and {c for cs in inner.val["support_classes"] for c in cs} <= set(held)
+    assert cell.val_classes is None  # the pipeline's cell validates on its training classes
+
+    seen = []
+    real = fscs.train.validate
+    monkeypatch.setattr(fscs.train, "validate", lambda *a, **k: seen.append(a[5]) or real(*a, **k))
+    cfg = TrainConfig.from_params({**params["train"], "epochs": 1})
+    result = train_cell(inner, cfg, progress=False)
+    assert seen == [held] and len(result.curve) == 1  # mIoU averaged over the held-out classes
+    cell.store.close()
+
+
 def test_model_selection_rule():
     from fscs.train import improves
 
