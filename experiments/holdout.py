@@ -1,17 +1,23 @@
-"""Validation on held-out classes: an inner split of a fold's training classes, so a learner choice is
-ranked by how the model does on classes it never trained on, as the test episodes rank it.
+"""Held-out classes: an inner split of a fold's training classes, so a learner choice is ranked by how the
+model does on classes it never trained on, as the test episodes rank it, without reading the test split.
 
 The pipeline's validation episodes use the fold's training classes (the classes the model trains on);
 sweep 4 of reports/LEARNER.md showed that they can rank a choice the wrong way round for novel classes.
-Here every ``every``-th training class (ascending ids, starting at position ``fold % every``) is held
-out: the cell trains on the others and validates on 1-way 1-shot episodes of the held-out classes, drawn
-from the training split (the test split is never read). Held-out classes may still appear, unlabelled, in
-the background of training images, as test classes do in the outer protocol.
+Here every ``every``-th training class (ascending ids, starting at position ``fold % every``) is held out
+and 1-way 1-shot episodes of the held-out classes are drawn from the training split. Two uses:
+
+- `holdout_cell`: train on the other classes, select and calibrate on the held-out episodes themselves;
+- `inner_split` + `score_inner` (the "inner test"): the outer protocol one level down. Train on the other
+  classes, select and calibrate on the pipeline's validation episodes of those classes only, then score
+  the chosen checkpoint once on the held-out episodes, as evaluation scores the test episodes.
+
+Held-out classes may still appear, unlabelled, in the background of training images, as test classes do.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import pandas as pd
 
@@ -27,14 +33,49 @@ def held_out_classes(train_classes: list[int], fold: int, every: int = 4) -> lis
     return sorted(train_classes)[fold % every :: every]
 
 
-def holdout_cell(cell: Cell, every: int = 4, episodes: int = 200, seed: int = 0) -> Cell:
-    """The cell trained on its training classes minus the held-out ones, validated on ``episodes`` 1-way
-    1-shot episodes of the held-out classes (episode i from ``seed + i``, as the prepare stage draws)."""
+def held_out_episodes(cell: Cell, every: int = 4, episodes: int = 200, seed: int = 0) -> pd.DataFrame:
+    """``episodes`` 1-way 1-shot episodes of the cell's held-out classes from its training split (episode i
+    from ``seed + i``, as the prepare stage draws)."""
     held = held_out_classes(cell.train_classes, cell.fold, every)
     sampler = EpisodeSampler(cell.index, held, cell.split, way=1, shot=1, too_few="drop")
     if not sampler.classes:
         raise FscsError(f"fold {cell.fold}: no held-out class has 2+ '{cell.split}' images")
     rows = [sampler.episode(seed + i).row(cell.fold, i) for i in range(int(episodes))]
-    val = pd.DataFrame(rows, columns=list(EPISODE_COLUMNS))
-    kept = [c for c in cell.train_classes if c not in set(held)]
-    return dataclasses.replace(cell, train_classes=kept, val=val, val_classes=sampler.classes)
+    return pd.DataFrame(rows, columns=list(EPISODE_COLUMNS))
+
+
+def episode_classes(episodes: pd.DataFrame) -> list[int]:
+    return sorted({int(c) for cs in episodes["support_classes"] for c in cs})
+
+
+def holdout_cell(cell: Cell, every: int = 4, episodes: int = 200, seed: int = 0) -> Cell:
+    """The cell trained on its training classes minus the held-out ones and validated (selection and
+    calibration) on episodes of the held-out classes."""
+    val = held_out_episodes(cell, every, episodes, seed)
+    held = set(held_out_classes(cell.train_classes, cell.fold, every))
+    kept = [c for c in cell.train_classes if c not in held]
+    return dataclasses.replace(cell, train_classes=kept, val=val, val_classes=episode_classes(val))
+
+
+def inner_split(cell: Cell, every: int = 4, episodes: int = 200, seed: int = 0) -> tuple[Cell, pd.DataFrame]:
+    """(the cell trained on the kept classes and validated on the pipeline's validation episodes whose
+    classes are all kept, the held-out episodes to score its chosen checkpoint on)."""
+    test = held_out_episodes(cell, every, episodes, seed)
+    held = set(held_out_classes(cell.train_classes, cell.fold, every))
+    kept = [c for c in cell.train_classes if c not in held]
+    val = cell.val[cell.val["support_classes"].map(set(kept).issuperset)].reset_index(drop=True)
+    return dataclasses.replace(cell, train_classes=kept, val=val), test
+
+
+def score_inner(cell: Cell, model: Any, episodes: pd.DataFrame) -> dict[str, float]:
+    """ER / mIoU of a trained model (its calibrated thresholds) on held-out episodes, as evaluation scores."""
+    from fscs.cst_predictor import CSTPredictor
+    from fscs.evaluation import run_episodes
+
+    t = cell.targets
+    predictor = CSTPredictor(model, cell.tokens, t.test_support_mask, t.test_mask_depends_on_class)
+    res = run_episodes(
+        episodes, predictor, cell.index, episode_classes(episodes), void=cell.void, progress=False
+    )
+    r = res["1way1shot"]
+    return {"inner_er": r["er"], "inner_miou": r["miou"]}

@@ -7,7 +7,8 @@ process (tokens and targets loaded once) and print each run's learning curve on 
 ``--set k=v`` applies to every run; each ``--vs`` is one run's extra overrides (``model.init=he`` reaches
 ``train.model``). Values are parsed as YAML. Never reads the test episodes. Results go to stdout and, with
 ``--out``, to a CSV (one row per run and epoch) so a sweep is kept with its numbers. ``--holdout 4`` trains
-on 3 of every 4 training classes and validates on the fourth (`experiments.holdout`): novel-class ranking.
+on 3 of every 4 training classes and validates on the fourth (`experiments.holdout`): novel-class ranking;
+``--inner-test 4`` selects on the other classes' validation episodes and scores the fourth once at the end.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from experiments.holdout import holdout_cell
+from experiments.holdout import episode_classes, holdout_cell, inner_split, score_inner
 from fscs.train import TrainConfig
 from fscs.train_cell import load_cell, train_cell
 
@@ -85,13 +86,22 @@ def main() -> None:
         metavar="EVERY",
         help="validate on every EVERY-th training class, held out of training (experiments.holdout)",
     )
-    ap.add_argument("--holdout-episodes", type=int, default=200, help="held-out validation episodes")
+    ap.add_argument(
+        "--inner-test",
+        type=int,
+        default=0,
+        metavar="EVERY",
+        help="hold out every EVERY-th training class; select on the others, score the held-out at the end",
+    )
+    ap.add_argument("--holdout-episodes", type=int, default=200, help="held-out episodes")
     ap.add_argument(
         "--no-pseudo-file", action="store_true", help="recompute self maps from the store (no pseudo .h5)"
     )
     args = ap.parse_args()
-    if args.holdout and args.kshot_check:
-        ap.error("--kshot-check reads the pipeline's validation episodes: not with --holdout")
+    if (args.holdout or args.inner_test) and args.kshot_check:
+        ap.error("--kshot-check reads the pipeline's validation episodes: not with --holdout / --inner-test")
+    if args.holdout and args.inner_test:
+        ap.error("--holdout or --inner-test, not both")
     params = merged(yaml.safe_load(Path(args.params).read_text()), parse_overrides(",".join(args.pset)))
     base = merged(params["train"], parse_overrides(",".join(args.set)))
     runs = args.vs[1:] or [""]
@@ -101,22 +111,31 @@ def main() -> None:
         if args.holdout:
             cell = holdout_cell(cell, args.holdout, args.holdout_episodes, params["episodes"]["seed"])
             print(f"fold {fold}: validating on held-out classes {cell.val_classes}", flush=True)
+        inner = None
+        if args.inner_test:
+            cell, inner = inner_split(
+                cell, args.inner_test, args.holdout_episodes, params["episodes"]["seed"]
+            )
+            print(f"fold {fold}: inner test on held-out classes {episode_classes(inner)}", flush=True)
         for spec in runs:
             section = merged(base, parse_overrides(spec))
             result = train_cell(cell, TrainConfig.from_params(section), progress=False)
             extra = kshot_scores(cell, result.model, params) if args.kshot_check else {}
+            if inner is not None:
+                extra = score_inner(cell, result.model, inner)
+                print(f"fold {fold} [{spec or 'base'}] inner test: {extra}", flush=True)
             for r in result.curve:
                 rows.append(
                     {
                         "supervision": args.supervision,
                         "fold": fold,
                         "run": spec or "base",
-                        "holdout": args.holdout,
+                        "holdout": args.holdout or args.inner_test,
                         **r,
                         **extra,
                     }
                 )
-            if extra:
+            if args.kshot_check:
                 print(f"fold {fold} [{spec or 'base'}] val 1-way 5-shot: {extra}", flush=True)
             if args.out:  # after every run, so a sweep cut short keeps what it measured
                 pd.DataFrame(rows).to_csv(args.out, index=False)

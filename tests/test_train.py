@@ -401,7 +401,7 @@ def test_holdout_cell_validates_on_training_classes_it_never_trains_on(tiny_arti
     import yaml
 
     import fscs.train
-    from experiments.holdout import held_out_classes, holdout_cell
+    from experiments.holdout import held_out_classes, holdout_cell, inner_split, score_inner
     from fscs.train_cell import load_cell, train_cell
 
     tmp_path, p, d = tiny_artifacts
@@ -423,6 +423,18 @@ def test_holdout_cell_validates_on_training_classes_it_never_trains_on(tiny_arti
     cfg = TrainConfig.from_params({**params["train"], "epochs": 1})
     result = train_cell(inner, cfg, progress=False)
     assert seen == [held] and len(result.curve) == 1  # mIoU averaged over the held-out classes
+
+    # the inner test: select on the kept classes' validation episodes, score the held-out ones once
+    kept_cell, test = inner_split(cell, every=2, episodes=6)
+    assert kept_cell.train_classes == inner.train_classes and kept_cell.val_classes is None
+    assert {c for cs in kept_cell.val["support_classes"] for c in cs} <= set(kept_cell.train_classes)
+    assert test.equals(inner.val)  # the same held-out episodes
+    cfg_model = result.model.config
+    cfg_model.presence_threshold = cfg_model.fg_threshold = 1e-6  # everything present, all foreground
+    scores = score_inner(kept_cell, result.model, test)
+    assert set(scores) == {"inner_er", "inner_miou"} and 0 < scores["inner_miou"] <= 100
+    cfg_model.presence_threshold = 1 - 1e-6  # every class predicted absent: empty masks
+    assert score_inner(kept_cell, result.model, test)["inner_miou"] == 0.0
     cell.store.close()
 
 
