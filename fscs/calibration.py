@@ -3,9 +3,15 @@
 A model can rank pixels and episodes well (high AUC) yet sit below 0.5 everywhere: early in training, or
 when foreground is rare (21% of the pixels of MSRC's training episodes). The fixed 0.5 rule then scores
 mIoU 0 and ER at the base rate, which hides what was learned and makes checkpoint selection blind.
-`calibrate` picks the presence threshold that maximises validation ER, then the foreground threshold that
-maximises validation mIoU under it; `shift` moves probabilities so those thresholds fall on 0.5, so every
-consumer of a predictor (evaluation, `fscs predict`) keeps the 0.5 rule unchanged.
+`calibrate` picks the presence threshold that maximises validation ER and the foreground threshold that
+maximises validation mIoU; `shift` moves probabilities so those thresholds fall on 0.5, so every consumer of
+a predictor (evaluation, `fscs predict`) keeps the 0.5 rule unchanged.
+
+mIoU is scored as `fscs.evaluation` scores a CST model: on its foreground maps, whatever the presence
+decision (METHOD.md §5: the pixel labels come from the foreground maps alone). Until stop 16 the masks of
+episodes predicted absent were emptied here, so thresholds and checkpoints were chosen for a gated mIoU that
+evaluation never computes; with a classifier at chance on a class that selected the all-absent threshold and
+scored mIoU 0 (reports/LEARNER.md, sweep 5).
 
 mIoU here is accumulated per class over the episodes at the mask size the model was trained at (a close,
 cheap proxy of `fscs.evaluation`'s full-resolution score, re-computed for every candidate threshold).
@@ -55,11 +61,12 @@ class Records:
 def episode_scores(
     r: Records, presence_t: float, fg_t: float, fold_classes: list[int]
 ) -> tuple[float, float]:
-    """(ER %, mIoU %) of the thresholds on the records; mIoU over the fold classes seen."""
+    """(ER %, mIoU %) of the thresholds on the records; mIoU over the fold classes seen, of the foreground
+    maps whatever the presence decision (as `fscs.evaluation` scores them)."""
     present = r.presence >= presence_t
     er = 100.0 * float(np.mean(present == r.labels))
     valid = r.gt != VOID
-    pred = (r.fg >= fg_t) & present[:, None, None] & valid
+    pred = (r.fg >= fg_t) & valid
     truth = (r.gt == 1) & valid
     inter = (pred & truth).sum(axis=(1, 2))
     union = (pred | truth).sum(axis=(1, 2))
@@ -73,8 +80,8 @@ def episode_scores(
 
 
 def calibrate(r: Records, fold_classes: list[int]) -> dict[str, float]:
-    """Presence threshold with the best ER, then foreground threshold with the best mIoU (ties: nearest
-    to 0.5). Returns the thresholds and the ER / mIoU they give on the records."""
+    """Presence threshold with the best ER and foreground threshold with the best mIoU (ties: nearest to
+    0.5). Returns the thresholds and the ER / mIoU they give on the records."""
 
     def pick(scores: dict[float, float]) -> float:
         return max(scores, key=lambda t: (round(scores[t], 6), -abs(t - 0.5)))

@@ -31,6 +31,19 @@ def test_calibration_recovers_what_the_half_threshold_hides():
     assert cal["er"] == 100.0 and cal["miou"] > 95.0
 
 
+def test_masks_are_scored_whatever_the_presence_decision_as_evaluation_scores_them():
+    from fscs.evaluation import decide
+
+    r = shy_records()
+    r.presence[:] = 0.01  # a classifier that calls every class absent
+    er, miou = episode_scores(r, 0.5, 0.2, [1, 2, 3, 4])
+    assert er == 50.0 and miou > 95.0  # the foreground maps are still right, and scored
+    present, labels = decide(np.array([0.01]), r.fg[:1] + 0.3, r.fg.shape[1:])
+    assert not present[0] and (labels[4:12, 4:12] == 1).all()  # evaluation keeps the mask of an absent class
+    cal = calibrate(r, [1, 2, 3, 4])
+    assert cal["miou"] > 95.0 and 0.1 < cal["fg_threshold"] < 0.3
+
+
 def test_shift_puts_the_threshold_on_one_half():
     p = np.array([0.05, 0.2, 0.3, 0.9])
     q = shift(p, 0.2)
