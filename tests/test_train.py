@@ -433,7 +433,7 @@ def test_holdout_cell_validates_on_training_classes_it_never_trains_on(tiny_arti
     cfg_model.presence_threshold = cfg_model.fg_threshold = 1e-6  # everything present, all foreground
     scores = score_inner(kept_cell, result.model, test)
     assert set(scores) == {"inner_er", "inner_miou"} and 0 < scores["inner_miou"] <= 100
-    cfg_model.presence_threshold = 1 - 1e-6  # every class predicted absent: empty masks
+    cfg_model.fg_threshold = 1 - 1e-6  # no pixel reaches the foreground threshold: empty masks
     assert score_inner(kept_cell, result.model, test)["inner_miou"] == 0.0
     cell.store.close()
 
