@@ -33,15 +33,22 @@ def held_out_classes(train_classes: list[int], fold: int, every: int = 4) -> lis
     return sorted(train_classes)[fold % every :: every]
 
 
-def held_out_episodes(cell: Cell, every: int = 4, episodes: int = 200, seed: int = 0) -> pd.DataFrame:
-    """``episodes`` 1-way 1-shot episodes of the cell's held-out classes from its training split (episode i
-    from ``seed + i``, as the prepare stage draws)."""
-    held = held_out_classes(cell.train_classes, cell.fold, every)
-    sampler = EpisodeSampler(cell.index, held, cell.split, way=1, shot=1, too_few="drop")
+def draw_held_out(
+    index: pd.DataFrame, train_classes: list[int], fold: int, split: str, every: int, episodes: int, seed: int
+) -> pd.DataFrame:
+    """``episodes`` 1-way 1-shot episodes of the fold's held-out classes from ``split`` (episode i from
+    ``seed + i``, as the prepare stage draws)."""
+    held = held_out_classes(train_classes, fold, every)
+    sampler = EpisodeSampler(index, held, split, way=1, shot=1, too_few="drop")
     if not sampler.classes:
-        raise FscsError(f"fold {cell.fold}: no held-out class has 2+ '{cell.split}' images")
-    rows = [sampler.episode(seed + i).row(cell.fold, i) for i in range(int(episodes))]
+        raise FscsError(f"fold {fold}: no held-out class has 2+ '{split}' images")
+    rows = [sampler.episode(seed + i).row(fold, i) for i in range(int(episodes))]
     return pd.DataFrame(rows, columns=list(EPISODE_COLUMNS))
+
+
+def held_out_episodes(cell: Cell, every: int = 4, episodes: int = 200, seed: int = 0) -> pd.DataFrame:
+    """`draw_held_out` for a cell (its index, training classes, fold and training split)."""
+    return draw_held_out(cell.index, cell.train_classes, cell.fold, cell.split, every, episodes, seed)
 
 
 def episode_classes(episodes: pd.DataFrame) -> list[int]:

@@ -18,9 +18,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from experiments.holdout import held_out_classes
+from experiments.holdout import draw_held_out, held_out_classes
 from fscs.baselines import run_baselines
-from fscs.data.episodes import EPISODE_COLUMNS, EpisodeSampler
 from fscs.data.folds import class_names, read_folds, training_classes
 from fscs.data.index import read_index
 from fscs.evaluation import load_episodes
@@ -49,11 +48,9 @@ def main() -> None:
             train = training_classes(folds, fold)
             held = held_out_classes(train, fold, args.every)
             kept = [c for c in train if c not in held]
-            sampler = EpisodeSampler(index, held, str(folds["train_split"]), 1, 1, too_few="drop")
             seed = int(params["episodes"]["seed"])
-            episodes = pd.DataFrame(
-                [sampler.episode(seed + i).row(fold, i) for i in range(args.episodes)],
-                columns=list(EPISODE_COLUMNS),
+            episodes = draw_held_out(
+                index, train, fold, str(folds["train_split"]), args.every, args.episodes, seed
             )
             val = load_episodes(Path(paths["episodes"]) / "val.parquet", fold=fold)
             keep = val["support_classes"].map(set(kept).issuperset)
