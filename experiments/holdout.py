@@ -33,6 +33,12 @@ def held_out_classes(train_classes: list[int], fold: int, every: int = 4) -> lis
     return sorted(train_classes)[fold % every :: every]
 
 
+def kept_classes(train_classes: list[int], fold: int, every: int = 4) -> list[int]:
+    """The training classes left for training once `held_out_classes` are taken out (original order)."""
+    held = set(held_out_classes(train_classes, fold, every))
+    return [c for c in train_classes if c not in held]
+
+
 def draw_held_out(
     index: pd.DataFrame, train_classes: list[int], fold: int, split: str, every: int, episodes: int, seed: int
 ) -> pd.DataFrame:
@@ -59,8 +65,7 @@ def holdout_cell(cell: Cell, every: int = 4, episodes: int = 200, seed: int = 0)
     """The cell trained on its training classes minus the held-out ones and validated (selection and
     calibration) on episodes of the held-out classes."""
     val = held_out_episodes(cell, every, episodes, seed)
-    held = set(held_out_classes(cell.train_classes, cell.fold, every))
-    kept = [c for c in cell.train_classes if c not in held]
+    kept = kept_classes(cell.train_classes, cell.fold, every)
     return dataclasses.replace(cell, train_classes=kept, val=val, val_classes=episode_classes(val))
 
 
@@ -68,8 +73,7 @@ def inner_split(cell: Cell, every: int = 4, episodes: int = 200, seed: int = 0) 
     """(the cell trained on the kept classes and validated on the pipeline's validation episodes whose
     classes are all kept, the held-out episodes to score its chosen checkpoint on)."""
     test = held_out_episodes(cell, every, episodes, seed)
-    held = set(held_out_classes(cell.train_classes, cell.fold, every))
-    kept = [c for c in cell.train_classes if c not in held]
+    kept = kept_classes(cell.train_classes, cell.fold, every)
     val = cell.val[cell.val["support_classes"].map(set(kept).issuperset)].reset_index(drop=True)
     return dataclasses.replace(cell, train_classes=kept, val=val), test
 

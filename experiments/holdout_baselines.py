@@ -5,8 +5,8 @@ measured there has its references on the same episodes (never the test split).
 
 Each baseline is calibrated, as in the baselines stage, on the pipeline's validation episodes, here only
 those whose classes are all kept for training (the held-out classes stay unseen), then scored on the
-held-out episodes. The learner's number there is optimistic by comparison: its epoch and thresholds are
-chosen on the held-out episodes themselves.
+held-out episodes: like for like with the learner's inner test (`learner_sweep --inner-test`), not with
+`--holdout`, whose epoch and thresholds are chosen on the held-out episodes themselves.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from experiments.holdout import draw_held_out, held_out_classes
+from experiments.holdout import draw_held_out, held_out_classes, kept_classes
 from fscs.baselines import run_baselines
 from fscs.data.folds import class_names, read_folds, training_classes
 from fscs.data.index import read_index
@@ -47,7 +47,7 @@ def main() -> None:
         for fold in args.fold:
             train = training_classes(folds, fold)
             held = held_out_classes(train, fold, args.every)
-            kept = [c for c in train if c not in held]
+            kept = kept_classes(train, fold, args.every)
             seed = int(params["episodes"]["seed"])
             episodes = draw_held_out(
                 index, train, fold, str(folds["train_split"]), args.every, args.episodes, seed
