@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +104,9 @@ def main() -> None:
     if args.holdout and args.inner_test:
         ap.error("--holdout or --inner-test, not both")
     params = merged(yaml.safe_load(Path(args.params).read_text()), parse_overrides(",".join(args.pset)))
-    base = merged(params["train"], parse_overrides(",".join(args.set)))
+    # the setting's own train config (train.by_supervision applied), then the sweep's overrides on top
+    resolved = asdict(TrainConfig.from_params(params["train"]).for_supervision(args.supervision))
+    base = merged(resolved, parse_overrides(",".join(args.set)))
     runs = args.vs[1:] or [""]
     rows = []
     for fold in args.fold:

@@ -224,7 +224,10 @@ def _train_type_model() -> type[BaseModel]:
     }
     sizes["channels"] = Annotated[list[PositiveInt], Field(min_length=2, max_length=2)]
     model = _dataclass_model(CSTConfig, "TrainModel", skip=_CST_DERIVED, **sizes)
-    return _dataclass_model(TrainConfig, "TrainSection", model=model)
+    override = _dataclass_model(TrainConfig, "TrainOverride", skip={"by_supervision"}, model=model)
+    return _dataclass_model(
+        TrainConfig, "TrainSection", model=model, by_supervision=dict[Supervision, override]
+    )
 
 
 def _train_config(value: Any) -> Any:
@@ -323,6 +326,9 @@ def _known_keys() -> dict[str, list[str]]:
 
     known["train"] = [f.name for f in dataclasses.fields(TrainConfig)]
     known["train.model"] = [f.name for f in dataclasses.fields(CSTConfig) if f.name not in _CST_DERIVED]
+    for name in SUPERVISIONS:
+        known[f"train.by_supervision.{name}"] = [k for k in known["train"] if k != "by_supervision"]
+        known[f"train.by_supervision.{name}.model"] = known["train.model"]
     return known
 
 

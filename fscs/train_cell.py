@@ -64,7 +64,7 @@ def load_cell(
         p["pseudo"] = p["enhanced"] = p["enhancer"] = None
     elif supervision == "image":
         p["enhanced"] = p["enhancer"] = None
-    cfg = TrainConfig.from_params(params.get("train", {}))
+    cfg = TrainConfig.from_params(params.get("train", {})).for_supervision(supervision)
     index = read_index(p["index"])
     folds = read_folds(p["folds"])
     train_classes = training_classes(folds, fold)

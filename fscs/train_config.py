@@ -4,12 +4,13 @@ checks it without importing the training code. Its defaults live here only."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from dataclasses import fields as dc_fields
 from typing import Any
 
 from fscs.cst_config import CSTConfig
 from fscs.errors import FscsError
+from fscs.supervision import SUPERVISIONS
 
 
 @dataclass
@@ -29,6 +30,9 @@ class TrainConfig:
     threads: int = 2
     eval_batch_size: int = 16
     model: dict[str, Any] = field(default_factory=dict)  # CSTConfig overrides: support_size, channels ...
+    # supervision setting -> train keys that override the ones above for that setting's cells only
+    # (``model`` merges key by key), e.g. {"image": {"model": {"prior": "prototype"}}}
+    by_supervision: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def from_params(cls, section: dict[str, Any]) -> TrainConfig:
@@ -63,7 +67,31 @@ class TrainConfig:
             raise FscsError(f"params: train.schedule must be 'constant' or 'cosine', got {cfg.schedule!r}")
         if not 0.0 <= float(cfg.warmup) < 1.0:
             raise FscsError(f"params: train.warmup must be in [0, 1), got {cfg.warmup!r}")
+        if not isinstance(cfg.by_supervision, dict):
+            raise FscsError(f"params: train.by_supervision must be a mapping, got {cfg.by_supervision!r}")
+        for name in cfg.by_supervision:
+            cfg.for_supervision(name)  # every setting's merged section must be valid on its own
         return cfg
+
+    def for_supervision(self, supervision: str) -> TrainConfig:
+        """The config one supervision setting's cells train with: ``by_supervision[supervision]`` applied
+        (``model`` merged key by key), ``by_supervision`` itself emptied."""
+        if supervision not in SUPERVISIONS:
+            raise FscsError(
+                f"params: train.by_supervision: unknown supervision {supervision!r} "
+                f"(known: {', '.join(SUPERVISIONS)})"
+            )
+        override = self.by_supervision.get(supervision, {})
+        if not isinstance(override, dict) or "by_supervision" in override:
+            raise FscsError(
+                f"params: train.by_supervision.{supervision} must map train keys to values, got {override!r}"
+            )
+        section = {k: v for k, v in asdict(self).items() if k != "by_supervision"}
+        merged = {**section, **override, "model": {**section["model"], **override.get("model", {})}}
+        try:
+            return TrainConfig.from_params(merged)
+        except FscsError as e:
+            raise FscsError(f"{e} (in train.by_supervision.{supervision})") from None
 
     @property
     def steps(self) -> int:

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     from fscs.train import TrainConfig
 
-    cfg = TrainConfig.from_params(section(params, "train"))
+    cfg = TrainConfig.from_params(section(params, "train")).for_supervision(args.supervision)
 
     import torch
 
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         supervision=args.supervision,
         epoch=int(result.best_epoch),
         val_miou=result.best_val_miou,
-        train={k: v for k, v in asdict(cfg).items() if k != "model"},
+        train={k: v for k, v in asdict(cfg).items() if k not in ("model", "by_supervision")},
         curve=result.curve,
         device=result.device,
     )

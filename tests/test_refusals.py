@@ -161,6 +161,24 @@ PARAM_PROBES = [
     ("backbone", "input_size", -64, "backbone.input_size = -64: expected >= 1"),
     ("backbone", "threads", -2, "backbone.threads = -2: expected >= 0"),
     ("train.model", "support_size", -1, "train.model.support_size = -1: expected >= 1"),
+    (
+        "train.by_supervision.image",
+        "epoch",
+        2,
+        "unknown key 'train.by_supervision.image.epoch' (known: seed, epochs",
+    ),
+    (
+        "train.by_supervision.image",
+        "epochs",
+        0,
+        "train.epochs must be >= 1, got 0 (in train.by_supervision.image)",
+    ),
+    (
+        "train.by_supervision",
+        "images",
+        {},
+        "train.by_supervision.images = 'images': expected 'image', 'mixed'",
+    ),
 ]
 
 

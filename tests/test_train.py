@@ -353,6 +353,9 @@ def test_train_and_evaluate_stages(tiny_artifacts, capsys):
 
 
 def test_train_stage_mixed_supervision(tiny_artifacts):
+    """A mixed cell trains and evaluates; ``train.by_supervision.mixed`` overrides its model (only it)."""
+    import yaml
+
     from fscs.enhancer import Enhancer, save_enhancer, write_enhanced
     from fscs.model import read_checkpoint
     from fscs.store import FeatureStore
@@ -360,6 +363,10 @@ def test_train_stage_mixed_supervision(tiny_artifacts):
     from stages import train as train_stage
 
     tmp_path, p, d = tiny_artifacts
+    params = yaml.safe_load(p.read_text())
+    params["train"]["by_supervision"] = {"mixed": {"model": {"prior": "prototype"}, "epochs": 1}}
+    p = tmp_path / "params-mixed.yaml"
+    p.write_text(yaml.safe_dump(params))
     torch.manual_seed(0)
     with FeatureStore(d / "features.h5") as store:
         ids = list(store.image_ids)
@@ -392,7 +399,10 @@ def test_train_stage_mixed_supervision(tiny_artifacts):
             str(tmp_path / "c.csv"),
         ]
     )
-    assert read_checkpoint(out)["supervision"] == "mixed"
+    ckpt = read_checkpoint(out)
+    assert ckpt["supervision"] == "mixed" and ckpt["config"]["prior"] == "prototype"
+    assert ckpt["config"]["support_size"] == 4  # the base model keys stay: model merges key by key
+    assert len(ckpt["curve"]) == 1 and ckpt["train"]["epochs"] == 1 and "by_supervision" not in ckpt["train"]
     evaluate.main([*common, "--checkpoint", str(out), "--out", str(tmp_path / "mixed.json")])
     assert (tmp_path / "mixed.json").is_file()
 
