@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     from fscs.train import Batcher, TrainConfig, episode_loss
 
     params = load_params(args.params)
-    cfg = TrainConfig.from_params(params.get("train", {}))
+    cfg = TrainConfig.from_params(params.get("train", {})).for_supervision("pixel")  # GT targets below
     bb = params.get("backbone", {})
     name = args.backbone or bb.get("name", "vit_tiny_random")
     input_size = int(args.input_size or bb.get("input_size", 224))

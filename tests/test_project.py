@@ -17,10 +17,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _keys(d: dict, prefix: str = "") -> set[str]:
+    """Dotted keys; ``train.by_supervision`` is one key (its contents are overrides, not defaults)."""
     out = set()
     for k, v in d.items():
         out.add(prefix + k)
-        if isinstance(v, dict):
+        if isinstance(v, dict) and prefix + k != "train.by_supervision":
             out |= _keys(v, prefix + k + ".")
     return out
 
