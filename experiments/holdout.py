@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from fscs.data.episodes import EPISODE_COLUMNS, EpisodeSampler
@@ -89,4 +90,25 @@ def score_inner(cell: Cell, model: Any, episodes: pd.DataFrame) -> dict[str, flo
         episodes, predictor, cell.index, episode_classes(episodes), void=cell.void, progress=False
     )
     r = res["1way1shot"]
-    return {"inner_er": r["er"], "inner_miou": r["miou"]}
+    return {"inner_er": r["er"], "inner_miou": r["miou"], **presence_diagnostics(predictor, episodes)}
+
+
+def presence_diagnostics(predictor: Any, episodes: pd.DataFrame) -> dict[str, float]:
+    """Does the presence classifier rank held-out classes (AUC) and is its calibrated threshold right for
+    them? Presence AUC, the fraction called present, and the ER the best threshold on these episodes would
+    give (an oracle bound, for diagnosis only: it reads the held-out labels)."""
+    probs, labels = [], []
+    for row in episodes.itertuples(index=False):
+        p, _ = predictor.predict(str(row.query_id), [int(row.support_classes[0])], [list(row.support_ids[0])])
+        probs.append(float(p[0]))
+        labels.append(bool(row.labels[0]))
+    prob, lab = np.asarray(probs), np.asarray(labels)
+    ranks = pd.Series(prob).rank().to_numpy()  # ties share their mean rank (Mann-Whitney U)
+    n_pos, n_neg = int(lab.sum()), int((~lab).sum())
+    auc = (ranks[lab].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg) if n_pos and n_neg else float("nan")
+    oracle = max(float(np.mean((prob >= t) == lab)) for t in np.unique(np.append(prob, np.inf)))
+    return {
+        "inner_presence_auc": round(float(auc), 4),
+        "inner_present_frac": round(float(np.mean(prob >= 0.5)), 4),
+        "inner_er_oracle": round(100.0 * oracle, 2),
+    }

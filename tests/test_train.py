@@ -442,7 +442,11 @@ def test_holdout_cell_validates_on_training_classes_it_never_trains_on(tiny_arti
     cfg_model = result.model.config
     cfg_model.presence_threshold = cfg_model.fg_threshold = 1e-6  # everything present, all foreground
     scores = score_inner(kept_cell, result.model, test)
-    assert set(scores) == {"inner_er", "inner_miou"} and 0 < scores["inner_miou"] <= 100
+    assert 0 < scores["inner_miou"] <= 100 and scores["inner_present_frac"] == 1.0  # all called present
+    present_rate = 100.0 * float(test["labels"].map(lambda v: bool(v[0])).mean())
+    assert scores["inner_er"] == pytest.approx(present_rate)  # calling all present scores the present rate
+    assert scores["inner_er_oracle"] >= max(scores["inner_er"], 100 - present_rate)  # >= either constant rule
+    assert 0.0 <= scores["inner_presence_auc"] <= 1.0 or np.isnan(scores["inner_presence_auc"])
     cfg_model.fg_threshold = 1 - 1e-6  # no pixel reaches the foreground threshold: empty masks
     assert score_inner(kept_cell, result.model, test)["inner_miou"] == 0.0
     cell.store.close()
