@@ -24,6 +24,7 @@ import pandas as pd
 
 from fscs.data.episodes import EPISODE_COLUMNS, EpisodeSampler
 from fscs.errors import FscsError
+from fscs.train import pixel_signals
 from fscs.train_cell import Cell
 
 
@@ -103,9 +104,7 @@ def presence_diagnostics(predictor: Any, episodes: pd.DataFrame) -> dict[str, fl
         probs.append(float(p[0]))
         labels.append(bool(row.labels[0]))
     prob, lab = np.asarray(probs), np.asarray(labels)
-    ranks = pd.Series(prob).rank().to_numpy()  # ties share their mean rank (Mann-Whitney U)
-    n_pos, n_neg = int(lab.sum()), int((~lab).sum())
-    auc = (ranks[lab].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg) if n_pos and n_neg else float("nan")
+    auc = pixel_signals(prob, lab)["auc"]  # the curves' threshold-free AUC, here over episodes
     oracle = max(float(np.mean((prob >= t) == lab)) for t in np.unique(np.append(prob, np.inf)))
     return {
         "inner_presence_auc": round(float(auc), 4),
