@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from fscs.baselines import STATS, presence_score
+from fscs.calibration import apply_offset, best_threshold
 from fscs.data.episodes import EPISODE_COLUMNS, EpisodeSampler
 from fscs.errors import FscsError
 from fscs.train import pixel_signals
@@ -80,30 +82,45 @@ def inner_split(cell: Cell, every: int = 4, episodes: int = 200, seed: int = 0) 
     return dataclasses.replace(cell, train_classes=kept, val=val), test
 
 
-def score_inner(cell: Cell, model: Any, episodes: pd.DataFrame) -> dict[str, float]:
-    """ER / mIoU of a trained model (its calibrated thresholds) on held-out episodes, as evaluation scores."""
+#: log-odds offsets of the calibrated thresholds that `score_inner` also scores (novel-class calibration)
+OFFSETS = (-1.0, -0.5, 0.5, 1.0, 1.5, 2.0, 3.0)
+
+
+def score_inner(
+    cell: Cell, model: Any, episodes: pd.DataFrame, offsets: tuple[float, ...] = OFFSETS
+) -> dict[str, float]:
+    """ER / mIoU of a trained model (its calibrated thresholds) on held-out episodes, as evaluation scores,
+    and ``inner_er@D`` / ``inner_miou@D`` with both thresholds moved by D in log-odds: does a threshold
+    chosen on seen classes need an offset for novel ones? (ER reads the presence threshold only, mIoU the
+    foreground threshold only.)"""
     from fscs.cst_predictor import CSTPredictor
     from fscs.evaluation import run_episodes
 
     t = cell.targets
     predictor = CSTPredictor(model, cell.tokens, t.test_support_mask, t.test_mask_depends_on_class)
-    res = run_episodes(
-        episodes, predictor, cell.index, episode_classes(episodes), void=cell.void, progress=False
-    )
-    r = res["1way1shot"]
-    return {"inner_er": r["er"], "inner_miou": r["miou"], **presence_diagnostics(predictor, episodes)}
+    classes = episode_classes(episodes)
+    r = run_episodes(episodes, predictor, cell.index, classes, void=cell.void, progress=False)["1way1shot"]
+    out = {"inner_er": r["er"], "inner_miou": r["miou"], **presence_diagnostics(predictor, episodes)}
+    out.update(presence_rules(predictor, cell.val, episodes))
+    cfg = model.config
+    chosen = (cfg.presence_threshold, cfg.fg_threshold)
+    try:  # the thresholds moved by each offset; the predictor's pair cache makes each pass cheap
+        for delta in offsets:
+            cfg.presence_threshold, cfg.fg_threshold = (apply_offset(t, delta) for t in chosen)
+            r = run_episodes(episodes, predictor, cell.index, classes, void=cell.void, progress=False)
+            out[f"inner_er@{delta:+g}"] = r["1way1shot"]["er"]
+            out[f"inner_miou@{delta:+g}"] = r["1way1shot"]["miou"]
+    finally:
+        cfg.presence_threshold, cfg.fg_threshold = chosen
+    return out
 
 
 def presence_diagnostics(predictor: Any, episodes: pd.DataFrame) -> dict[str, float]:
     """Does the presence classifier rank held-out classes (AUC) and is its calibrated threshold right for
     them? Presence AUC, the fraction called present, and the ER the best threshold on these episodes would
     give (an oracle bound, for diagnosis only: it reads the held-out labels)."""
-    probs, labels = [], []
-    for row in episodes.itertuples(index=False):
-        p, _ = predictor.predict(str(row.query_id), [int(row.support_classes[0])], [list(row.support_ids[0])])
-        probs.append(float(p[0]))
-        labels.append(bool(row.labels[0]))
-    prob, lab = np.asarray(probs), np.asarray(labels)
+    scores, lab = presence_scores(predictor, episodes)
+    prob = scores["head"]
     auc = pixel_signals(prob, lab)["auc"]  # the curves' threshold-free AUC, here over episodes
     oracle = max(float(np.mean((prob >= t) == lab)) for t in np.unique(np.append(prob, np.inf)))
     return {
@@ -111,3 +128,33 @@ def presence_diagnostics(predictor: Any, episodes: pd.DataFrame) -> dict[str, fl
         "inner_present_frac": round(float(np.mean(prob >= 0.5)), 4),
         "inner_er_oracle": round(100.0 * oracle, 2),
     }
+
+
+def presence_scores(predictor: Any, episodes: pd.DataFrame) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Per 1-way episode: presence scores by rule (``head``: the classification head's probability;
+    ``fg_<stat>``: a statistic of the foreground probability map, as the baselines score presence), and the
+    presence labels."""
+    scores: dict[str, list[float]] = {"head": [], **{f"fg_{stat}": [] for stat in STATS}}
+    labels = []
+    for row in episodes.itertuples(index=False):
+        c, shots = int(row.support_classes[0]), list(row.support_ids[0])
+        p, fg = predictor.predict(str(row.query_id), [c], [shots])
+        scores["head"].append(float(p[0]))
+        for stat in STATS:
+            scores[f"fg_{stat}"].append(presence_score(fg[0], stat))
+        labels.append(bool(row.labels[0]))
+    return {k: np.asarray(v) for k, v in scores.items()}, np.asarray(labels)
+
+
+def presence_rules(predictor: Any, val: pd.DataFrame, held_out: pd.DataFrame) -> dict[str, float]:
+    """ER on the held-out episodes of each presence rule of `presence_scores`, its threshold chosen on the
+    validation episodes (seen classes) as the baselines choose theirs: can the model's own foreground map
+    decide presence better than its classification head?"""
+    val_scores, val_labels = presence_scores(predictor, val)
+    test_scores, test_labels = presence_scores(predictor, held_out)
+    out = {}
+    for rule, scores in val_scores.items():
+        t, val_acc = best_threshold(scores, val_labels)
+        out[f"val_er_{rule}"] = round(100.0 * val_acc, 2)
+        out[f"inner_er_{rule}"] = round(100.0 * float(np.mean((test_scores[rule] > t) == test_labels)), 2)
+    return out

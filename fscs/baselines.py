@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from fscs.calibration import best_threshold
 from fscs.data.folds import fold_classes
 from fscs.data.images import gt_mask
 from fscs.errors import FscsError
@@ -65,28 +66,6 @@ def presence_score(raw: np.ndarray, stat: str) -> float:
         k = max(1, int(round(0.1 * flat.size)))
         return float(np.sort(flat)[-k:].mean())
     raise FscsError(f"baselines: presence statistic must be one of {STATS}, got {stat!r}")
-
-
-def best_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    """Threshold t maximising accuracy of ``score > t`` -> (t, accuracy); t is a midpoint between scores.
-
-    Ties go to the lowest threshold. Deterministic.
-    """
-    s = np.asarray(scores, dtype=np.float64)
-    y = np.asarray(labels).astype(bool)
-    if s.size == 0:
-        raise FscsError("baselines: no validation pairs to calibrate on")
-    order = np.argsort(s, kind="stable")
-    s, y = s[order], y[order]
-    uniq = np.unique(s)
-    cands = np.concatenate([[uniq[0] - 1e-6], (uniq[:-1] + uniq[1:]) / 2, [uniq[-1] + 1e-6]])
-    # accuracy of score > t: negatives at or below t are right, positives above t are right
-    below = np.searchsorted(s, cands, side="right")  # number of scores <= t
-    neg_below = np.concatenate([[0], np.cumsum(~y)])[below]
-    pos_above = y.sum() - np.concatenate([[0], np.cumsum(y)])[below]
-    acc = (neg_below + pos_above) / s.size
-    i = int(np.argmax(acc))
-    return float(cands[i]), float(acc[i])
 
 
 class MapBaseline:

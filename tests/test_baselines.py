@@ -10,12 +10,12 @@ from PIL import Image
 from fscs.baselines import (
     AttentionBaseline,
     PrototypeBaseline,
-    best_threshold,
     gt_cell_fraction,
     layer_position,
     presence_score,
     run_baselines,
 )
+from fscs.calibration import best_threshold
 from fscs.errors import FscsError
 from fscs.evaluation import run_episodes
 from fscs.pseudo import Labeler

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fscs.calibration import Records, calibrate, episode_scores, shift
+from fscs.calibration import Records, apply_offset, calibrate, episode_scores, shift
 
 
 def shy_records(seed: int = 0) -> Records:
@@ -50,3 +50,24 @@ def test_shift_puts_the_threshold_on_one_half():
     assert q[1] == pytest.approx(0.5) and np.all(np.diff(q) > 0)  # order kept
     assert (q >= 0.5).tolist() == (p >= 0.2).tolist()
     assert shift(p, 0.5) is p
+
+
+def test_offset_moves_a_threshold_in_log_odds():
+    assert apply_offset(0.5, np.log(3.0)) == pytest.approx(0.75)  # odds 1 -> 3
+    assert apply_offset(0.2, 0.0) == 0.2
+    moved = [apply_offset(0.2, d) for d in (-1.0, 0.0, 1.0, 2.0)]
+    assert np.all(np.diff(moved) > 0) and 0.0 < moved[0] and moved[-1] < 1.0
+    # the predictor's shift then calls present exactly the probabilities at or above the moved threshold
+    p = np.array([0.1, 0.3, 0.55, 0.7])  # the moved threshold is 0.538
+    assert (shift(p, apply_offset(0.3, 1.0)) >= 0.5).tolist() == [False, False, True, True]
+
+
+def test_presence_threshold_resolves_a_band_narrower_than_a_grid_step():
+    """An under-confident head: present 0.512, absent 0.508, both between two 0.05 grid steps. A grid leaves
+    ER at the base rate; the exact search separates them (reports/LEARNER.md, sweep 8)."""
+    r = shy_records()
+    r.presence = np.where(r.labels, 0.512, 0.508) + np.random.default_rng(1).normal(0, 1e-4, r.labels.size)
+    grid_er = max(episode_scores(r, t, 0.5, [1, 2, 3, 4])[0] for t in np.arange(0.05, 1.0, 0.05))
+    assert grid_er == 50.0
+    cal = calibrate(r, [1, 2, 3, 4])
+    assert cal["er"] == 100.0 and 0.508 < cal["presence_threshold"] < 0.512

@@ -447,9 +447,41 @@ def test_holdout_cell_validates_on_training_classes_it_never_trains_on(tiny_arti
     assert scores["inner_er"] == pytest.approx(present_rate)  # calling all present scores the present rate
     assert scores["inner_er_oracle"] >= max(scores["inner_er"], 100 - present_rate)  # >= either constant rule
     assert 0.0 <= scores["inner_presence_auc"] <= 1.0 or np.isnan(scores["inner_presence_auc"])
+    moved = score_inner(kept_cell, result.model, test, offsets=(20.0,))  # thresholds at ~0.998
+    assert moved["inner_er@+20"] == pytest.approx(100 - present_rate)  # now every episode called absent
+    assert moved["inner_er"] == scores["inner_er"] and cfg_model.presence_threshold == 1e-6  # restored
     cfg_model.fg_threshold = 1 - 1e-6  # no pixel reaches the foreground threshold: empty masks
     assert score_inner(kept_cell, result.model, test)["inner_miou"] == 0.0
     cell.store.close()
+
+
+def test_presence_rules_choose_thresholds_on_validation_and_score_held_out_episodes():
+    """A foreground map that separates present from absent beats a head that does not, and each rule's
+    threshold comes from the validation episodes (a shift between seen and novel classes costs ER)."""
+    from experiments.holdout import presence_rules
+
+    def frame(prefix, labels):
+        rows = [(0, i, 1, 1, f"{prefix}{i}", [7], [["s"]], [bool(v)]) for i, v in enumerate(labels)]
+        cols = ["fold", "episode", "way", "shot", "query_id", "support_classes", "support_ids", "labels"]
+        return pd.DataFrame(rows, columns=cols)
+
+    class Stub:  # the predictor interface: presence is uninformative, the map's peak carries presence
+        def __init__(self, peak):
+            self.peak = peak
+
+        def predict(self, query_id, classes, shots):
+            fg = np.full((1, 4, 4), 0.1, np.float32)
+            fg[0, 0, 0] = self.peak[query_id]
+            return np.array([0.5], np.float32), fg
+
+    val, test = frame("v", [1, 0, 1, 0, 1, 0]), frame("t", [1, 1, 0, 0])
+    peaks = {"v0": 0.9, "v1": 0.3, "v2": 0.8, "v3": 0.2, "v4": 0.9, "v5": 0.3}
+    out = presence_rules(Stub({**peaks, "t0": 0.9, "t1": 0.7, "t2": 0.3, "t3": 0.1}), val, test)
+    assert out["val_er_fg_max"] == 100.0 and out["inner_er_fg_max"] == 100.0
+    assert out["val_er_head"] == 50.0 and out["inner_er_head"] == 50.0  # a constant calls all the same way
+    # novel absent queries that peak above the threshold chosen on seen classes are called present
+    shifted = presence_rules(Stub({**peaks, "t0": 0.9, "t1": 0.7, "t2": 0.6, "t3": 0.1}), val, test)
+    assert shifted["inner_er_fg_max"] == 75.0
 
 
 def test_model_selection_rule():
