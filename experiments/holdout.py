@@ -100,8 +100,9 @@ def score_inner(
     predictor = CSTPredictor(model, cell.tokens, t.test_support_mask, t.test_mask_depends_on_class)
     classes = episode_classes(episodes)
     r = run_episodes(episodes, predictor, cell.index, classes, void=cell.void, progress=False)["1way1shot"]
-    out = {"inner_er": r["er"], "inner_miou": r["miou"], **presence_diagnostics(predictor, episodes)}
-    out.update(presence_rules(predictor, cell.val, episodes))
+    held_out = presence_scores(predictor, episodes)
+    out = {"inner_er": r["er"], "inner_miou": r["miou"], **presence_diagnostics(*held_out)}
+    out.update(presence_rules(presence_scores(predictor, cell.val), held_out))
     cfg = model.config
     chosen = (cfg.presence_threshold, cfg.fg_threshold)
     try:  # the thresholds moved by each offset; the predictor's pair cache makes each pass cheap
@@ -115,14 +116,14 @@ def score_inner(
     return out
 
 
-def presence_diagnostics(predictor: Any, episodes: pd.DataFrame) -> dict[str, float]:
+def presence_diagnostics(scores: dict[str, np.ndarray], lab: np.ndarray) -> dict[str, float]:
     """Does the presence classifier rank held-out classes (AUC) and is its calibrated threshold right for
-    them? Presence AUC, the fraction called present, and the ER the best threshold on these episodes would
-    give (an oracle bound, for diagnosis only: it reads the held-out labels)."""
-    scores, lab = presence_scores(predictor, episodes)
+    them? From `presence_scores` of the held-out episodes: presence AUC, the fraction called present, and
+    the ER the best threshold on these episodes would give (an oracle bound, for diagnosis only: it reads
+    the held-out labels)."""
     prob = scores["head"]
     auc = pixel_signals(prob, lab)["auc"]  # the curves' threshold-free AUC, here over episodes
-    oracle = max(float(np.mean((prob >= t) == lab)) for t in np.unique(np.append(prob, np.inf)))
+    oracle = best_threshold(prob, lab)[1]
     return {
         "inner_presence_auc": round(float(auc), 4),
         "inner_present_frac": round(float(np.mean(prob >= 0.5)), 4),
@@ -146,12 +147,13 @@ def presence_scores(predictor: Any, episodes: pd.DataFrame) -> tuple[dict[str, n
     return {k: np.asarray(v) for k, v in scores.items()}, np.asarray(labels)
 
 
-def presence_rules(predictor: Any, val: pd.DataFrame, held_out: pd.DataFrame) -> dict[str, float]:
-    """ER on the held-out episodes of each presence rule of `presence_scores`, its threshold chosen on the
-    validation episodes (seen classes) as the baselines choose theirs: can the model's own foreground map
-    decide presence better than its classification head?"""
-    val_scores, val_labels = presence_scores(predictor, val)
-    test_scores, test_labels = presence_scores(predictor, held_out)
+def presence_rules(
+    val: tuple[dict[str, np.ndarray], np.ndarray], held_out: tuple[dict[str, np.ndarray], np.ndarray]
+) -> dict[str, float]:
+    """ER on the held-out episodes of each presence rule (`presence_scores` of the validation and of the
+    held-out episodes), its threshold chosen on the validation episodes (seen classes) as the baselines
+    choose theirs: can the model's own foreground map decide presence better than its classification head?"""
+    (val_scores, val_labels), (test_scores, test_labels) = val, held_out
     out = {}
     for rule, scores in val_scores.items():
         t, val_acc = best_threshold(scores, val_labels)

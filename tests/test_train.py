@@ -458,7 +458,7 @@ def test_holdout_cell_validates_on_training_classes_it_never_trains_on(tiny_arti
 def test_presence_rules_choose_thresholds_on_validation_and_score_held_out_episodes():
     """A foreground map that separates present from absent beats a head that does not, and each rule's
     threshold comes from the validation episodes (a shift between seen and novel classes costs ER)."""
-    from experiments.holdout import presence_rules
+    from experiments.holdout import presence_rules, presence_scores
 
     def frame(prefix, labels):
         rows = [(0, i, 1, 1, f"{prefix}{i}", [7], [["s"]], [bool(v)]) for i, v in enumerate(labels)]
@@ -476,11 +476,15 @@ def test_presence_rules_choose_thresholds_on_validation_and_score_held_out_episo
 
     val, test = frame("v", [1, 0, 1, 0, 1, 0]), frame("t", [1, 1, 0, 0])
     peaks = {"v0": 0.9, "v1": 0.3, "v2": 0.8, "v3": 0.2, "v4": 0.9, "v5": 0.3}
-    out = presence_rules(Stub({**peaks, "t0": 0.9, "t1": 0.7, "t2": 0.3, "t3": 0.1}), val, test)
+
+    def rules(stub):
+        return presence_rules(presence_scores(stub, val), presence_scores(stub, test))
+
+    out = rules(Stub({**peaks, "t0": 0.9, "t1": 0.7, "t2": 0.3, "t3": 0.1}))
     assert out["val_er_fg_max"] == 100.0 and out["inner_er_fg_max"] == 100.0
     assert out["val_er_head"] == 50.0 and out["inner_er_head"] == 50.0  # a constant calls all the same way
     # novel absent queries that peak above the threshold chosen on seen classes are called present
-    shifted = presence_rules(Stub({**peaks, "t0": 0.9, "t1": 0.7, "t2": 0.6, "t3": 0.1}), val, test)
+    shifted = rules(Stub({**peaks, "t0": 0.9, "t1": 0.7, "t2": 0.6, "t3": 0.1}))
     assert shifted["inner_er_fg_max"] == 75.0
 
 
