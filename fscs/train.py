@@ -194,6 +194,7 @@ def validate(
     classes: list[int],
     void: str,
     batch_size: int,
+    workers: int = 1,
 ) -> dict[str, float | None]:
     """The model on validation episodes (1-way 1-shot rows) with the test-time mask rule: ER and mIoU as
     evaluated at the 0.5 thresholds, `pixel_signals` of the ungated foreground maps against the queries'
@@ -202,7 +203,12 @@ def validate(
 
     model.config.presence_threshold = model.config.fg_threshold = 0.5
     predictor = CSTPredictor(
-        model, tokens, targets.test_support_mask, targets.test_mask_depends_on_class, batch_size=batch_size
+        model,
+        tokens,
+        targets.test_support_mask,
+        targets.test_mask_depends_on_class,
+        batch_size=batch_size,
+        workers=workers,
     )
     predictor.prefetch(val_episodes, progress=False)
     res = run_episodes(val_episodes, predictor, index, classes, void=void, progress=False)
@@ -309,6 +315,7 @@ def train(
                 train_classes if val_classes is None else val_classes,
                 void,
                 config.eval_batch_size,
+                workers=int(config.threads),
             )
         val_miou = val.get("miou_cal" if config.calibrate else "miou")
         row = {

@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
+    from fscs.allocator import keep_freed_memory
     from fscs.cst_predictor import CSTPredictor, TokenBank
     from fscs.data.episodes import read_episodes
     from fscs.data.folds import class_names, fold_classes, read_folds
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     from fscs.targets import targets_for
 
     device = resolve_device()
+    keep_freed_memory()
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
     ckpt = read_checkpoint(args.checkpoint)
@@ -113,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
             targets.test_support_mask,
             targets.test_mask_depends_on_class,
             batch_size=batch_size,
+            workers=threads,
         )
         pairs = predictor.prefetch(episodes, progress=None)
         results = run_episodes(episodes, predictor, index, classes, void=void, progress=None)

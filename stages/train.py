@@ -63,10 +63,12 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
+    from fscs.allocator import keep_freed_memory
     from fscs.device import resolve_device
     from fscs.train_cell import load_cell, train_cell
 
     device = resolve_device()  # a bad FSCS_DEVICE stops here, before the tokens load
+    keep_freed_memory()
     torch.set_num_threads(int(cfg.threads))
     paths = {k: getattr(args, k) for k in ("index", "folds", "episodes", "features", "pseudo", "enhanced")}
     cell = load_cell(params, args.supervision, args.fold, {**paths, "enhancer": args.enhancer})

@@ -239,6 +239,51 @@ def test_predictor_cache_and_prefetch():
     assert pred.pairs_computed == computed
 
 
+def test_prefetch_workers_give_the_single_threaded_numbers_and_restore_torch_threads():
+    """Scoring workers run torch single-threaded, in their own threads; every pair's numbers are those of
+    one worker with one torch thread, and the caller's thread count comes back."""
+    import threading
+
+    import pandas as pd
+
+    from fscs.cst_predictor import torch_threads
+
+    torch.manual_seed(0)
+    store = FakeStore(n=8)
+    model = CST(tiny_config())
+    ids = list(store.data)
+    episodes = pd.DataFrame(
+        {
+            "query_id": ids,
+            "support_classes": [[1, 2]] * len(ids),
+            "support_ids": [[[ids[(i + 1) % 8], ids[(i + 2) % 8]], [ids[(i + 3) % 8]]] for i in range(8)],
+        }
+    )
+    seen: list[tuple[str, int]] = []
+
+    def support_mask(image_id: str, class_id: int) -> np.ndarray:
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        m = np.zeros((16, 16), dtype=bool)
+        m[int(image_id[-1]) : int(image_id[-1]) + 8, 2:10] = True
+        return m
+
+    def scores(workers: int) -> dict:
+        pred = CSTPredictor(model, TokenBank(store, ids), support_mask, batch_size=2, workers=workers)
+        assert pred.prefetch(episodes, progress=False) == 24 == pred.pairs_computed
+        return dict(pred._cache)
+
+    with torch_threads(1):
+        single = scores(1)
+    torch.set_num_threads(3)
+    seen.clear()
+    parallel = scores(2)
+    assert torch.get_num_threads() == 3
+    assert {name.split("_")[0] for name, _ in seen} == {"cst-score"} and {n for _, n in seen} == {1}
+    assert single.keys() == parallel.keys()
+    for k, (p, fg) in single.items():
+        assert p == parallel[k][0] and np.array_equal(fg, parallel[k][1])
+
+
 def test_pooled_queries_from_pooled_support_equal_pooled_correlation():
     from fscs.model.correlation import correlate, prepare_query, prepare_support
     from fscs.model.cst import support_pool
