@@ -20,6 +20,11 @@ the "before" row, GFLOP per episode (forward + backward, torch's FlopCounterMode
 fp32 matmul peak measured in the same process, and the peak RSS while the row ran (Linux: reset per row). Then
 evaluation: `CSTPredictor.predict` episodes/s per (way, shot) on test episodes (fresh predictor: no pair
 cache hits), the pairs/s behind it, and the same episodes with re-encoding every image of every episode.
+Last, pair scoring as the evaluate stage runs it (`CSTPredictor.prefetch` over test episodes of all four
+types, best of two fresh predictors per row): one batch at a time with ``--threads`` torch threads per op
+(before), ``--threads`` single-threaded workers, and the same with `fscs.allocator` keeping freed memory
+(applied last: it cannot be undone in a process), with the largest foreground-probability difference to the
+first row (workers run one torch thread per op, which rounds differently from two).
 
 Without ``--features`` (or when it was made with another backbone) the needed images are extracted into a
 temporary store first (not timed). The default backbone is params.yaml's (the offline DINOv2 ViT-S/14 at
@@ -120,8 +125,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", type=int, default=3, help="timed batches per row (plus one warm-up)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval-episodes", type=int, default=8, help="test episodes per (way, shot)")
+    parser.add_argument(
+        "--scoring-episodes", type=int, default=40, help="test episodes per (way, shot) for pair scoring"
+    )
     args = parser.parse_args(argv)
 
+    from fscs.allocator import keep_freed_memory
     from fscs.cst_predictor import CSTPredictor, PreparedBank, TokenBank
     from fscs.data.episodes import TrainEpisodeSampler, read_episodes
     from fscs.data.folds import fold_classes, read_folds
@@ -152,11 +161,13 @@ def main(argv: list[str] | None = None) -> None:
         (w, s): test[(test["way"] == w) & (test["shot"] == s)].head(args.eval_episodes)
         for w, s in sorted(set(zip(test["way"], test["shot"], strict=True)))
     }
+    scoring_eps = test.groupby(["way", "shot"]).head(args.scoring_episodes)
+    test_eps = [*eval_eps.values(), scoring_eps]
     ids = sorted(
         {e.query_id for e in train_eps}
         | {e.support_ids[0][0] for e in train_eps}
-        | {str(q) for df in eval_eps.values() for q in df["query_id"]}
-        | {str(s) for df in eval_eps.values() for ss in df["support_ids"] for sh in ss for s in sh}
+        | {str(q) for df in test_eps for q in df["query_id"]}
+        | {str(s) for df in test_eps for ss in df["support_ids"] for sh in ss for s in sh}
     )
     paths = [str(index.loc[i, "image_path"]) for i in ids]
 
@@ -268,6 +279,36 @@ def main(argv: list[str] | None = None) -> None:
             n = len(df)
             rate, pairs, ref = n / dt, pred.pairs_computed / dt, n / dt_ref
             print(f"| {w}-way {s}-shot | {n} | {rate:.2f} | {pairs:.1f} | {ref:.2f} | {rate / ref:.1f}x |")
+
+        def score_row(workers: int) -> tuple[float, float, dict]:
+            """(pairs/s best of two fresh predictors, peak RSS MB, pair scores) of `CSTPredictor.prefetch`."""
+            best, scores = 0.0, {}
+            reset_peak_rss()
+            for _ in range(2):
+                pred = CSTPredictor(
+                    model, tokens, targets.test_support_mask, True, cfg.eval_batch_size, workers=workers
+                )
+                t0 = time.perf_counter()
+                n = pred.prefetch(scoring_eps, progress=False)
+                best, scores = max(best, n / (time.perf_counter() - t0)), dict(pred._cache)
+            return best, peak_rss_mb(), scores
+
+        print(f"\nPair scoring (CSTPredictor.prefetch, {len(scoring_eps)} test episodes of all four types)")
+        print("| design | pairs/s | ratio to before | max abs diff to before | peak RSS MB |")
+        print("| --- | --- | --- | --- | --- |")
+        rows = {
+            f"one batch at a time, {args.threads} torch threads per op (before)": (1, False),
+            f"{args.threads} workers, one torch thread each (default)": (args.threads, False),
+            f"{args.threads} workers + heap kept between batches (as the stages run)": (args.threads, True),
+        }
+        base_rate, base_scores = None, None
+        for label, (workers, keep) in rows.items():
+            if keep:
+                keep_freed_memory()  # last: a process cannot go back to glibc's adaptive defaults
+            rate, rss, scores = score_row(workers)
+            base_rate, base_scores = base_rate or rate, base_scores or scores
+            diff = max(float(np.abs(v[1] - base_scores[k][1]).max()) for k, v in scores.items())
+            print(f"| {label} | {rate:.1f} | {rate / base_rate:.2f}x | {diff:.1e} | {rss:.0f} |")
         store.close()
 
 
