@@ -284,6 +284,37 @@ def test_prefetch_workers_give_the_single_threaded_numbers_and_restore_torch_thr
         assert p == parallel[k][0] and np.array_equal(fg, parallel[k][1])
 
 
+def test_prefetch_workers_stop_at_the_first_error():
+    """A batch that fails (an unreadable support mask) ends prefetch with its error; the batches not yet
+    started are dropped instead of all being scored first (`Executor.map` cancels them when closed)."""
+    import time
+
+    import pandas as pd
+
+    store = FakeStore(n=8)
+    ids = list(store.data)
+    episodes = pd.DataFrame(
+        {
+            "query_id": ids * 3,
+            "support_classes": [[1]] * 24,
+            "support_ids": [[[i]] for i in ids[1:] + ids[:1]] * 3,
+        }
+    )
+    calls = []
+
+    def support_mask(image_id: str, class_id: int) -> np.ndarray:
+        calls.append(image_id)
+        if image_id == ids[1]:
+            raise FscsError(f"{image_id}: mask unreadable")
+        time.sleep(0.05)
+        return np.ones((16, 16), dtype=bool)
+
+    pred = CSTPredictor(CST(tiny_config()), TokenBank(store, ids), support_mask, batch_size=1, workers=2)
+    with pytest.raises(FscsError, match=f"{ids[1]}: mask unreadable"):
+        pred.prefetch(episodes, progress=False)
+    assert len(calls) <= 6  # of 8 batches (one query each), sorted: the failing one comes first
+
+
 def test_pooled_queries_from_pooled_support_equal_pooled_correlation():
     from fscs.model.correlation import correlate, prepare_query, prepare_support
     from fscs.model.cst import support_pool
