@@ -14,11 +14,12 @@ FSCS_REMOTE ?= $(CURDIR)/.cache/dvc-remote
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
 
-setup:  ## create .venv and install fscs with its pinned dependencies (torch from this machine's disk)
+setup:  ## create .venv, install fscs with its pinned dependencies (torch from this machine's disk), build the kernel
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e '.[dev]'
+	$(VENV)/bin/fscs kernel
 
 run: setup repro  ## set up, then run the default pipeline (MSRC, offline backbone) with dvc repro
 

@@ -13,7 +13,8 @@ pseudo-label files are needed), same CST training step (forward, loss, backward,
   batch (the design before the prepared-feature cache);
 - ``cache``: prepared features computed once per image (`fscs.cst_predictor.PreparedBank`, as training does);
   at the old batch size 12, at the default, under bf16 autocast and with 2 attention heads instead of 8
-  (those two measured only: training runs fp32 with 8 heads).
+  (those two measured only: training runs fp32 with 8 heads), all with torch's attention (SDPA); last, the
+  default: the fused attention kernel (`fscs.model.fused_attention`).
 
 Rows: episodes/s (after one warm-up batch, mean over the timed batches), seconds per episode, the ratio to
 the "before" row, GFLOP per episode (forward + backward, torch's FlopCounterMode) and the fraction of the
@@ -22,9 +23,10 @@ evaluation: `CSTPredictor.predict` episodes/s per (way, shot) on test episodes (
 cache hits), the pairs/s behind it, and the same episodes with re-encoding every image of every episode.
 Last, pair scoring as the evaluate stage runs it (`CSTPredictor.prefetch` over test episodes of all four
 types, best of two fresh predictors per row): one batch at a time with ``--threads`` torch threads per op
-(before), ``--threads`` single-threaded workers, and the same with `fscs.allocator` keeping freed memory
-(applied last: it cannot be undone in a process), with the largest foreground-probability difference to the
-first row (workers run one torch thread per op, which rounds differently from two).
+(before), ``--threads`` single-threaded workers, the same with `fscs.allocator` keeping freed memory (applied
+from the third row on: it cannot be undone in a process), and with the fused attention kernel, with the
+largest foreground-probability difference to the first row (one torch thread per op rounds differently from
+two; the kernel rounds differently from SDPA).
 
 Without ``--features`` (or when it was made with another backbone) the needed images are extracted into a
 temporary store first (not timed). The default backbone is params.yaml's (the offline DINOv2 ViT-S/14 at
@@ -203,12 +205,12 @@ def main(argv: list[str] | None = None) -> None:
             return model.prepare_query(q), model.prepare_support(s)
 
         def run_row(
-            source: str, batch: int, bf16: bool = False, heads: int | None = None
+            source: str, batch: int, attention: str, bf16: bool = False, heads: int | None = None
         ) -> tuple[float, float, float]:
             """(episodes/s, GFLOP per episode, peak RSS MB) of Adam steps on ``batch``-episode batches;
-            ``heads``: another number of attention heads in the correlation transformer."""
+            ``attention``: fused kernel or torch's SDPA; ``heads``: another number of attention heads."""
             torch.manual_seed(0)
-            model = CST(replace(model_cfg, attn_heads=heads or model_cfg.attn_heads))
+            model = CST(replace(model_cfg, attn_heads=heads or model_cfg.attn_heads, attention=attention))
             opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
             times, flops = [], 0.0
             reset_peak_rss()
@@ -231,12 +233,17 @@ def main(argv: list[str] | None = None) -> None:
 
         peak = matmul_peak_gflops(args.threads)
         designs = {
-            "re-encode every episode (reference design)": ("re-encode", 12, False),
-            "store, tokens re-prepared every batch (before)": ("store", 12, False),
-            "store + prepared-feature cache, batch 12": ("cache", 12, False),
-            f"store + prepared-feature cache, batch {bs} (default)": ("cache", bs, False),
-            "store + prepared-feature cache, bf16 autocast (not used)": ("cache", bs, True),
-            "store + prepared-feature cache, 2 attention heads (not used)": ("cache", bs, False, 2),
+            "re-encode every episode (reference design)": ("re-encode", 12, "sdpa"),
+            "store, tokens re-prepared every batch (before)": ("store", 12, "sdpa"),
+            "store + prepared-feature cache, batch 12": ("cache", 12, "sdpa"),
+            f"store + prepared-feature cache, batch {bs}": ("cache", bs, "sdpa"),
+            "store + prepared-feature cache, bf16 autocast (not used)": ("cache", bs, "sdpa", True),
+            "store + prepared-feature cache, 2 attention heads (not used)": ("cache", bs, "sdpa", False, 2),
+            f"store + prepared-feature cache, batch {bs}, fused attention kernel (default)": (
+                "cache",
+                bs,
+                "fused",
+            ),
         }
         rows = {label: run_row(*spec) for label, spec in designs.items()}
         base = rows["store, tokens re-prepared every batch (before)"][0]
@@ -280,13 +287,17 @@ def main(argv: list[str] | None = None) -> None:
             rate, pairs, ref = n / dt, pred.pairs_computed / dt, n / dt_ref
             print(f"| {w}-way {s}-shot | {n} | {rate:.2f} | {pairs:.1f} | {ref:.2f} | {rate / ref:.1f}x |")
 
-        def score_row(workers: int) -> tuple[float, float, dict]:
+        sdpa_model = CST(replace(model_cfg, attention="sdpa")).eval()
+        sdpa_model.load_state_dict(model.state_dict())  # the same weights, torch's attention
+
+        def score_row(workers: int, attention: str) -> tuple[float, float, dict]:
             """(pairs/s best of two fresh predictors, peak RSS MB, pair scores) of `CSTPredictor.prefetch`."""
             best, scores = 0.0, {}
             reset_peak_rss()
+            scorer = model if attention == "fused" else sdpa_model
             for _ in range(2):
                 pred = CSTPredictor(
-                    model, tokens, targets.test_support_mask, True, cfg.eval_batch_size, workers=workers
+                    scorer, tokens, targets.test_support_mask, True, cfg.eval_batch_size, workers=workers
                 )
                 t0 = time.perf_counter()
                 n = pred.prefetch(scoring_eps, progress=False)
@@ -297,15 +308,16 @@ def main(argv: list[str] | None = None) -> None:
         print("| design | pairs/s | ratio to before | max abs diff to before | peak RSS MB |")
         print("| --- | --- | --- | --- | --- |")
         rows = {
-            f"one batch at a time, {args.threads} torch threads per op (before)": (1, False),
-            f"{args.threads} workers, one torch thread each (default)": (args.threads, False),
-            f"{args.threads} workers + heap kept between batches (as the stages run)": (args.threads, True),
+            f"one batch at a time, {args.threads} torch threads per op (before)": (1, False, "sdpa"),
+            f"{args.threads} workers, one torch thread each": (args.threads, False, "sdpa"),
+            f"{args.threads} workers + heap kept between batches": (args.threads, True, "sdpa"),
+            "the same + fused attention kernel (as the stages run)": (args.threads, True, "fused"),
         }
         base_rate, base_scores = None, None
-        for label, (workers, keep) in rows.items():
+        for label, (workers, keep, attention) in rows.items():
             if keep:
-                keep_freed_memory()  # last: a process cannot go back to glibc's adaptive defaults
-            rate, rss, scores = score_row(workers)
+                keep_freed_memory()  # from here on: a process cannot go back to glibc's adaptive defaults
+            rate, rss, scores = score_row(workers, attention)
             base_rate, base_scores = base_rate or rate, base_scores or scores
             diff = max(float(np.abs(v[1] - base_scores[k][1]).max()) for k, v in scores.items())
             print(f"| {label} | {rate:.1f} | {rate / base_rate:.2f}x | {diff:.1e} | {rss:.0f} |")

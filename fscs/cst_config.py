@@ -8,6 +8,7 @@ from typing import Any
 
 KSHOT_RULES = ("mean_prob", "mean_logit")
 PRIORS = ("none", "prototype")
+ATTENTIONS = ("fused", "sdpa")
 
 
 @dataclass
@@ -22,6 +23,7 @@ class CSTConfig:
     channels: tuple[int, int] = (32, 128)  # correlation-transformer widths
     pooled_grid: int = 3  # block 1 pools the S x S attention queries to this (12 -> 3, i.e. pooling 4)
     attn_heads: int = 8
+    attention: str = "fused"  # fused: the CPU kernel of fscs.model.fused_attention | sdpa: torch's op
     groups: int = 4
     init: str = "torch"  # torch: PyTorch's default init | he: He init, prior-log-odds foreground bias
     fg_prior: float = 0.21  # foreground fraction the "he" init's last segmentation bias starts from

@@ -2,9 +2,11 @@
 
 A stage's code is the import closure of its `python -m stages.X` module inside `fscs/` and `stages/`,
 found by a static `ast` scan (imports inside functions included; package `__init__.py` files count, they
-run on import). A declared folder (``fscs/model``) covers the files under it. A params section is read
-where code of the closure calls ``section(..., "name")`` or indexes, ``.get()``s or takes the attribute
-``name`` of something whose name contains ``params``, ``config`` or ``cfg``; the section names come from
+run on import), plus the files those modules read beside themselves (``Path(__file__).with_name(...)``: the
+fused attention kernel's C++ source). A declared folder (``fscs/model``) covers the files under it. A
+params section is read where code of the closure calls ``section(..., "name")`` or indexes, ``.get()``s or
+takes the attribute ``name`` of something whose name contains ``params``, ``config`` or ``cfg``; the section
+names come from
 params.yaml. Both directions are checked: an undeclared file or section serves stale results, a declared one
 that nothing reads re-runs the stage for nothing. A declared folder must hold only files the stage imports.
 Every path argument of the command (``--flag a/b``) must be a dep or an out, and a stage that can open
@@ -71,8 +73,26 @@ def imports_of(path: Path) -> frozenset[str]:
     return frozenset(m for name in found for m in executed_modules(name) if module_file(m))
 
 
+@cache
+def companions_of(path: Path) -> frozenset[Path]:
+    """Files a module reads beside itself, named as ``Path(__file__).with_name("...")`` (a C++ source)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "with_name"
+            and "__file__" in ast.unparse(node.func.value)
+            and node.args
+            and _literal(node.args[0])
+        ):
+            found.add(path.with_name(_literal(node.args[0])))
+    return frozenset(found)
+
+
 def closure(module: str) -> set[Path]:
-    """Every project file that `python -m module` executes through imports."""
+    """Every project file that `python -m module` executes through imports, and the files they read beside
+    themselves."""
     todo = [m for m in executed_modules(module) if module_file(m)]
     seen: set[str] = set()
     while todo:
@@ -80,7 +100,8 @@ def closure(module: str) -> set[Path]:
         if name not in seen:
             seen.add(name)
             todo.extend(imports_of(module_file(name)))
-    return {module_file(m) for m in seen}
+    files = {module_file(m) for m in seen}
+    return files.union(*(companions_of(f) for f in files))
 
 
 def _receiver_name(node: ast.expr) -> str:
@@ -154,7 +175,7 @@ def derived(stage: dict) -> tuple[set[str], set[str]]:
     """(code files, params sections) that the stage's command really uses."""
     files = closure(stage_module(stage["cmd"]))
     sections = params_sections()
-    read = set().union(*(sections_read_by(f, sections) for f in files))
+    read = set().union(*(sections_read_by(f, sections) for f in files if f.suffix == ".py"))
     return {_rel(f) for f in files}, read
 
 
@@ -235,6 +256,15 @@ def test_check_names_a_removed_dep():
     found = problems(stages)
     assert f"stage evaluate: imports {dropped} but does not declare it in deps" in found
     assert "stage evaluate: reads params section 'evaluate' but does not declare it" in found
+
+
+def test_check_names_a_removed_kernel_source():
+    """The C++ kernel is read by fscs/model/fused_attention.py, never imported: it still counts as code."""
+    stages = load_stages()
+    stages["train"]["deps"].remove("fscs/model/tiny_attention.cpp")
+    assert "stage train: imports fscs/model/tiny_attention.cpp but does not declare it in deps" in problems(
+        stages
+    )
 
 
 def test_check_names_an_undeclared_dataset():

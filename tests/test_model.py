@@ -315,16 +315,19 @@ def test_prefetch_workers_stop_at_the_first_error():
     assert len(calls) <= 6  # of 8 batches (one query each), sorted: the failing one comes first
 
 
-def test_pooled_queries_from_pooled_support_equal_pooled_correlation():
+@pytest.mark.parametrize("size, out", [(4, 2), (6, 3), (6, 4)])
+def test_pooling_matrix_equals_pooling_the_correlation(size, out):
     from fscs.model.correlation import correlate, prepare_query, prepare_support
-    from fscs.model.cst import support_pool
+    from fscs.model.cst import pooling_matrix
 
     q = prepare_query(tokens(2).float(), H)
-    s = prepare_support(tokens(2, 1).float(), G, H, 4)
-    x = correlate(q, s).permute(0, 2, 3, 1)
-    direct = pool_support(x, 2)
-    via_support = correlate(q, support_pool(s, 2)).permute(0, 2, 3, 1)
-    torch.testing.assert_close(direct, via_support, atol=1e-6, rtol=1e-5)
+    s = prepare_support(tokens(2, 1).float(), G, H, size)
+    x = correlate(q, s)
+    direct = pool_support(x.permute(0, 2, 3, 1), out)
+    by_matrix = torch.matmul(x, pooling_matrix(x.shape[-1], out)).permute(0, 2, 3, 1)
+    assert by_matrix.shape == (2, G[0] * G[1], 1 + out * out, L * H)
+    torch.testing.assert_close(direct, by_matrix, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(by_matrix[..., 0, :], x.permute(0, 2, 3, 1)[..., 0, :])  # CLS kept as is
 
 
 def test_single_query_broadcast_matches_repeated_query():

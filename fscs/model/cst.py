@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fscs.cst_config import KSHOT_RULES, PRIORS, CSTConfig
+from fscs.cst_config import ATTENTIONS, KSHOT_RULES, PRIORS, CSTConfig
 from fscs.errors import FscsError
 from fscs.model.correlation import correlate, prepare_query, prepare_support, resize_mask
 from fscs.model.heads import ClassificationHead, SegmentationHead
@@ -63,9 +63,11 @@ def config_from_store(store: Any, **sizes: Any) -> CSTConfig:
     )
 
 
-def support_pool(support: torch.Tensor, out_size: int) -> torch.Tensor:
-    """Prepared support (B, C, 1+S*S, d) -> (B, C, 1+S'*S', d): CLS kept, grid vectors average-pooled."""
-    return pool_support(support, out_size)  # same layout: positions on dim 2, features last
+def pooling_matrix(ns: int, out_size: int) -> torch.Tensor:
+    """(1+S*S, 1+S'*S') matrix M with ``x @ M`` = `pool_support` along x's last (support) axis: CLS kept,
+    the grid average-pooled to S' x S'."""
+    eye = torch.eye(ns).view(1, 1, ns, ns)  # pool_support's layout: positions on dim 2, "channels" last
+    return pool_support(eye, out_size)[0, 0].T.contiguous()
 
 
 class CST(nn.Module):
@@ -74,8 +76,11 @@ class CST(nn.Module):
         self.config = config
         c1, c2 = config.channels
         cin = config.num_layers * config.num_heads
-        self.block1 = CorrelationBlock(cin, c1, config.pooled_grid, config.attn_heads, config.groups)
-        self.block2 = CorrelationBlock(c1, c2, 1, config.attn_heads, config.groups)
+        if config.attention not in ATTENTIONS:
+            raise ValueError(f"CST attention must be one of {ATTENTIONS}, got {config.attention!r}")
+        blocks = {"heads": config.attn_heads, "groups": config.groups, "attention": config.attention}
+        self.block1 = CorrelationBlock(cin, c1, config.pooled_grid, **blocks)
+        self.block2 = CorrelationBlock(c1, c2, 1, **blocks)
         self.post = nn.Sequential(  # 2 x (1x1 conv, GN, ReLU), channel-last
             nn.Linear(c2, c2),
             GroupNormLast(config.groups, c2),
@@ -91,10 +96,16 @@ class CST(nn.Module):
         self.seg_head = SegmentationHead(c2, c2 // 2, extra)
         if config.kshot not in KSHOT_RULES:
             raise ValueError(f"CST kshot must be one of {KSHOT_RULES}, got {config.kshot!r}")
+        self._pooling_matrices: dict[int, torch.Tensor] = {}  # support length -> pooling_matrix
         if config.init == "he":
             he_init(self, config.fg_prior)
         elif config.init != "torch":
             raise ValueError(f"CST init must be 'torch' or 'he', got {config.init!r}")
+
+    def _pooling(self, ns: int) -> torch.Tensor:
+        if ns not in self._pooling_matrices:
+            self._pooling_matrices[ns] = pooling_matrix(ns, self.config.pooled_grid)
+        return self._pooling_matrices[ns]
 
     @property
     def uses_prior(self) -> bool:
@@ -133,11 +144,11 @@ class CST(nn.Module):
         gh, gw = self.config.grid
         if self.uses_prior and prior is None:
             raise ValueError(f"this CST uses the {self.config.prior!r} prior: pass prior=(query, support)")
-        x = correlate(query, support).permute(0, 2, 3, 1)  # B, Pq, 1+S*S, L*H (channel-last view)
-        # Block 1's attention queries are the support-pooled correlations. The correlation is linear in the
-        # (unit) support vectors, so pooling the support vectors first gives the same numbers far cheaper.
-        pooled = support_pool(support, self.config.pooled_grid)
-        x_pooled = correlate(query, pooled).permute(0, 2, 3, 1)
+        x = correlate(query, support)  # B, L*H, Pq, 1+S*S
+        # Block 1's attention queries are the support-pooled correlations: pooling is linear, so one product
+        # with the pooling matrix (far cheaper than pooling the channel-last view or the support vectors)
+        x_pooled = torch.matmul(x, self._pooling(x.shape[-1]).to(x.device)).permute(0, 2, 3, 1)
+        x = x.permute(0, 2, 3, 1)  # B, Pq, 1+S*S, L*H (channel-last view)
         mask = resize_mask(support_mask.to(x.device), self.config.support_size)
         x, mask = self.block1(x, mask, x_pooled)
         x, _ = self.block2(x, mask)  # B, Pq, 2, C

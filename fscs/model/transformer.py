@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fscs.model.fused_attention import sdpa_attention, tiny_attention
+
 
 class GroupNormLast(nn.Module):
     """GroupNorm over a channel-last tensor (B, ..., C): statistics per sample and channel group over all
@@ -77,14 +79,18 @@ def key_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 class SupportAttention(nn.Module):
-    """Multi-head attention along the support axis, one attention per (sample, query token)."""
+    """Multi-head attention along the support axis, one attention per (sample, query token).
 
-    def __init__(self, cin: int, cout: int, heads: int):
+    ``attention``: "fused" runs the CPU kernel of `fscs.model.fused_attention` (torch's op on other
+    devices), "sdpa" always torch's `scaled_dot_product_attention`; same function, different rounding."""
+
+    def __init__(self, cin: int, cout: int, heads: int, attention: str = "fused"):
         super().__init__()
         if cout % heads:
             raise ValueError(f"{cout} channels do not split into {heads} heads")
         self.heads = heads
         self.cout = cout
+        self.attention = attention
         self.to_q = nn.Linear(cin, cout)
         self.to_kv = nn.Linear(cin, 2 * cout)  # key and value projections as one matrix product
 
@@ -93,14 +99,12 @@ class SupportAttention(nn.Module):
         b, pq, nq, _ = x_q.shape
         nk = x_kv.shape[2]
         h, c = self.heads, self.cout
-        dh = c // h
-        q = self.to_q(x_q).reshape(b * pq, nq, h, dh).transpose(1, 2)
-        kv = self.to_kv(x_kv).reshape(b * pq, nk, 2, h, dh)
-        k = kv[:, :, 0].transpose(1, 2)
-        v = kv[:, :, 1].transpose(1, 2)
-        allowed = key_valid[:, None, None, None, :].expand(b, pq, 1, 1, nk).reshape(b * pq, 1, 1, nk)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=1.0)  # no 1/sqrt(d)
-        return out.transpose(1, 2).reshape(b, pq, nq, c)
+        q = self.to_q(x_q).reshape(b * pq, nq, h, c // h)
+        kv = self.to_kv(x_kv).reshape(b * pq, nk, 2, h, c // h)
+        valid = key_valid[:, None].expand(b, pq, nk).reshape(b * pq, nk)
+        fused = self.attention == "fused" and q.device.type == "cpu"
+        out = (tiny_attention if fused else sdpa_attention)(q, kv, valid)
+        return out.reshape(b, pq, nq, c)
 
 
 class CorrelationBlock(nn.Module):
@@ -111,12 +115,19 @@ class CorrelationBlock(nn.Module):
     """
 
     def __init__(
-        self, cin: int, cout: int, out_size: int, heads: int = 8, groups: int = 4, ffn_ratio: int = 4
+        self,
+        cin: int,
+        cout: int,
+        out_size: int,
+        heads: int = 8,
+        groups: int = 4,
+        ffn_ratio: int = 4,
+        attention: str = "fused",
     ):
         super().__init__()
         self.out_size = out_size
         self.shortcut = nn.Sequential(nn.Linear(cin, cout), GroupNormLast(groups, cout), nn.ReLU())
-        self.attn = SupportAttention(cin, cout, heads)
+        self.attn = SupportAttention(cin, cout, heads, attention)
         self.aggregate = nn.Sequential(
             GroupNormLast(groups, cout),
             nn.ReLU(),
