@@ -316,7 +316,7 @@ def test_prefetch_workers_stop_at_the_first_error():
 
 
 @pytest.mark.parametrize("size, out", [(4, 2), (6, 3), (6, 4)])
-def test_pooling_matrix_equals_pooling_the_correlation(size, out):
+def test_pooling_matrix_equals_pooling_the_correlation_and_the_support(size, out):
     from fscs.model.correlation import correlate, prepare_query, prepare_support
     from fscs.model.cst import pooling_matrix
 
@@ -328,6 +328,8 @@ def test_pooling_matrix_equals_pooling_the_correlation(size, out):
     assert by_matrix.shape == (2, G[0] * G[1], 1 + out * out, L * H)
     torch.testing.assert_close(direct, by_matrix, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(by_matrix[..., 0, :], x.permute(0, 2, 3, 1)[..., 0, :])  # CLS kept as is
+    pooled_support = torch.matmul(pooling_matrix(s.shape[2], out).T, s)  # what CST computes: linear, so equal
+    torch.testing.assert_close(direct, correlate(q, pooled_support).permute(0, 2, 3, 1), atol=1e-6, rtol=1e-5)
 
 
 def test_single_query_broadcast_matches_repeated_query():

@@ -144,11 +144,12 @@ class CST(nn.Module):
         gh, gw = self.config.grid
         if self.uses_prior and prior is None:
             raise ValueError(f"this CST uses the {self.config.prior!r} prior: pass prior=(query, support)")
-        x = correlate(query, support)  # B, L*H, Pq, 1+S*S
-        # Block 1's attention queries are the support-pooled correlations: pooling is linear, so one product
-        # with the pooling matrix (far cheaper than pooling the channel-last view or the support vectors)
-        x_pooled = torch.matmul(x, self._pooling(x.shape[-1]).to(x.device)).permute(0, 2, 3, 1)
-        x = x.permute(0, 2, 3, 1)  # B, Pq, 1+S*S, L*H (channel-last view)
+        x = correlate(query, support).permute(0, 2, 3, 1)  # B, Pq, 1+S*S, L*H (channel-last view)
+        # Block 1's attention queries are the support-pooled correlations. Pooling and correlation are both
+        # linear, so the support vectors are pooled first (one small product with the pooling matrix): the
+        # same numbers up to rounding, without pooling (or copying) the large correlation tensor.
+        pooled = torch.matmul(self._pooling(support.shape[2]).T.to(support.device), support)
+        x_pooled = correlate(query, pooled).permute(0, 2, 3, 1)
         mask = resize_mask(support_mask.to(x.device), self.config.support_size)
         x, mask = self.block1(x, mask, x_pooled)
         x, _ = self.block2(x, mask)  # B, Pq, 2, C
