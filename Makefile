@@ -55,7 +55,8 @@ plots:  ## render learning curves and the threshold sweep with dvc plots into re
 	$(PY) -m fscs.plots --node-modules .cache/vega/node_modules --out .cache/vega/offline_template.html
 	dvc plots show --html-template .cache/vega/offline_template.html -o reports/plots_html
 
-bench:  ## print the extraction and training benchmarks
+bench:  ## print the extraction, training, attention-kernel and store-checksum benchmarks
 	$(PY) -m benchmarks.extract
 	$(PY) -m benchmarks.train
+	$(PY) -m benchmarks.attention
 	$(PY) -m benchmarks.store_checksum
