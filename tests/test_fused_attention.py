@@ -111,6 +111,17 @@ def test_a_failed_build_names_the_source_and_the_way_out(monkeypatch):
     assert "train.model.attention: sdpa" in text
 
 
+def test_build_folder_follows_the_source_content_not_its_path(tmp_path, monkeypatch):
+    """Copies of the project (test repositories, Dask workspaces) share one build; a changed kernel does not."""
+    here = fa.build_directory()
+    copy = tmp_path / "tiny_attention.cpp"
+    copy.write_bytes(fa.SOURCE.read_bytes())
+    monkeypatch.setattr(fa, "SOURCE", copy)
+    assert fa.build_directory() == here
+    copy.write_text(copy.read_text() + "\n// changed\n")
+    assert fa.build_directory() != here
+
+
 def test_fscs_kernel_command_builds_and_checks_the_kernel(capsys):
     cli_main(["kernel"])
     out = capsys.readouterr().out

@@ -3,16 +3,18 @@
 torch's `scaled_dot_product_attention` on the CPU is built for long sequences; CST's block 1 runs about 12k
 problems of 10 queries x 37 keys x 4 dims per training batch, where its per-problem overhead made attention
 43% of a training step. The kernel (`tiny_attention.cpp`) is compiled for this machine on first use by
-torch's C++ extension loader (g++ and ninja; cached under ``$TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``) and loaded once per process. ``train.model.attention: sdpa`` keeps torch's op.
+torch's C++ extension loader (g++ and ninja; cached in `build_directory`, under ``$TORCH_EXTENSIONS_DIR``,
+by default ``~/.cache/torch_extensions``) and loaded once per process. ``train.model.attention: sdpa`` keeps torch's op.
 
     fscs kernel     # build (or find) the kernel and check it against torch's op (`make setup` runs it)
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -40,6 +42,19 @@ def kernel() -> Any:
         return _kernel
 
 
+def build_directory() -> Path:
+    """Where the kernel is built: one folder per (source, flags, torch, Python), whatever the project's path.
+
+    torch's loader rebuilds (30 s) whenever the source path in its build file changes, so builds from two
+    copies of the project (DVC experiments, the test suite's temporary repositories, Dask workspaces) would
+    keep rebuilding one folder; the source is built from a copy inside the folder instead."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    key = "\0".join([*CFLAGS, torch.__version__, sys.version]).encode() + SOURCE.read_bytes()
+    return root / f"{NAME}_{hashlib.sha256(key).hexdigest()[:16]}"
+
+
 def _build() -> Any:
     import ninja
 
@@ -51,7 +66,21 @@ def _build() -> Any:
     try:
         from torch.utils.cpp_extension import load
 
-        return load(NAME, [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
+        folder = build_directory()
+        folder.mkdir(parents=True, exist_ok=True)
+        source = folder / SOURCE.name
+        if not source.is_file() or source.read_bytes() != SOURCE.read_bytes():
+            tmp = folder / f".{SOURCE.name}.{os.getpid()}"
+            tmp.write_bytes(SOURCE.read_bytes())
+            tmp.replace(source)  # atomic: concurrent first builds see a whole file
+        return load(
+            folder.name,
+            [str(source)],
+            extra_cflags=CFLAGS,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(folder),
+            verbose=False,
+        )
     except Exception as exc:  # noqa: BLE001 - compiler, ninja or linker: all mean "no kernel here"
         raise FscsError(
             f"{SOURCE}: could not build the fused attention kernel ({type(exc).__name__}: {exc}); "
@@ -109,7 +138,7 @@ def run(args: Any) -> None:
     """Build (or load) the kernel, then compare it with torch's attention on random problems."""
     t0 = time.perf_counter()
     kernel()
-    print(f"fused attention kernel ready in {time.perf_counter() - t0:.1f}s ({NAME}, from {SOURCE.name})")
+    print(f"fused attention kernel ready in {time.perf_counter() - t0:.1f}s (built in {build_directory()})")
     g = torch.Generator().manual_seed(0)
     q, kv = torch.randn(64, 10, 8, 4, generator=g), torch.randn(64, 37, 2, 8, 4, generator=g)
     valid = torch.rand(64, 37, generator=g) > 0.5
