@@ -112,7 +112,7 @@ def test_a_failed_build_names_the_source_and_the_way_out(monkeypatch):
 
 
 def test_build_folder_follows_the_source_content_not_its_path(tmp_path, monkeypatch):
-    """Copies of the project (test repositories, Dask workspaces) share one build; a changed kernel does not."""
+    """Copies of the project (test repositories, Dask workspaces) share a build; a changed kernel does not."""
     here = fa.build_directory()
     copy = tmp_path / "tiny_attention.cpp"
     copy.write_bytes(fa.SOURCE.read_bytes())

@@ -4,7 +4,8 @@ torch's `scaled_dot_product_attention` on the CPU is built for long sequences; C
 problems of 10 queries x 37 keys x 4 dims per training batch, where its per-problem overhead made attention
 43% of a training step. The kernel (`tiny_attention.cpp`) is compiled for this machine on first use by
 torch's C++ extension loader (g++ and ninja; cached in `build_directory`, under ``$TORCH_EXTENSIONS_DIR``,
-by default ``~/.cache/torch_extensions``) and loaded once per process. ``train.model.attention: sdpa`` keeps torch's op.
+by default ``~/.cache/torch_extensions``) and loaded once per process. ``train.model.attention: sdpa``
+keeps torch's op.
 
     fscs kernel     # build (or find) the kernel and check it against torch's op (`make setup` runs it)
 """
