@@ -316,19 +316,19 @@ def test_prefetch_workers_stop_at_the_first_error():
 
 
 @pytest.mark.parametrize("size, out", [(4, 2), (6, 3), (6, 4)])
-def test_pooling_matrix_equals_pooling_the_correlation_and_the_support(size, out):
+def test_pooling_weights_equal_pooling_the_correlation_and_the_support(size, out):
     from fscs.model.correlation import correlate, prepare_query, prepare_support
-    from fscs.model.cst import pooling_matrix
+    from fscs.model.cst import pooling_weights
 
     q = prepare_query(tokens(2).float(), H)
     s = prepare_support(tokens(2, 1).float(), G, H, size)
     x = correlate(q, s)
     direct = pool_support(x.permute(0, 2, 3, 1), out)
-    by_matrix = torch.matmul(x, pooling_matrix(x.shape[-1], out)).permute(0, 2, 3, 1)
+    by_matrix = torch.matmul(x, pooling_weights(x.shape[-1], out).T).permute(0, 2, 3, 1)
     assert by_matrix.shape == (2, G[0] * G[1], 1 + out * out, L * H)
     torch.testing.assert_close(direct, by_matrix, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(by_matrix[..., 0, :], x.permute(0, 2, 3, 1)[..., 0, :])  # CLS kept as is
-    pooled_support = torch.matmul(pooling_matrix(s.shape[2], out).T, s)  # what CST computes: linear, so equal
+    pooled_support = torch.matmul(pooling_weights(s.shape[2], out), s)  # what CST computes: linear, so equal
     torch.testing.assert_close(direct, correlate(q, pooled_support).permute(0, 2, 3, 1), atol=1e-6, rtol=1e-5)
 
 

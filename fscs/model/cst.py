@@ -63,11 +63,11 @@ def config_from_store(store: Any, **sizes: Any) -> CSTConfig:
     )
 
 
-def pooling_matrix(ns: int, out_size: int) -> torch.Tensor:
-    """(1+S*S, 1+S'*S') matrix M with ``x @ M`` = `pool_support` along x's last (support) axis: CLS kept,
-    the grid average-pooled to S' x S'."""
+def pooling_weights(ns: int, out_size: int) -> torch.Tensor:
+    """(1+S'*S', 1+S*S) weights W with ``W @ v`` = `pool_support` along v's position axis: CLS kept, the
+    grid average-pooled to S' x S'."""
     eye = torch.eye(ns).view(1, 1, ns, ns)  # pool_support's layout: positions on dim 2, "channels" last
-    return pool_support(eye, out_size)[0, 0].T.contiguous()
+    return pool_support(eye, out_size)[0, 0]
 
 
 class CST(nn.Module):
@@ -96,16 +96,13 @@ class CST(nn.Module):
         self.seg_head = SegmentationHead(c2, c2 // 2, extra)
         if config.kshot not in KSHOT_RULES:
             raise ValueError(f"CST kshot must be one of {KSHOT_RULES}, got {config.kshot!r}")
-        self._pooling_matrices: dict[int, torch.Tensor] = {}  # support length -> pooling_matrix
+        # block 1's query positions from the support's (fixed length: prepare_support resizes to S x S)
+        ns = 1 + config.support_size**2
+        self.register_buffer("pooling", pooling_weights(ns, config.pooled_grid), persistent=False)
         if config.init == "he":
             he_init(self, config.fg_prior)
         elif config.init != "torch":
             raise ValueError(f"CST init must be 'torch' or 'he', got {config.init!r}")
-
-    def _pooling(self, ns: int) -> torch.Tensor:
-        if ns not in self._pooling_matrices:
-            self._pooling_matrices[ns] = pooling_matrix(ns, self.config.pooled_grid)
-        return self._pooling_matrices[ns]
 
     @property
     def uses_prior(self) -> bool:
@@ -148,7 +145,7 @@ class CST(nn.Module):
         # Block 1's attention queries are the support-pooled correlations. Pooling and correlation are both
         # linear, so the support vectors are pooled first (one small product with the pooling matrix): the
         # same numbers up to rounding, without pooling (or copying) the large correlation tensor.
-        pooled = torch.matmul(self._pooling(support.shape[2]).T.to(support.device), support)
+        pooled = torch.matmul(self.pooling, support)
         x_pooled = correlate(query, pooled).permute(0, 2, 3, 1)
         mask = resize_mask(support_mask.to(x.device), self.config.support_size)
         x, mask = self.block1(x, mask, x_pooled)

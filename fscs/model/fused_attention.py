@@ -37,13 +37,15 @@ _kernel: Any = None
 def kernel() -> Any:
     """The compiled extension module (built on the first call on a machine, then loaded from the cache)."""
     global _kernel
+    if _kernel is not None:  # every forward and backward asks: no lock once loaded
+        return _kernel
     with _lock:
         if _kernel is None:
             _kernel = _build()
         return _kernel
 
 
-def build_directory() -> Path:
+def build_directory(source: bytes | None = None) -> Path:
     """Where the kernel is built: one folder per (source, flags, torch, Python), whatever the project's path.
 
     torch's loader rebuilds (30 s) whenever the source path in its build file changes, so builds from two
@@ -52,7 +54,7 @@ def build_directory() -> Path:
     from torch.utils.cpp_extension import get_default_build_root
 
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
-    key = "\0".join([*CFLAGS, torch.__version__, sys.version]).encode() + SOURCE.read_bytes()
+    key = "\0".join([*CFLAGS, torch.__version__, sys.version]).encode() + (source or SOURCE.read_bytes())
     return root / f"{NAME}_{hashlib.sha256(key).hexdigest()[:16]}"
 
 
@@ -67,12 +69,13 @@ def _build() -> Any:
     try:
         from torch.utils.cpp_extension import load
 
-        folder = build_directory()
+        text = SOURCE.read_bytes()
+        folder = build_directory(text)
         folder.mkdir(parents=True, exist_ok=True)
         source = folder / SOURCE.name
-        if not source.is_file() or source.read_bytes() != SOURCE.read_bytes():
+        if not source.is_file() or source.read_bytes() != text:
             tmp = folder / f".{SOURCE.name}.{os.getpid()}"
-            tmp.write_bytes(SOURCE.read_bytes())
+            tmp.write_bytes(text)
             tmp.replace(source)  # atomic: concurrent first builds see a whole file
         return load(
             folder.name,
