@@ -24,9 +24,10 @@ cache hits), the pairs/s behind it, and the same episodes with re-encoding every
 Last, pair scoring as the evaluate stage runs it (`CSTPredictor.prefetch` over test episodes of all four
 types, best of two fresh predictors per row): one batch at a time with ``--threads`` torch threads per op
 (before), ``--threads`` single-threaded workers, the same with `fscs.allocator` keeping freed memory (applied
-from the third row on: it cannot be undone in a process), and with the fused attention kernel, with the
-largest foreground-probability difference to the first row (one torch thread per op rounds differently from
-two; the kernel rounds differently from SDPA).
+from the third row on: it cannot be undone in a process), the same with the fused attention kernel, and the
+kernel one batch at a time on ``--threads`` threads (`fscs.cst_predictor.scoring_workers`: the kernel
+parallelises its problems itself), with the largest foreground-probability difference to the first row (one
+torch thread per op rounds differently from two; the kernel rounds differently from SDPA).
 
 Without ``--features`` (or when it was made with another backbone) the needed images are extracted into a
 temporary store first (not timed). The default backbone is params.yaml's (the offline DINOv2 ViT-S/14 at
@@ -311,7 +312,12 @@ def main(argv: list[str] | None = None) -> None:
             f"one batch at a time, {args.threads} torch threads per op (before)": (1, False, "sdpa"),
             f"{args.threads} workers, one torch thread each": (args.threads, False, "sdpa"),
             f"{args.threads} workers + heap kept between batches": (args.threads, True, "sdpa"),
-            "the same + fused attention kernel (as the stages run)": (args.threads, True, "fused"),
+            "the same + fused attention kernel": (args.threads, True, "fused"),
+            f"fused kernel, heap kept, one batch at a time on {args.threads} threads (as the stages run)": (
+                1,
+                True,
+                "fused",
+            ),
         }
         base_rate, base_scores = None, None
         for label, (workers, keep, attention) in rows.items():

@@ -20,10 +20,10 @@ batches; each image's prepared (normalized, per-head, support-downsampled) featu
 kept in a bounded cache, so a query or support image shared by many pairs is prepared once.
 
 With ``workers`` > 1 on the CPU, `prefetch` scores the batches in that many threads, each running torch
-single-threaded with its own prepared-feature cache: CST's forward is thousands of tiny attention problems,
-which one thread per batch runs about 1.2x faster than two threads sharing each op (issue 9). A pair's
-numbers then depend only on its batch, never on the worker count or the order the workers finish in
-(the same as ``workers=1`` with one torch thread).
+single-threaded with its own prepared-feature cache. A pair's numbers then depend only on its batch, never on
+the worker count or the order the workers finish in (the same as ``workers=1`` with one torch thread).
+`scoring_workers` picks the faster design for a model: with torch's attention (thousands of tiny SDPA calls
+per batch) the workers win, with the fused attention kernel one batch at a time on every thread does.
 
 The model runs on the device its parameters are on (tokens stay in RAM and move per batch); results come
 back to the CPU as numpy arrays.
@@ -152,6 +152,13 @@ class PreparedBank:
         if not self.model.uses_prior:
             return None
         return self.get("prior", query_ids), self.get("prior", support_ids)
+
+
+def scoring_workers(model: CST, threads: int) -> int:
+    """Scoring workers for `CSTPredictor.prefetch` on ``threads`` CPU threads: 1 (one batch at a time, every
+    op on all threads) with the fused attention kernel, which parallelises its problems itself (1.1-1.3x the
+    workers, `benchmarks/train.py`); ``threads`` single-threaded workers with torch's attention (1.2-1.4x)."""
+    return 1 if model.config.attention == "fused" else max(1, int(threads))
 
 
 class CSTPredictor:

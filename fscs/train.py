@@ -5,7 +5,9 @@
   validation episode list (``seed + i``), so training never replays the validation episodes verbatim.
 - Supervision: `fscs.targets.Targets` (support masks, query targets, presence labels).
 - Loss: ``cls_weight`` x CE(presence) + CE(segmentation, ignore 255), the segmentation logits upsampled
-  bilinearly from 2x the token grid to ``label_size``. Adam, constant learning rate.
+  bilinearly from 2x the token grid to ``label_size``. Adam, constant learning rate (or warmup + cosine).
+- Weight averaging (``ema`` > 0): validation, selection and the kept checkpoint use a moving average of the
+  weights over the steps (`weight_average`), which smooths the step-to-step noise of a constant rate.
 - Selection: after every epoch, mIoU on the fold's 1-way 1-shot VALIDATION episodes (train split, training
   classes; never the test list), via `fscs.evaluation.run_episodes` and `CSTPredictor`; the best epoch's
   weights are kept; training stops after ``patience`` epochs without improvement (counted only once the
@@ -28,10 +30,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from timm.utils.model_ema import ModelEmaV3
 from tqdm import tqdm
 
 from fscs.calibration import Records, calibrate
-from fscs.cst_predictor import CSTPredictor, PreparedBank, TokenBank
+from fscs.cst_predictor import CSTPredictor, PreparedBank, TokenBank, scoring_workers
 from fscs.data.images import VOID
 from fscs.deterministic import cross_entropy, interpolate_bilinear
 from fscs.device import describe, resolve_device
@@ -78,6 +81,15 @@ def improves(score: float | None, best: float | None) -> bool:
     s = -1.0 if score is None else float(score)
     b = -1.0 if best is None else float(best)
     return s > b or (b <= 0.0 and s >= b)
+
+
+def weight_average(model: CST, decay: float) -> ModelEmaV3 | None:
+    """The averaged copy of ``model`` that ``update(model, step)`` (1-based steps) moves: step 1 copies the
+    weights, step t blends them in with weight 1 / t (a plain mean of all steps so far) until that falls
+    to ``1 - decay``, then with ``1 - decay`` (an exponential moving average); None when ``decay`` is 0."""
+    if decay <= 0.0:
+        return None
+    return ModelEmaV3(model, decay=float(decay), use_warmup=True, warmup_gamma=1.0, warmup_power=1.0)
 
 
 def set_determinism(seed: int, threads: int) -> None:
@@ -266,6 +278,8 @@ def train(
     set_determinism(config.seed, config.threads)
     start = time.perf_counter()
     model = CST(model_config).to(device)
+    average = weight_average(model, float(config.ema))
+    judged = model if average is None else average.module  # the weights validated and kept
     optimizer = torch.optim.Adam(model.parameters(), lr=float(config.lr))
     total_steps = config.steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -299,6 +313,8 @@ def train(
             optimizer.step()
             scheduler.step()
             step += 1
+            if average is not None:
+                average.update(model, step=step)
             total += float(loss.detach()) * len(chunk)
             seen += len(chunk)
             bar.update(len(chunk))
@@ -307,7 +323,7 @@ def train(
         val: dict[str, Any] = {}
         if has_val:
             val = validate(
-                model,
+                judged,
                 tokens,
                 targets,
                 val_episodes,
@@ -315,7 +331,7 @@ def train(
                 train_classes if val_classes is None else val_classes,
                 void,
                 config.eval_batch_size,
-                workers=int(config.threads),
+                workers=scoring_workers(judged, int(config.threads)),
             )
         val_miou = val.get("miou_cal" if config.calibrate else "miou")
         row = {
@@ -330,7 +346,7 @@ def train(
         if on_epoch is not None:
             on_epoch(row)
         if best_state is None or not has_val or improves(val_miou, best_miou):
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = copy.deepcopy(judged.state_dict())
             best_thresholds = (
                 (val["presence_threshold"], val["fg_threshold"])
                 if config.calibrate and has_val

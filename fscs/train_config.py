@@ -23,6 +23,10 @@ class TrainConfig:
     schedule: str = "constant"  # constant | cosine (linear warmup, then cosine decay to 0)
     warmup: float = 0.0  # fraction of the optimiser steps spent warming up linearly (cosine schedule)
     min_epochs: int = 1  # early stopping never ends training before this epoch
+    # weight averaging: 0 = off (validate and keep the trained weights); d in (0, 1): validate and keep a
+    # running mean of the weights of every step so far, which turns into an exponential moving average with
+    # decay d once it spans 1 / (1 - d) steps (timm's ModelEmaV3, warmup power 1)
+    ema: float = 0.0
     calibrate: bool = False  # choose decision thresholds on validation each epoch, select on calibrated mIoU
     cls_weight: float = 0.1
     label_size: int = 64
@@ -67,6 +71,8 @@ class TrainConfig:
             raise FscsError(f"params: train.schedule must be 'constant' or 'cosine', got {cfg.schedule!r}")
         if not 0.0 <= float(cfg.warmup) < 1.0:
             raise FscsError(f"params: train.warmup must be in [0, 1), got {cfg.warmup!r}")
+        if not 0.0 <= float(cfg.ema) < 1.0:
+            raise FscsError(f"params: train.ema must be in [0, 1) (0 = off), got {cfg.ema!r}")
         if not isinstance(cfg.by_supervision, dict):
             raise FscsError(f"params: train.by_supervision must be a mapping, got {cfg.by_supervision!r}")
         for name in cfg.by_supervision:

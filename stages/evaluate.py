@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from fscs.allocator import keep_freed_memory
-    from fscs.cst_predictor import CSTPredictor, TokenBank
+    from fscs.cst_predictor import CSTPredictor, TokenBank, scoring_workers
     from fscs.data.episodes import read_episodes
     from fscs.data.folds import class_names, fold_classes, read_folds
     from fscs.data.index import read_index
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
             targets.test_support_mask,
             targets.test_mask_depends_on_class,
             batch_size=batch_size,
-            workers=threads,
+            workers=scoring_workers(model, threads),
         )
         pairs = predictor.prefetch(episodes, progress=None)
         results = run_episodes(episodes, predictor, index, classes, void=void, progress=None)

@@ -239,6 +239,16 @@ def test_predictor_cache_and_prefetch():
     assert pred.pairs_computed == computed
 
 
+def test_scoring_workers_follow_the_attention():
+    """The fused kernel parallelises its problems itself: one batch at a time on every thread; torch's
+    attention is faster in single-threaded workers, one per thread."""
+    from fscs.cst_predictor import scoring_workers
+
+    assert scoring_workers(CST(tiny_config(attention="fused")), 2) == 1
+    assert scoring_workers(CST(tiny_config(attention="sdpa")), 2) == 2
+    assert scoring_workers(CST(tiny_config(attention="sdpa")), 0) == 1
+
+
 def test_prefetch_workers_give_the_single_threaded_numbers_and_restore_torch_threads():
     """Scoring workers run torch single-threaded, in their own threads; every pair's numbers are those of
     one worker with one torch thread, and the caller's thread count comes back."""

@@ -191,6 +191,31 @@ def test_training_is_deterministic(tmp_path):
     assert len(a.curve) == 2 and a.curve[0]["val_miou"] is not None
 
 
+def test_weight_average_keeps_the_mean_of_the_steps_and_leaves_training_alone(tmp_path):
+    """ema > 0 keeps the running mean of the weights after each step (here 2 steps, far below the decay's
+    horizon): (W1 + W2) / 2, where W1 and W2 come from plain runs of 1 and 2 steps on the same episodes."""
+    index, store = toy_dataset(tmp_path)
+    one = run_train(index, store, None, epochs=1, episodes_per_epoch=8).model.state_dict()
+    two = run_train(index, store, None, epochs=1, episodes_per_epoch=16)
+    avg = run_train(index, store, None, epochs=1, episodes_per_epoch=16, ema=0.99)
+    assert [r["train_loss"] for r in avg.curve] == [r["train_loss"] for r in two.curve]
+    moved = 0
+    for k, v in avg.model.state_dict().items():
+        w1, w2 = one[k], two.model.state_dict()[k]
+        torch.testing.assert_close(v, (w1 + w2) / 2, rtol=1e-5, atol=1e-6)
+        moved += int(not torch.equal(w1, w2))
+    assert moved > 10  # the two steps did change the weights, so the mean is not trivially either
+
+
+def test_weight_average_decay_is_checked():
+    from fscs.errors import FscsError
+
+    assert TrainConfig.from_params({"ema": 0.99}).ema == 0.99
+    for bad in (1.0, -0.1):
+        with pytest.raises(FscsError, match=r"train.ema must be in \[0, 1\)"):
+            TrainConfig.from_params({"ema": bad})
+
+
 def test_tiny_model_overfits_toy_episodes(tmp_path):
     index, store = toy_dataset(tmp_path)
     val = val_frame(index)
