@@ -122,6 +122,15 @@ def test_build_folder_follows_the_source_content_not_its_path(tmp_path, monkeypa
     assert fa.build_directory() != here
 
 
+def test_build_folder_follows_the_cpu_it_is_built_for(monkeypatch):
+    """A shared cache never hands one CPU's -march=native build to another CPU."""
+    target = fa.native_target()
+    assert "-march=" in target  # the compiler's own resolution of native (g++ prints the CPU it chose)
+    here = fa.build_directory()
+    monkeypatch.setattr(fa, "native_target", lambda: target.replace("[enabled]", "[disabled]"))
+    assert fa.build_directory() != here
+
+
 def test_fscs_kernel_command_builds_and_checks_the_kernel(capsys):
     cli_main(["kernel"])
     out = capsys.readouterr().out

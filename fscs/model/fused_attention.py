@@ -12,9 +12,11 @@ keeps torch's op.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -45,8 +47,26 @@ def kernel() -> Any:
         return _kernel
 
 
+@functools.cache
+def native_target() -> str:
+    """What ``-march=native`` means here, as the C++ compiler torch builds with resolves it (its target
+    options: the CPU model and each instruction set on or off); "" when the compiler cannot be run.
+
+    A build made for one CPU must never be loaded on another (a home folder shared by cluster nodes of
+    different generations): AVX-512 code on an AVX2-only CPU dies of an illegal instruction."""
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        done = subprocess.run(
+            [cxx, "-march=native", "-Q", "--help=target"], capture_output=True, text=True, timeout=60
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout if done.returncode == 0 else ""
+
+
 def build_directory(source: bytes | None = None) -> Path:
-    """Where the kernel is built: one folder per (source, flags, torch, Python), whatever the project's path.
+    """Where the kernel is built: one folder per (source, flags, CPU target, torch, Python), whatever the
+    project's path.
 
     torch's loader rebuilds (30 s) whenever the source path in its build file changes, so builds from two
     copies of the project (DVC experiments, the test suite's temporary repositories, Dask workspaces) would
@@ -54,7 +74,8 @@ def build_directory(source: bytes | None = None) -> Path:
     from torch.utils.cpp_extension import get_default_build_root
 
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
-    key = "\0".join([*CFLAGS, torch.__version__, sys.version]).encode() + (source or SOURCE.read_bytes())
+    parts = [*CFLAGS, native_target(), torch.__version__, sys.version]
+    key = "\0".join(parts).encode() + (source or SOURCE.read_bytes())
     return root / f"{NAME}_{hashlib.sha256(key).hexdigest()[:16]}"
 
 
