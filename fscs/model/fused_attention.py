@@ -54,10 +54,14 @@ def native_target() -> str:
 
     A build made for one CPU must never be loaded on another (a home folder shared by cluster nodes of
     different generations): AVX-512 code on an AVX2-only CPU dies of an illegal instruction."""
-    cxx = os.environ.get("CXX", "c++")
+    from torch.utils.cpp_extension import get_cxx_compiler
+
     try:
         done = subprocess.run(
-            [cxx, "-march=native", "-Q", "--help=target"], capture_output=True, text=True, timeout=60
+            [get_cxx_compiler(), "-march=native", "-Q", "--help=target"],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
     except (OSError, subprocess.SubprocessError):
         return ""
