@@ -85,16 +85,16 @@ def set_remote(repo: Path, remote: Remote) -> None:
 def fscs_pipeline_dask(
     supervisions: list[str] | None = None,
     folds: list[int] | None = None,
-    remote_url: str | None = None,
-    remote_options: dict[str, str] | None = None,
     gpu_resource: bool = False,
     cpu_workers: list[str] | None = None,
 ) -> dict[str, dict]:
-    """Run the study's stale stages on the flow's Dask task runner; return where each stage ran."""
+    """Run the study's stale stages on the flow's Dask task runner; return where each stage ran.
+
+    Data moves through the project's default DVC remote. Which remote that is is not a flow parameter, so
+    that a run started from the Prefect API (which has no authentication) cannot send the study's data
+    elsewhere: `main` (``--remote``) sets it in .dvc/config.local before the flow starts."""
     logger = get_run_logger()
     repo = ROOT
-    if remote_url:
-        set_remote(repo, Remote(remote_url, remote_options or {}))
     remote = default_remote(repo)
     plans = plan_stages(repo, study_targets(supervisions, folds, repo))
     code = pack_code(repo, exclude=[out for p in plans.values() for out in p.uncached_outs] + ["dvc.lock"])
@@ -208,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folds", nargs="*", type=int)
     parser.add_argument("--summary", type=Path, help="write {stage: where it ran} and the wall time as JSON")
     args = parser.parse_args(argv)
+    if args.remote:  # the user's choice, made here: the flow itself takes no remote (see its docstring)
+        set_remote(ROOT, Remote(args.remote, dict(opt.split("=", 1) for opt in args.remote_option)))
     server = None
     if not os.environ.get("PREFECT_API_URL"):  # workers must report to the same API as the flow
         if ui_is_up():
@@ -231,8 +233,6 @@ def main(argv: list[str] | None = None) -> int:
         done = runner(
             supervisions=args.supervisions,
             folds=args.folds,
-            remote_url=args.remote,
-            remote_options=dict(opt.split("=", 1) for opt in args.remote_option),
             gpu_resource=gpu,
             cpu_workers=cpu_workers,
         )

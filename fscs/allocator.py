@@ -2,7 +2,7 @@
 
 CST's forward allocates and frees tens of MB per batch. With glibc's defaults those blocks are mapped and
 unmapped every time, and the page faults that follow cost a fifth of evaluation's wall time on 2 cores
-(sys time 5.2 -> 2.1 s, 61 -> 76 pairs/s on the same pairs, issue 9). Numbers are unaffected: only where
+(sys time 5.2 -> 2.1 s, 61 -> 76 pairs/s on the same pairs). Numbers are unaffected: only where
 the memory comes from changes. The price is a resident set that stays at its peak.
 """
 

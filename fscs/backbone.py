@@ -38,6 +38,7 @@ from fscs.data.images import load_rgb, open_image
 from fscs.device import autocast, describe
 from fscs.errors import FscsError
 from fscs.imgfocus import SOURCE, converted_weights, sha256_file
+from fscs.io import load_torch
 from fscs.store import NORMALIZATION, STORE_VERSION, StoreWriter, iter_batches, resolve_layers
 from fscs.threads import default_threads
 
@@ -131,10 +132,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             return load_file(str(p))
         except Exception as exc:  # noqa: BLE001 - any parse failure is the file's fault
             raise FscsError(f"{p}: not a readable safetensors file ({exc})") from exc
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise FscsError(f"{p}: not a readable torch state dict with weights_only=True ({exc})") from exc
+    obj = load_torch(p, "torch state dict")
     for key in ("teacher", "state_dict", "model"):  # DINO training checkpoints keep the teacher
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
@@ -238,7 +236,7 @@ class FusedBlocks:
     the weight: ``x + gamma*(W a + b) = (x + gamma*b) + (gamma*W) a``. Float32 throughout, plain PyTorch
     ops; equal to timm's blocks up to float32 rounding (~1e-7 relative). Only plain timm ``Block``s with
     standard attention/MLP qualify (`supports`). (A oneDNN variant with bias/GELU/residual post-ops was
-    measured slower on this AMD AVX2 CPU and dropped.)
+    measured slower on an AVX2 CPU and dropped.)
     """
 
     def __init__(self, model: torch.nn.Module):

@@ -11,13 +11,13 @@ The presence threshold is searched exactly (`best_threshold`: midpoints between 
 baselines choose theirs). The classification head of an image-level model can put every episode's
 probability inside a band narrower than a 0.05 grid step around 0.5: on held-out training classes the grid
 left validation ER at the base rate (52%) in every epoch where the exact threshold reached 71-73%
-(reports/LEARNER.md, sweep 8). The foreground threshold keeps the grid: mIoU is summed over many pixels.
+(reports/LEARNER.md, "train.calibrate"). The foreground threshold keeps the grid: mIoU is summed over many
+pixels.
 
 mIoU is scored as `fscs.evaluation` scores a CST model: on its foreground maps, whatever the presence
-decision (METHOD.md §5: the pixel labels come from the foreground maps alone). Until stop 16 the masks of
-episodes predicted absent were emptied here, so thresholds and checkpoints were chosen for a gated mIoU that
-evaluation never computes; with a classifier at chance on a class that selected the all-absent threshold and
-scored mIoU 0 (reports/LEARNER.md, sweep 5).
+decision (METHOD.md §5: the pixel labels come from the foreground maps alone). Emptying the masks of
+episodes predicted absent here would choose thresholds and checkpoints for a gated mIoU that evaluation never
+computes; with a classifier at chance on a class that selects the all-absent threshold and scores mIoU 0.
 
 mIoU here is accumulated per class over the episodes at the mask size the model was trained at (a close,
 cheap proxy of `fscs.evaluation`'s full-resolution score, re-computed for every candidate threshold).

@@ -150,8 +150,8 @@ class EnhancerConfig(Section):
     loss: Literal["bce", "bce_dice"] = "bce"
     steps: PositiveInt = 600
     batch_size: PositiveInt = 16
-    lr: Annotated[float, Field(gt=0)] = 1e-3
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    lr: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1e-3
+    weight_decay: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
     label_size: PositiveInt = 64
     flip: bool = True
     seed: Count = 0
@@ -295,14 +295,14 @@ def _param(error: dict[str, Any]) -> str:
     )
 
 
-def _describe(param: str, errors: list[dict[str, Any]], known: dict[str, list[str]]) -> str:
-    """The errors of one param as 'params: <param> = <value>: expected ...'."""
+def _describe(param: str, errors: list[dict[str, Any]], known: dict[str, list[str]], source: str) -> str:
+    """The errors of one param as '<source>: <param> = <value>: expected ...'."""
     first = errors[0]
     if first["type"] == "extra_forbidden":
         parent = param.rpartition(".")[0]
-        return f"params: unknown key '{param}' (known: {', '.join(known.get(parent, []))})"
+        return f"{source}: unknown key '{param}' (known: {', '.join(known.get(parent, []))})"
     if first["type"] == "missing":
-        return f"params: missing key '{param}'"
+        return f"{source}: missing key '{param}'"
     msgs = []
     for e in errors:
         m = e["msg"].removeprefix("Value error, ").removeprefix("Input should be ")
@@ -310,7 +310,7 @@ def _describe(param: str, errors: list[dict[str, Any]], known: dict[str, list[st
             m = m.replace(long, short)
         if m not in msgs:
             msgs.append(m)
-    return f"params: {param} = {first['input']!r}: expected {' or '.join(msgs)}"
+    return f"{source}: {param} = {first['input']!r}: expected {' or '.join(msgs)}"
 
 
 def _known_keys() -> dict[str, list[str]]:
@@ -332,13 +332,13 @@ def _known_keys() -> dict[str, list[str]]:
     return known
 
 
-def _refuse(exc: ValidationError, prefix: str = "") -> FscsError:
+def _refuse(exc: ValidationError, prefix: str = "", source: str = "params") -> FscsError:
     """A pydantic ValidationError as one FscsError line, one clause per param at fault."""
     known = _known_keys()
     by_param: dict[str, list[dict[str, Any]]] = {}
     for error in exc.errors():
         by_param.setdefault(prefix + _param(error), []).append(error)
-    return FscsError("; ".join(_describe(p, es, known) for p, es in by_param.items()))
+    return FscsError("; ".join(_describe(p, es, known, source) for p, es in by_param.items()))
 
 
 def validate(params: dict[str, Any]) -> Config:
@@ -384,6 +384,45 @@ def read_params(path: str | os.PathLike = "params.yaml") -> dict[str, Any]:
 def load_config(path: str | os.PathLike = "params.yaml") -> Config:
     """Read and validate the params file."""
     return validate(read_params(path))
+
+
+@functools.cache
+def _checkpoint_config_model() -> type[BaseModel]:
+    """`CSTConfig`'s fields and ``label_size`` with their types and ranges, as a checkpoint records them
+    (lists for tuples); other keys of a checkpoint's config (pseudo, ...) are checked where they are used."""
+    from fscs.cst_config import ATTENTIONS, KSHOT_RULES, PRIORS
+
+    unit = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+    pair = Annotated[list[PositiveInt], Field(min_length=2, max_length=2)]
+    fields = {
+        "num_layers": (PositiveInt, ...),
+        "num_heads": (PositiveInt, ...),
+        "embed_dim": (PositiveInt, ...),
+        "grid": (pair, ...),
+        "channels": (pair, None),
+        "attention": (Literal[ATTENTIONS], None),
+        "kshot": (Literal[KSHOT_RULES], None),
+        "prior": (Literal[PRIORS], None),
+        "init": (Literal["torch", "he"], None),
+        "prior_layer": (int, None),
+        "fg_prior": (Annotated[float, Field(gt=0, lt=1)], None),
+        "presence_threshold": (unit, None),
+        "fg_threshold": (unit, None),
+        "backbone": (dict[str, Any], None),
+        **{name: (PositiveInt, None) for name in ("support_size", "pooled_grid", "attn_heads", "groups")},
+        "label_size": (PositiveInt, None),
+    }
+    return create_model("CheckpointConfig", __config__=ConfigDict(extra="allow", strict=True), **fields)
+
+
+def validate_checkpoint_config(config: Any, path: str | os.PathLike) -> None:
+    """Refuse a checkpoint whose ``config`` is not the mapping fscs writes, naming the field at fault."""
+    if not isinstance(config, dict):
+        raise FscsError(f"{path}: checkpoint config is {type(config).__name__}, not a mapping")
+    try:
+        _checkpoint_config_model().model_validate(config)
+    except ValidationError as exc:
+        raise _refuse(exc, "config.", source=str(path)) from None
 
 
 def checkpoint_label_size(ckpt: dict[str, Any], path: str | os.PathLike) -> int:

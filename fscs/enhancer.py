@@ -33,7 +33,7 @@ from fscs.data.images import VOID
 from fscs.deterministic import interpolate_bilinear
 from fscs.device import resolve_device
 from fscs.errors import FscsError
-from fscs.io import json_attr, save_torch
+from fscs.io import json_attr, load_torch, save_torch
 from fscs.iou import IoUCounter
 from fscs.resample import bilinear, nearest
 
@@ -233,10 +233,7 @@ def load_enhancer(path: str | os.PathLike, fold: int | str | None = None) -> Enh
     """Load one enhancer from a checkpoint (weights_only=True): the fold's when it holds one per fold."""
     if not os.path.isfile(path):
         raise FscsError(f"{path}: enhancer checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is a user-facing error
-        raise FscsError(f"{path}: not a readable enhancer checkpoint ({exc})") from exc
+    ckpt = load_torch(path, "enhancer checkpoint")
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt:
         raise FscsError(f"{path}: not an enhancer checkpoint (needs 'state_dict' and 'config')")
     states, cfg = ckpt["state_dict"], ckpt["config"]

@@ -61,7 +61,9 @@ def bilinear_gather(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def nearest_torch(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     """(H, W) uint8 label mask -> ``size`` by torch's 'nearest-exact' (pixel centres, float32 scale: at some
     exact ties it picks the next source pixel, unlike `nearest`). The CST's label masks use this one."""
-    t = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.uint8))[None, None]
+    t = torch.from_numpy(np.require(mask, np.uint8, ["C", "W"]))[
+        None, None
+    ]  # copied if read-only (torch warns)
     return F.interpolate(t, size=size_hw(size), mode="nearest-exact")[0, 0].numpy()
 
 

@@ -6,6 +6,7 @@ Layout (row r = one image, one image per HDF5 chunk so a read touches only that 
 - ``tokens`` (N, L, 1+P, D) float16: output of each selected block after the final LayerNorm,
   CLS first, then the P = gh*gw patch tokens row-major (register tokens, if any, dropped)
 - ``cls_query`` (N, H, d) float16 and ``patch_keys`` (N, H, P, d) float16 of the last block's attention
+- ``digests`` (N, 3) uint32: each row's CRC-32 of ``tokens``, ``cls_query`` and ``patch_keys`` (`row_digest`)
 - ``done`` (N,) bool: row r has been written
 
 Attributes: ``backbone``, ``arch``, ``weights_sha256``, ``source``, ``input_size``, ``patch_size``,
@@ -14,10 +15,13 @@ Attributes: ``backbone``, ``arch``, ``weights_sha256``, ``source``, ``input_size
 ``precision`` (``fp32`` | ``bf16``), ``device`` (where it was computed; recorded, never compared) and
 ``complete`` (True only after the last write) and ``image_ids_sha256``.
 
-Integrity: every row of ``tokens``, ``cls_query``, ``patch_keys`` (and ``done``) carries HDF5's Fletcher32
-checksum, verified by HDF5 on each read; a damaged row is refused with the file, the dataset and the rows
-named. ``image_ids`` (variable-length strings, which HDF5 cannot filter) is checked against its SHA-256 on
-open. `FeatureStore` compares ``backbone``, ``arch``,
+Integrity: every row of ``tokens``, ``cls_query``, ``patch_keys`` (and ``digests``, ``done``) carries HDF5's
+Fletcher32 checksum, verified by HDF5 on each read. Fletcher32 accepts a chunk zeroed together with its
+checksum (the checksum of zeros is zero), so each row also has a CRC-32 of its bytes seeded with the dataset
+name and image id, written with the row and compared on every read: zeros never match it, nor does another
+image's row. A damaged row is refused with the file, the dataset and the rows named. ``image_ids``
+(variable-length strings, which HDF5 cannot filter) is checked against its SHA-256 on open.
+`FeatureStore` compares ``backbone``, ``arch``,
 ``input_size``, ``layers`` ("all" means every block of ``depth``), ``normalization``, ``code_version`` and
 ``precision`` (absent in stores written before it: those are ``fp32``) with what the params ask for
 (`expected_attrs`), plus any other key given in ``expect``.
@@ -31,22 +35,28 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import h5py
 import numpy as np
 
 from fscs.backbone_names import resolve_arch
 from fscs.errors import FscsError
+from fscs.io import abandon, h5_errors_raised, is_no_space, no_space_error, raise_if_no_space
 from fscs.provenance import check_provenance
 
-#: Bump when the layout of the store or the meaning of its contents changes (2: Fletcher32 checksums).
-STORE_VERSION = 2
+#: Bump when the layout of the store or the meaning of its contents changes (3: per-row CRC-32 digests).
+STORE_VERSION = 3
+
+#: Per-image datasets whose rows carry a CRC-32 in ``digests`` (its columns, in this order).
+DIGESTED = ("tokens", "cls_query", "patch_keys")
 
 #: Datasets written with HDF5's Fletcher32 filter: a checksum per chunk (per image row), verified on read.
-CHECKSUMMED = ("tokens", "cls_query", "patch_keys", "done")
+CHECKSUMMED = (*DIGESTED, "digests", "done")
 
 #: How images become tokens; recorded in the store so a change of recipe invalidates it.
 NORMALIZATION = (
@@ -54,7 +64,7 @@ NORMALIZATION = (
     "block outputs through the final LayerNorm; registers dropped"
 )
 
-DATASETS = ("image_ids", "tokens", "cls_query", "patch_keys", "done")
+DATASETS = ("image_ids", "tokens", "cls_query", "patch_keys", "digests", "done")
 
 # Attributes compared between a store and what the params ask for, in this order.
 _COMPARED = ("backbone", "arch", "input_size", "layers", "normalization", "code_version", "precision")
@@ -183,6 +193,7 @@ class FeatureStore:
                 )
             if not bool(np.all(self._read("done", slice(None)))):
                 raise FscsError(f"{self.path}: feature store has unwritten rows; re-run `dvc repro extract`")
+            self._digests = self._read("digests", slice(None))  # (N, 3) uint32, a few bytes per image
             self._row = {iid: r for r, iid in enumerate(self.image_ids)}
         except BaseException:
             self._f.close()
@@ -219,27 +230,44 @@ class FeatureStore:
             raise FscsError(f"{self.path}: image id {image_id!r} is not in the feature store") from None
 
     # ---- per-image reads -----------------------------------------------------------------------------
-    def _read(self, name: str, rows: int | slice, *rest: Any) -> np.ndarray:
-        """``name[rows, *rest]``; a row failing its checksum is refused naming the file, the dataset and every
-        damaged row of it (found by reading the dataset once, on this error path only)."""
+    def _read(self, name: str, rows: int | slice) -> np.ndarray:
+        """``name[rows]``, refusing a row that fails its Fletcher32 checksum or (for `DIGESTED` datasets) its
+        CRC-32, naming the file, the dataset and every damaged row (found by reading the dataset once, on
+        this error path only)."""
         try:
-            return self._f[name][(rows, *rest)]
+            data = self._f[name][rows]
         except OSError as exc:
-            bad = self.damaged_rows(name) or ([] if isinstance(rows, slice) else [rows])
-            listed = ", ".join(f"{r} ({self.image_ids[r]!r})" for r in bad[:10]) if bad else "unknown"
-            more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
-            raise FscsError(
-                f"{self.path}: dataset '{name}' is damaged: rows {listed}{more} fail their checksum "
-                f"({exc}); re-run `dvc repro extract`"
-            ) from None
+            self._refuse_damaged(name, [] if isinstance(rows, slice) else [rows], str(exc))
+        if name in DIGESTED:
+            first = (rows.start or 0) if isinstance(rows, slice) else rows
+            block = data if isinstance(rows, slice) else data[None]
+            if any(not self._digest_ok(name, first + i, row) for i, row in enumerate(block)):
+                self._refuse_damaged(name, [], "CRC-32 mismatch")
+        return data
+
+    def _digest_ok(self, name: str, row: int, data: np.ndarray) -> bool:
+        want = int(self._digests[row, DIGESTED.index(name)])
+        return row_digest(name, self.image_ids[row], data) == want
+
+    def _refuse_damaged(self, name: str, fallback: list[int], why: str) -> NoReturn:
+        bad = self.damaged_rows(name) or fallback
+        listed = ", ".join(f"{r} ({self.image_ids[r]!r})" for r in bad[:10]) if bad else "unknown"
+        more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise FscsError(
+            f"{self.path}: dataset '{name}' is damaged: rows {listed}{more} fail their checksum "
+            f"({why}); re-run `dvc repro extract`"
+        ) from None
 
     def damaged_rows(self, name: str) -> list[int]:
-        """The rows of dataset ``name`` whose chunk fails its checksum (reads each row once)."""
+        """The rows of dataset ``name`` failing their Fletcher32 checksum or CRC-32 (reads each row once)."""
         bad = []
         for r in range(self._f[name].shape[0]):
             try:
-                self._f[name][r]
+                data = self._f[name][r]
             except OSError:
+                bad.append(r)
+                continue
+            if name in DIGESTED and not self._digest_ok(name, r, data):
                 bad.append(r)
         return bad
 
@@ -249,7 +277,7 @@ class FeatureStore:
 
     def cls_tokens(self, image_id: str) -> np.ndarray:
         """(L, D) float16: the CLS token of each selected block."""
-        return self._read("tokens", self.row(image_id), slice(None), 0)
+        return self.tokens(image_id)[:, 0]  # the whole row, so that its CRC-32 is checked
 
     def cls_query(self, image_id: str) -> np.ndarray:
         """(H, d) float16: the last block's CLS query."""
@@ -265,6 +293,8 @@ class FeatureStore:
             raise FscsError(f"{self.path}: no dataset {name!r} (have {list(DATASETS)})")
         if name == "image_ids":
             return self._f[name][:]
+        if name == "digests":
+            return self._digests.copy()
         return self._read(name, slice(None))
 
     def close(self) -> None:
@@ -349,11 +379,73 @@ class StoreWriter:
         self.attrs.pop("complete", None)
         self.shapes = {k: tuple(int(s) for s in v) for k, v in shapes.items()}
         self.resumed = False
+        self._closed = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = self._try_resume()
         if self._f is None:
-            self._f = self._create()
+            try:
+                self._f = self._create()
+            except (OSError, RuntimeError) as exc:
+                self.partial.unlink(missing_ok=True)
+                raise_if_no_space(exc, self.path)
+                raise
         self._done = self._f["done"][:].astype(bool)
+        self._f.close()
+        self._reserve_space()  # with the file closed: HDF5 must see the reserved size when it opens it
+        self._f = h5py.File(self.partial, "r+")
+        # held open: h5py reports a failed write of a dataset it closes only as an ignored warning
+        self._ds = {name: self._f[name] for name in (*DIGESTED, "digests", "done")}
+
+    def row_bytes(self) -> int:
+        """Bytes one image row takes on disk: float16 data, its digests, done flag and chunk checksums."""
+        data = sum(2 * int(np.prod(self.shapes[name])) for name in DIGESTED)
+        return data + 4 * len(DIGESTED) + 1 + 4 * len(DIGESTED)
+
+    def bytes_needed(self) -> int:
+        """Disk the rows still to write will take, with 2% + 256 bytes a row + 64 KiB for HDF5's index."""
+        rows = int((~self._done).sum())
+        return int(rows * self.row_bytes() * 1.02) + 256 * rows + (64 << 10)
+
+    def _reserve_space(self) -> None:
+        """Allocate the whole store's disk space before any row is computed (`os.posix_fallocate`), so a full
+        disk is met here, as one clear error, and never inside an HDF5 write: h5py cannot close a file whose
+        write failed without crashing the process. HDF5 trims the file to its data when it closes it (the
+        reserved size must be there when HDF5 opens the file, so this runs on the closed file)."""
+        need = self.bytes_needed()
+        total = int(len(self.image_ids) * self.row_bytes() * 1.02) + 256 * len(self.image_ids) + (64 << 10)
+        try:
+            fd = os.open(self.partial, os.O_WRONLY)
+            try:
+                os.posix_fallocate(fd, 0, total)  # the rows already written hold theirs already
+            finally:
+                os.close(fd)
+            return
+        except OSError as exc:
+            if not is_no_space(exc):
+                raise
+        free = shutil.disk_usage(self.partial.parent).free
+        if self.resumed:
+            size = self.partial.stat().st_size / 1e6
+            raise FscsError(
+                f"{self.path}: no space left on device for the {int((~self._done).sum())} rows still to "
+                f"write (needs about {need / 1e6:,.1f} MB, {free / 1e6:,.1f} MB free; the resumable "
+                f"{self.partial.name} ({size:,.1f} MB) is kept: free space and re-run, or delete it)"
+            )
+        self.partial.unlink(missing_ok=True)
+        raise no_space_error(self.path, need)
+
+    def _abort_if_no_space(self, exc: BaseException) -> None:
+        """After a failed write: on a full disk drop the partial file (a failed HDF5 write may leave it
+        inconsistent; removing it frees the disk for the re-run) and raise the one-line refusal."""
+        if not is_no_space(exc):
+            return
+        need = self.bytes_needed()
+        # h5py crashes the process when it closes a file whose write failed: the handle is abandoned, never
+        # closed, and the file unlinked, which frees its space
+        abandon((self._f, dict(self._ds)))
+        self._closed = True
+        self.partial.unlink(missing_ok=True)
+        raise no_space_error(self.path, need) from None
 
     # ---- opening -------------------------------------------------------------------------------------
     def _try_resume(self) -> h5py.File | None:
@@ -394,6 +486,7 @@ class StoreWriter:
                 f.create_dataset(
                     name, shape=(n, *shape), dtype=np.float16, chunks=(1, *shape), fletcher32=True
                 )
+            f.create_dataset("digests", shape=(n, len(DIGESTED)), dtype=np.uint32, fletcher32=True)
             f.create_dataset("done", shape=(n,), dtype=bool, fillvalue=False, fletcher32=True)
             for k, v in self.attrs.items():
                 f.attrs[k] = _to_attr(v)
@@ -416,16 +509,23 @@ class StoreWriter:
     ) -> None:
         """Write rows (ascending or not) and mark them done; flushed to disk before returning."""
         rows = [int(r) for r in rows]
-        f = self._f
-        for i, r in enumerate(rows):
-            f["tokens"][r] = np.asarray(tokens[i], dtype=np.float16)
-            f["cls_query"][r] = np.asarray(cls_query[i], dtype=np.float16)
-            f["patch_keys"][r] = np.asarray(patch_keys[i], dtype=np.float16)
-        f.flush()  # data before done flags: a done row always has its data on disk
-        for r in rows:
-            f["done"][r] = True
-            self._done[r] = True
-        f.flush()
+        try:
+            with h5_errors_raised():
+                for i, r in enumerate(rows):
+                    digests = []
+                    for name, batch in zip(DIGESTED, (tokens, cls_query, patch_keys), strict=True):
+                        row = np.ascontiguousarray(batch[i], dtype=np.float16)
+                        self._ds[name][r] = row
+                        digests.append(row_digest(name, self.image_ids[r], row))
+                    self._ds["digests"][r] = np.asarray(digests, dtype=np.uint32)
+                self._f.flush()  # data before done flags: a done row always has its data on disk
+                for r in rows:
+                    self._ds["done"][r] = True
+                self._f.flush()
+        except (OSError, RuntimeError) as exc:
+            self._abort_if_no_space(exc)
+            raise
+        self._done[rows] = True
 
     def finalize(self) -> Path:
         """Mark complete and rename to the final path; every row must be done."""
@@ -434,15 +534,22 @@ class StoreWriter:
             raise FscsError(
                 f"{self.partial}: {missing.size} rows not written (first: {self.image_ids[missing[0]]!r})"
             )
-        self._f.attrs["complete"] = True
-        self._f.flush()
-        self._f.close()
+        try:
+            with h5_errors_raised():
+                self._f.attrs["complete"] = True
+                self._f.flush()
+                self._ds.clear()
+                self._f.close()
+        except (OSError, RuntimeError) as exc:
+            self._abort_if_no_space(exc)
+            raise
         os.replace(self.partial, self.path)
         return self.path
 
     def close(self) -> None:
         """Close without finalizing (the partial file stays for a resume)."""
-        if self._f.id.valid:
+        self._ds.clear()
+        if not self._closed and self._f.id.valid:
             self._f.close()
 
     def __enter__(self) -> StoreWriter:
@@ -456,6 +563,13 @@ def _to_attr(v: Any) -> Any:
     if isinstance(v, list | tuple):
         return np.asarray(v)
     return v
+
+
+def row_digest(name: str, image_id: str, row: np.ndarray) -> int:
+    """CRC-32 of one image's row of dataset ``name``, seeded with the dataset and the image id: an all-zero
+    row (or digest) never matches, and neither does another dataset's or image's row."""
+    seed = zlib.crc32(f"{name}\0{image_id}".encode())
+    return zlib.crc32(np.ascontiguousarray(row).view(np.uint8).data, seed)
 
 
 def ids_digest(image_ids: Sequence[str]) -> str:

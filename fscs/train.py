@@ -307,7 +307,11 @@ def train(
             q, s, m, target, presence, prior = batcher(chunk)
             loss = episode_loss(model, q, s, m, target, presence, float(config.cls_weight), prior)
             if not torch.isfinite(loss):
-                raise FscsError(f"training diverged at epoch {epoch} (loss {loss.item()})")
+                raise FscsError(
+                    f"training diverged at epoch {epoch}, step {step + 1} (loss {loss.item()}); the step "
+                    f"size is set by train.lr = {config.lr!r}, train.schedule = {config.schedule!r} and "
+                    f"train.warmup = {config.warmup!r}: lower train.lr"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

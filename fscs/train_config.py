@@ -65,6 +65,15 @@ class TrainConfig:
         ):
             if int(getattr(cfg, name)) < 1:
                 raise FscsError(f"params: train.{name} must be >= 1, got {getattr(cfg, name)!r}")
+        for name in ("lr", "cls_weight"):
+            value = getattr(cfg, name)
+            if (
+                not (isinstance(value, int | float) and math.isfinite(value))
+                or value < 0
+                or (name == "lr" and value == 0)
+            ):
+                rule = "a finite number > 0" if name == "lr" else "a finite number >= 0"
+                raise FscsError(f"params: train.{name} must be {rule}, got {value!r}")
         if int(cfg.patience) < 0:
             raise FscsError(f"params: train.patience must be >= 0, got {cfg.patience!r}")
         if cfg.schedule not in ("constant", "cosine"):

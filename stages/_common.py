@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from fscs.errors import FscsError
+from fscs.io import has_abandoned, is_no_space, no_space_error
 
 
 def stage_parser(description: str) -> argparse.ArgumentParser:
@@ -17,9 +20,20 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
 
 
 def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
-    """Run a stage's main; on FscsError print 'error: ...' to stderr and exit with status 2."""
+    """Run a stage's main; on FscsError print 'error: ...' to stderr and exit with status 2. A full disk met
+    outside `fscs.io.atomic_path` (which names its output) is the same one line, naming the file if known."""
     try:
         main(argv)
     except FscsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except (OSError, RuntimeError) as exc:
+        if not is_no_space(exc):
+            raise
+        print(f"error: {no_space_error(getattr(exc, 'filename', None) or Path.cwd())}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if has_abandoned():  # an HDF5 file that failed to write: closing it at exit would crash the process
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)

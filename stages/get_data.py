@@ -3,8 +3,8 @@
     python -m stages.get_data --dest data/raw/msrc
 
 A copy already on this machine is linked, never copied or written to: the folder in FSCS_<NAME>_SOURCE,
-else `shared/data/<folder>` above the working directory (the workplace's ../shared/data/msrc-v2, also found
-from DVC's temporary experiment copies under .dvc/tmp/exps). Without one, the official archive is downloaded,
+else `shared/data/<folder>` in a folder above the working directory (also found from DVC's temporary
+experiment copies under .dvc/tmp/exps). Without one, the official archive is downloaded,
 checked against its checksum and converted to the VOC layout (`fscs.data.get`). With neither, the stage
 stops with one line saying how to get the data.
 """

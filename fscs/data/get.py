@@ -25,7 +25,7 @@ Other names work with `--from` only and are checked as the VOC layout.
 
 `local_copy(NAME)` finds a copy already on this machine for the `get_data` stage: the folder in the
 environment variable FSCS_<NAME>_SOURCE, else `shared/data/<folder>` in a folder above the working directory
-(the workplace's `../shared`, found from the repository and from DVC's temporary experiment copies in it).
+(a data folder kept beside the repository, found from it and from DVC's temporary experiment copies in it).
 """
 
 from __future__ import annotations

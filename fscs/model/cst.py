@@ -226,12 +226,15 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise FscsError(f"{p}: checkpoint not found; run the train stage first")
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad checkpoint
-        raise FscsError(f"{p}: not a readable CST checkpoint ({exc})") from exc
+    from fscs.config import validate_checkpoint_config  # pydantic: only where a checkpoint is read
+    from fscs.io import load_torch
+
+    ckpt = load_torch(p, "CST checkpoint")
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt:
         raise FscsError(f"{p}: not a CST checkpoint (expected keys 'state_dict' and 'config')")
+    if not isinstance(ckpt["state_dict"], dict):
+        raise FscsError(f"{p}: checkpoint state_dict is {type(ckpt['state_dict']).__name__}, not a mapping")
+    validate_checkpoint_config(ckpt["config"], p)
     return ckpt
 
 

@@ -1,4 +1,4 @@
-"""The masked-prototype prior map fed to CST's heads (``train.model.prior: prototype``; issue 9, lead 7).
+"""The masked-prototype prior map fed to CST's heads (``train.model.prior: prototype``).
 
 The training-free `prototype` baselines match a query against the masked average of the support's patch
 tokens at full token resolution, while the correlation transformer sees the support downsampled to S x S
