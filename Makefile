@@ -8,7 +8,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run repro test test-fast lint format ui flow flow-dask plots bench
+.PHONY: help setup run repro test test-fast lint format ui flow flow-dask plots bench demo
 FSCS_REMOTE ?= $(CURDIR)/.cache/dvc-remote
 
 help:  ## list the targets
@@ -55,8 +55,12 @@ plots:  ## render learning curves and the threshold sweep with dvc plots into re
 	$(PY) -m fscs.plots --node-modules .cache/vega/node_modules --out .cache/vega/offline_template.html
 	dvc plots show --html-template .cache/vega/offline_template.html -o reports/plots_html
 
+demo:  ## serve the few-shot demo page on http://127.0.0.1:7860 for the checkpoints in models/cst (Ctrl-C stops)
+	$(VENV)/bin/fscs demo --workspace $(CURDIR)
+
 bench:  ## print the extraction, training, attention-kernel and store-checksum benchmarks
 	$(PY) -m benchmarks.extract
 	$(PY) -m benchmarks.train
 	$(PY) -m benchmarks.attention
 	$(PY) -m benchmarks.store_checksum
+	$(PY) -m benchmarks.demo

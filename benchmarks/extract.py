@@ -36,10 +36,15 @@ import numpy as np
 import torch
 
 from fscs.backbone import DEFAULT_INPUT_SIZE, Backbone, create_backbone, extract_to_store
+from fscs.data.get import local_copy
 from fscs.data.images import load_rgb
 from fscs.threads import default_threads
 
-MSRC_IMAGES = "../shared/data/msrc-v2/JPEGImages/*.jpg"
+
+def msrc_images() -> list[str]:
+    """MSRC's JPEGs from the local copy the `get_data` stage would link (FSCS_MSRC_SOURCE, or the default)."""
+    root = local_copy("msrc") or "data/raw/msrc"
+    return sorted(glob.glob(str(Path(root) / "JPEGImages" / "*.jpg")))
 
 
 def vit_flops(backbone: Backbone) -> float:
@@ -136,7 +141,7 @@ def write_random_jpegs(folder: Path, n: int) -> list[str]:
 
 
 def load_images(n: int, size: int) -> tuple[list[str], list[np.ndarray]]:
-    paths = sorted(glob.glob(MSRC_IMAGES))[:n]
+    paths = msrc_images()[:n]
     if len(paths) < n:  # no dataset: random images written to a temp dir so decode is measured too
         paths = write_random_jpegs(Path(tempfile.mkdtemp(prefix="fscs-bench-")), n)
     return paths, [load_rgb(p) for p in paths]

@@ -2,7 +2,8 @@
 model does on classes it never trained on, as the test episodes rank it, without reading the test split.
 
 The pipeline's validation episodes use the fold's training classes (the classes the model trains on);
-sweep 4 of reports/LEARNER.md showed that they can rank a choice the wrong way round for novel classes.
+reports/LEARNER.md ("train.model.prior") shows that they can rank a choice the wrong way round for novel
+classes.
 Here every ``every``-th training class (ascending ids, starting at position ``fold % every``) is held out
 and 1-way 1-shot episodes of the held-out classes are drawn from the training split. Two uses:
 

@@ -13,6 +13,7 @@ COMMANDS = {
     "data": ("fscs.data.get", "get a dataset into data/raw/NAME (local folder or official URLs)"),
     "predict": ("fscs.predict", "few-shot classify and segment query images from support images"),
     "kernel": ("fscs.model.fused_attention", "build the fused CPU attention kernel and check it"),
+    "demo": ("fscs.demo", "serve a local page to try a trained checkpoint on your own images"),
 }
 
 

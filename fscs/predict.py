@@ -289,21 +289,106 @@ def check_params_backbone(
             )
 
 
-def run(args: argparse.Namespace) -> None:
-    from fscs.data.images import load_rgb
+@dataclass
+class Support:
+    """One support image in memory: (H, W, 3) uint8, its class name, an optional given foreground (H, W)
+    bool, whether a missing mask is the complement of the pseudo-mask (a stuff class), and its source."""
+
+    image: np.ndarray
+    cls: str
+    fg: np.ndarray | None = None
+    stuff: bool = False
+    source: str = ""
+
+
+@dataclass
+class SupportResult:
+    cls: str
+    mask: (
+        str  # where the mask came from: the given mask's source, "pseudo", or "pseudo, complemented (stuff)"
+    )
+    overlay: np.ndarray  # (H, W, 3) uint8: the mask the class was taught with, over the image
+
+
+@dataclass
+class QueryResult:
+    presence: np.ndarray  # (N,) calibrated probabilities: the checkpoint's thresholds fall on 0.5
+    present: np.ndarray  # (N,) bool
+    labels: np.ndarray  # (H, W) uint8: 0 background, i = class i
+    overlay: np.ndarray  # (H, W, 3) uint8
+
+
+@dataclass
+class EpisodeResult:
+    classes: list[str]  # class i + 1 is classes[i]
+    shots: dict[str, int]
+    supports: list[SupportResult]
+    queries: list[QueryResult]
+
+
+def predict_episode(
+    predictor: Predictor, supports: list[Support], queries: list[np.ndarray], alpha: float = 0.5
+) -> EpisodeResult:
+    """One N-way K-shot episode per query image: the classes in the order they first appear among the
+    supports; everything in memory (`run` writes it to files, `fscs demo` shows it)."""
     from fscs.evaluation import decide
-    from fscs.io import atomic_path, write_json
-    from fscs.overlay import overlay, palette
+    from fscs.overlay import overlay
     from fscs.resample import nearest_torch
+
+    if not supports:
+        raise FscsError("no support images: give at least one support image per class")
+    classes: list[str] = []
+    for sp in supports:
+        if sp.cls not in classes:
+            classes.append(sp.cls)
+    enc = predictor.encode([sp.image for sp in supports] + list(queries))
+    ns = len(supports)
+    complemented = [sp.fg is None and sp.stuff for sp in supports]
+    masks = predictor.support_masks(enc[:ns], [sp.fg for sp in supports], complemented)
+    episodes = predictor.episode_predictor(enc, {str(i): m for i, m in enumerate(masks)})
+    support_ids = [[str(i) for i, sp in enumerate(supports) if sp.cls == c] for c in classes]
+    results = []
+    for k, image in enumerate(queries):
+        presence, fg = episodes.predict(str(ns + k), list(range(1, len(classes) + 1)), support_ids)
+        present, labels = decide(presence, fg, image.shape[:2])
+        results.append(QueryResult(presence, present, labels, overlay(image, labels, alpha=alpha)))
+    taught = []
+    for sp, mask, comp in zip(supports, masks, complemented, strict=True):
+        full = nearest_torch(mask.astype(np.uint8), sp.image.shape[:2]) * np.uint8(classes.index(sp.cls) + 1)
+        kind = (
+            (sp.source or "given")
+            if sp.fg is not None
+            else ("pseudo, complemented (stuff)" if comp else "pseudo")
+        )
+        taught.append(SupportResult(sp.cls, kind, overlay(sp.image, full, alpha=alpha)))
+    shots = {c: len(ids) for c, ids in zip(classes, support_ids, strict=True)}
+    return EpisodeResult(classes, shots, taught, results)
+
+
+def label_png(labels: np.ndarray, n_classes: int) -> Any:
+    """The index PNG of a label map (0 background, i = class i) with the VOC palette, as a PIL image."""
+    from PIL import Image
+
+    from fscs.overlay import palette
+
+    pal = [0] * 768
+    for i in range(1, n_classes + 1):
+        pal[3 * i : 3 * i + 3] = [round(255 * v) for v in palette(i)]
+    im = Image.fromarray(labels, mode="P")
+    im.putpalette(pal)
+    return im
+
+
+def run(args: argparse.Namespace) -> None:
+    from PIL import Image
+
+    from fscs.data.images import load_rgb
+    from fscs.io import atomic_path, write_json
     from fscs.targets import complemented_names
 
     # 1. parse and read everything (errors before any output)
     specs = [parse_support(s) for s in args.support]
     params = read_params(args.params)
-    classes: list[str] = []
-    for sp in specs:
-        if sp.cls not in classes:
-            classes.append(sp.cls)
     sup_images = [load_rgb(sp.image) for sp in specs]
     sup_fg = [
         _load_mask_fg(sp.mask, im.shape[:2]) if sp.mask is not None else None
@@ -312,41 +397,28 @@ def run(args: argparse.Namespace) -> None:
     query_images = [load_rgb(q) for q in args.query]
     predictor = Predictor(args.checkpoint, params)
 
-    # 2. encode, support masks, one N-way K-shot episode per query
-    enc = predictor.encode(sup_images + query_images)
-    ns = len(specs)
+    # 2. one N-way K-shot episode per query
     stuff = set(args.stuff) | set(complemented_names(params) or ())
-    complemented = [fg is None and sp.cls in stuff for sp, fg in zip(specs, sup_fg, strict=True)]
-    masks = predictor.support_masks(enc[:ns], sup_fg, complemented)
-    episodes = predictor.episode_predictor(enc, {str(i): m for i, m in enumerate(masks)})
-    support_ids = [[str(i) for i, sp in enumerate(specs) if sp.cls == c] for c in classes]
-    shots = {c: len(ids) for c, ids in zip(classes, support_ids, strict=True)}
-    results = []
-    used: set[str] = set()
-    for k, (path, image) in enumerate(zip(args.query, query_images, strict=True)):
-        presence, fg = episodes.predict(str(ns + k), list(range(1, len(classes) + 1)), support_ids)
-        present, labels = decide(presence, fg, image.shape[:2])
-        results.append((path, image, _safe_stem(path, used), presence, present, labels))
+    supports = [
+        Support(image, sp.cls, fg, sp.cls in stuff, sp.mask or "")
+        for sp, image, fg in zip(specs, sup_images, sup_fg, strict=True)
+    ]
+    result = predict_episode(predictor, supports, query_images, alpha=args.alpha)
+    classes = result.classes
 
     # 3. write
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    pal = [0] * 768
-    for i in range(1, len(classes) + 1):
-        pal[3 * i : 3 * i + 3] = [round(255 * v) for v in palette(i)]
-    from PIL import Image
-
-    supports = []
-    for i, (sp, image, mask) in enumerate(zip(specs, sup_images, masks, strict=True)):
+    used: set[str] = set()
+    stems = [_safe_stem(path, used) for path in args.query]
+    supports_doc = []
+    for i, (sp, taught) in enumerate(zip(specs, result.supports, strict=True)):
         name = f"support{i}_{_safe_stem(sp.image, used)}_overlay.png"
-        cls_index = classes.index(sp.cls) + 1
-        full = nearest_torch(mask.astype(np.uint8), image.shape[:2]) * np.uint8(cls_index)
         with atomic_path(out / name) as tmp:
-            Image.fromarray(overlay(image, full, alpha=args.alpha)).save(tmp, format="PNG")
-        kind = sp.mask or ("pseudo, complemented (stuff)" if complemented[i] else "pseudo")
-        supports.append({"image": sp.image, "class": sp.cls, "mask": kind, "overlay": name})
+            Image.fromarray(taught.overlay).save(tmp, format="PNG")
+        supports_doc.append({"image": sp.image, "class": sp.cls, "mask": taught.mask, "overlay": name})
     summary = []
-    for path, image, name, presence, present, labels in results:
+    for path, image, name, q in zip(args.query, query_images, stems, result.queries, strict=True):
         doc = {
             "query": str(path),
             "height": int(image.shape[0]),
@@ -355,22 +427,20 @@ def run(args: argparse.Namespace) -> None:
                 {
                     "index": i,
                     "name": c,
-                    "probability": round(float(presence[i - 1]), 6),
-                    "present": bool(present[i - 1]),
-                    "pixels": int((labels == i).sum()),
-                    "shots": shots[c],
+                    "probability": round(float(q.presence[i - 1]), 6),
+                    "present": bool(q.present[i - 1]),
+                    "pixels": int((q.labels == i).sum()),
+                    "shots": result.shots[c],
                 }
                 for i, c in enumerate(classes, start=1)
             ],
             "mask": f"{name}_mask.png",
             "overlay": f"{name}_overlay.png",
         }
-        im = Image.fromarray(labels, mode="P")
-        im.putpalette(pal)
         with atomic_path(out / f"{name}_mask.png") as tmp:
-            im.save(tmp, format="PNG")
+            label_png(q.labels, len(classes)).save(tmp, format="PNG")
         with atomic_path(out / f"{name}_overlay.png") as tmp:
-            Image.fromarray(overlay(image, labels, alpha=args.alpha)).save(tmp, format="PNG")
+            Image.fromarray(q.overlay).save(tmp, format="PNG")
         write_json(out / f"{name}.json", doc)
         summary.append(doc)
     write_json(
@@ -379,7 +449,7 @@ def run(args: argparse.Namespace) -> None:
             "checkpoint": str(args.checkpoint),
             "backbone": predictor.model.config.backbone.get("backbone"),
             "classes": {str(i): c for i, c in enumerate(classes, start=1)},
-            "supports": supports,
+            "supports": supports_doc,
             "queries": summary,
         },
     )

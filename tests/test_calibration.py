@@ -64,7 +64,7 @@ def test_offset_moves_a_threshold_in_log_odds():
 
 def test_presence_threshold_resolves_a_band_narrower_than_a_grid_step():
     """An under-confident head: present 0.512, absent 0.508, both between two 0.05 grid steps. A grid leaves
-    ER at the base rate; the exact search separates them (reports/LEARNER.md, sweep 8)."""
+    ER at the base rate; the exact search separates them (reports/LEARNER.md, "train.calibrate")."""
     r = shy_records()
     r.presence = np.where(r.labels, 0.512, 0.508) + np.random.default_rng(1).normal(0, 1e-4, r.labels.size)
     grid_er = max(episode_scores(r, t, 0.5, [1, 2, 3, 4])[0] for t in np.arange(0.05, 1.0, 0.05))

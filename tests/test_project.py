@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -71,3 +72,50 @@ def test_metrics_are_git_tracked_not_cached():
         ((path, opts),) = entry.items()
         assert opts == {"cache": False}, path
     assert json.dumps(stages)  # plain data, no YAML tags
+
+
+#: Numbered work-log references (stop, issue, sweep or lead followed by a number): history belongs in git.
+WORK_LOG = re.compile(r"\b(stop|issue|sweep|lead)s? ?#?[0-9]+\b", re.IGNORECASE)
+#: Product text and code: what a user reads or runs (tests, which find the data this machine has, excepted
+#: from the second rule only).
+PRODUCT = ["README.md", "Makefile", "pyproject.toml", "params.yaml", "dvc.yaml", ".ci/run"]
+PRODUCT_GLOBS = [
+    "docs/*.md",
+    "reports/*.md",
+    "reports/variants/*",
+    "configs/*",
+    "fscs/**/*.py",
+    "fscs/**/*.cpp",
+]
+PRODUCT_GLOBS += ["stages/*.py", "flows/*.py", "benchmarks/*.py", "experiments/*.py"]
+
+
+def _product_files() -> list[Path]:
+    files = [ROOT / name for name in PRODUCT]
+    for pattern in PRODUCT_GLOBS:
+        files += sorted(ROOT.glob(pattern))
+    return [f for f in files if f.is_file()]
+
+
+@pytest.mark.parametrize("folder", ["product", "tests"])
+def test_no_work_log_references(folder):
+    """No "stop N" / "issue N" / "sweep N" in what users read or in the tests: the git history keeps them."""
+    files = _product_files() if folder == "product" else sorted((ROOT / "tests").glob("*.py"))
+    found = [
+        f"{f.relative_to(ROOT)}:{n}: {m.group(0)!r}"
+        for f in files
+        for n, line in enumerate(f.read_text().splitlines(), 1)
+        for m in WORK_LOG.finditer(line)
+    ]
+    assert not found, "\n".join(found)
+
+
+def test_product_text_never_names_the_workplace_data_folder():
+    """Users get the data through FSCS_MSRC_SOURCE or the download, not a folder of these machines."""
+    found = [
+        f"{f.relative_to(ROOT)}:{n}"
+        for f in _product_files()
+        for n, line in enumerate(f.read_text().splitlines(), 1)
+        if "../shared" in line
+    ]
+    assert not found, found

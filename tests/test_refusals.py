@@ -1,4 +1,4 @@
-"""Issue 12's bad-input probes kept as tests: each ends in exit code 2 with one line naming the file or param,
+"""Bad-input probes kept as tests: each ends in exit code 2 with one line naming the file or param,
 and an earlier output in the target folder stays byte-identical (nothing added, no `.partial`)."""
 
 from __future__ import annotations
