@@ -117,7 +117,7 @@ def variant_rows(summary: dict[str, Any], records: list[dict[str, Any]], kinds: 
     for record in records:
         lines += [
             "",
-            f"## Measured variant: {record['name']} (ER / mIoU; commit {record['commit']})",
+            f"## Measured variant: {record['name']} (ER / mIoU; measured at commit {record['commit']})",
             "",
             f"{record['model']}. {record['how']} In brackets: the current default's margin over it "
             "(mIoU / ER points).",
