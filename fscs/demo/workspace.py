@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,50 +81,77 @@ def find_checkpoints(workspace: str | os.PathLike) -> list[CheckpointInfo]:
     return found
 
 
-def find_examples(
-    workspace: str | os.PathLike, checkpoints: list[CheckpointInfo], n: int = 4
-) -> list[Example]:
-    """Up to ``n`` 1-way 1-shot test episodes of the first checkpoint's fold (classes novel to it), their
-    class masks written as binary PNGs to a temporary folder (never into the workspace)."""
-    from PIL import Image
+@dataclass
+class TestEpisode:
+    """One of the workspace's test episodes as files: per class its name and K (image, binary mask) pairs."""
 
+    classes: list[str]
+    supports: list[list[tuple[str, str]]]
+    query: str
+    present: list[bool]
+
+
+def test_episodes(workspace: str | os.PathLike, fold: int, way: int, shot: int) -> Iterator[TestEpisode]:
+    """The workspace's test episodes of one fold and type, in order; the support masks of each class are
+    written as binary PNGs to a temporary folder (never into the workspace) as the episodes are read."""
     from fscs.data.episodes import read_episodes
     from fscs.data.folds import class_names
-    from fscs.data.images import load_mask
     from fscs.data.index import read_index
 
     root = Path(workspace)
     name, folds = _dataset(root), _folds(root)
     episodes_path = root / "data" / "episodes" / str(name) / "test.parquet"
     index_path = root / "data" / "index" / f"{name}.parquet"
-    if not (checkpoints and folds and episodes_path.is_file() and index_path.is_file()):
-        return []
-    ckpt = checkpoints[0]
+    if not (folds and episodes_path.is_file() and index_path.is_file()):
+        return
     episodes = read_episodes(episodes_path)
-    episodes = episodes[(episodes["fold"] == ckpt.fold) & (episodes["way"] == 1) & (episodes["shot"] == 1)]
+    episodes = episodes[(episodes["fold"] == fold) & (episodes["way"] == way) & (episodes["shot"] == shot)]
     index = read_index(index_path)
     names = class_names(folds)
     out_dir = Path(tempfile.mkdtemp(prefix="fscs-demo-examples-"))
-    examples, used = [], set()
+
+    def files(image_id: str, cls: int) -> tuple[str, str]:
+        return str(index.loc[image_id, "image_path"]), _class_mask(index, image_id, cls, out_dir)
+
     for row in episodes.itertuples():
-        cls = int(row.support_classes[0])
-        support = str(row.support_ids[0][0])
-        if cls in used or not row.labels[0] or index.loc[support, "mask_path"] is None:
+        ids = [[str(i) for i in shots] for shots in row.support_ids]
+        if any(index.loc[i, "mask_path"] is None for shots in ids for i in shots):
             continue
-        used.add(cls)
-        mask = load_mask(index.loc[support, "mask_path"]) == cls
-        mask_path = out_dir / f"{support}_class{cls}.png"
-        Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
-        query = str(index.loc[str(row.query_id), "image_path"])
-        examples.append(
-            Example(
-                ckpt.label,
-                names.get(cls, str(cls)),
-                str(index.loc[support, "image_path"]),
-                str(mask_path),
-                query,
-            )
+        yield TestEpisode(
+            [names.get(int(c), str(c)) for c in row.support_classes],
+            [[files(i, int(c)) for i in shots] for c, shots in zip(row.support_classes, ids, strict=True)],
+            str(index.loc[str(row.query_id), "image_path"]),
+            [bool(v) for v in row.labels],
         )
+
+
+def _class_mask(index, image_id: str, cls: int, out_dir: Path) -> str:
+    """A binary PNG (255 = class ``cls``) of an image's GT mask, written to ``out_dir`` once."""
+    from PIL import Image
+
+    from fscs.data.images import load_mask
+
+    path = out_dir / f"{image_id}_class{cls}.png"
+    if not path.is_file():
+        mask = load_mask(index.loc[image_id, "mask_path"]) == cls
+        Image.fromarray(mask.astype(np.uint8) * 255).save(path)
+    return str(path)
+
+
+def find_examples(
+    workspace: str | os.PathLike, checkpoints: list[CheckpointInfo], n: int = 4
+) -> list[Example]:
+    """Up to ``n`` 1-way 1-shot test episodes of the first checkpoint's fold, one per class (classes novel to
+    it), whose query shows the class."""
+    if not checkpoints:
+        return []
+    ckpt, examples, seen = checkpoints[0], [], set()
+    for ep in test_episodes(workspace, ckpt.fold, 1, 1):
+        if ep.classes[0] in seen or not ep.present[0]:
+            continue
+        seen.add(ep.classes[0])
+        ((support, mask),) = ep.supports[0]
+        examples.append(Example(ckpt.label, ep.classes[0], support, mask, ep.query))
         if len(examples) == n:
             break
     return examples
