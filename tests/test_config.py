@@ -23,7 +23,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("path", ["params.yaml", "configs/pascal5i.yaml", "configs/coco20i.yaml"])
-def test_shipped_params_validate(path):
+def test_shipped_params_validate(path, tmp_path):
+    from fscs.overrides import merged_params
+
+    if path.startswith("configs/"):  # an override file: its merge onto params.yaml
+        merged = tmp_path / "params.yaml"
+        merged.write_text(yaml.safe_dump(merged_params(ROOT / path, ROOT / "params.yaml")))
+        path = merged
     config = load_config(ROOT / path)
     raw = yaml.safe_load((ROOT / path).read_text())
     dumped = config.params()
@@ -76,3 +82,39 @@ def test_checkpoint_label_size_is_recorded_or_refused():
     assert checkpoint_label_size({"config": {"label_size": 64}}, "c.pt") == 64
     with pytest.raises(FscsError, match="c.pt: checkpoint does not record its label_size"):
         checkpoint_label_size({"config": {}}, "c.pt")
+
+
+# ---- paper settings as overrides -------------------------------------------------------------------------
+def test_overrides_merge_key_by_key_and_replace_lists_and_by_supervision():
+    from fscs.overrides import merge
+
+    base = {"a": {"x": 1, "y": [1, 2]}, "train": {"lr": 1, "by_supervision": {"image": {"epochs": 2}}}}
+    over = {"a": {"y": [3]}, "train": {"by_supervision": {}}, "b": 5}
+    assert merge(base, over) == {"a": {"x": 1, "y": [3]}, "train": {"lr": 1, "by_supervision": {}}, "b": 5}
+    assert base["a"]["y"] == [1, 2]  # the inputs are left alone
+
+
+def test_override_of_an_unknown_key_is_refused_before_writing(tmp_path, capsys):
+    from fscs.cli import main as cli_main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epoch: 3\n")
+    out = tmp_path / "params.yaml"
+    out.write_text("earlier")
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["params", "--with", str(bad), "--base", str(ROOT / "params.yaml"), "--out", str(out)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {bad} on {ROOT / 'params.yaml'}: params: unknown key 'train.epoch'"), err
+    assert out.read_text() == "earlier"
+
+
+def test_params_command_writes_the_merge(tmp_path):
+    from fscs.cli import main as cli_main
+
+    out = tmp_path / "params.yaml"
+    cfg = ROOT / "configs" / "pascal5i.yaml"
+    cli_main(["params", "--with", str(cfg), "--base", str(ROOT / "params.yaml"), "--out", str(out)])
+    merged = load_config(out).params()
+    assert merged["dataset"]["name"] == "pascal5i" and merged["train"]["epochs"] == 30
+    assert merged["enhancer"] == load_config(ROOT / "params.yaml").params()["enhancer"]  # defaults kept
