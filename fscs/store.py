@@ -33,6 +33,7 @@ partial file when it opens and was started for the same attributes and image lis
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -401,28 +402,22 @@ class StoreWriter:
         data = sum(2 * int(np.prod(self.shapes[name])) for name in DIGESTED)
         return data + 4 * len(DIGESTED) + 1 + 4 * len(DIGESTED)
 
-    def bytes_needed(self) -> int:
-        """Disk the rows still to write will take, with 2% + 256 bytes a row + 64 KiB for HDF5's index."""
-        rows = int((~self._done).sum())
+    def _bytes_for(self, rows: int) -> int:
+        """Disk ``rows`` rows take, with 2% + 256 bytes a row + 64 KiB for HDF5's chunk index."""
         return int(rows * self.row_bytes() * 1.02) + 256 * rows + (64 << 10)
+
+    def bytes_needed(self) -> int:
+        """Disk the rows still to write will take."""
+        return self._bytes_for(int((~self._done).sum()))
 
     def _reserve_space(self) -> None:
         """Allocate the whole store's disk space before any row is computed (`os.posix_fallocate`), so a full
         disk is met here, as one clear error, and never inside an HDF5 write: h5py cannot close a file whose
         write failed without crashing the process. HDF5 trims the file to its data when it closes it (the
         reserved size must be there when HDF5 opens the file, so this runs on the closed file)."""
-        need = self.bytes_needed()
-        total = int(len(self.image_ids) * self.row_bytes() * 1.02) + 256 * len(self.image_ids) + (64 << 10)
-        try:
-            fd = os.open(self.partial, os.O_WRONLY)
-            try:
-                os.posix_fallocate(fd, 0, total)  # the rows already written hold theirs already
-            finally:
-                os.close(fd)
+        if self._allocate(self._bytes_for(len(self.image_ids))):  # the rows written hold theirs already
             return
-        except OSError as exc:
-            if not is_no_space(exc):
-                raise
+        need = self.bytes_needed()
         free = shutil.disk_usage(self.partial.parent).free
         if self.resumed:
             size = self.partial.stat().st_size / 1e6
@@ -433,6 +428,25 @@ class StoreWriter:
             )
         self.partial.unlink(missing_ok=True)
         raise no_space_error(self.path, need)
+
+    def _allocate(self, size: int) -> bool:
+        """Whether the partial file now has ``size`` bytes allocated; where the file system cannot preallocate
+        (macOS, some network file systems), whether the free space holds what is missing of them."""
+        if hasattr(os, "posix_fallocate"):
+            try:
+                fd = os.open(self.partial, os.O_WRONLY)
+                try:
+                    os.posix_fallocate(fd, 0, size)
+                finally:
+                    os.close(fd)
+                return True
+            except OSError as exc:
+                if is_no_space(exc):
+                    return False
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    raise
+        missing = size - self.partial.stat().st_size
+        return shutil.disk_usage(self.partial.parent).free >= missing
 
     def _abort_if_no_space(self, exc: BaseException) -> None:
         """After a failed write: on a full disk drop the partial file (a failed HDF5 write may leave it

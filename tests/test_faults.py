@@ -431,3 +431,34 @@ def test_nearest_resize_of_a_read_only_mask_warns_nothing():
         warnings.simplefilter("error")
         out = nearest_torch(mask, 8)
     np.testing.assert_array_equal(out[::2, ::2], mask)
+
+
+@pytest.mark.parametrize("platform", ["no posix_fallocate", "EOPNOTSUPP"])
+def test_without_preallocation_the_free_space_is_checked(art, tmp_path, monkeypatch, platform):
+    """macOS has no posix_fallocate, some network file systems refuse it: the store then compares the free
+    space with what it needs, before any row is computed."""
+    import collections
+    import errno
+
+    import fscs.store
+
+    if platform == "no posix_fallocate":
+        monkeypatch.delattr(fscs.store.os, "posix_fallocate", raising=False)
+    else:
+
+        def refuse(fd, offset, length):
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+        monkeypatch.setattr(fscs.store.os, "posix_fallocate", refuse)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(fscs.store.shutil, "disk_usage", lambda p: usage(1 << 30, 0, 1000))
+    with FeatureStore(art.features) as src:
+        ids, attrs = src.image_ids[:2], {k: v for k, v in src.attrs.items() if k != "complete"}
+        shapes = {d: src.read_all(d).shape[1:] for d in DIGESTED}
+    path = tmp_path / "s.h5"
+    with pytest.raises(FscsError, match=rf"{path}: no space left on device \(0.0 MB free there; it needs"):
+        StoreWriter(path, ids, attrs, shapes)
+    assert not list(tmp_path.iterdir())
+    monkeypatch.setattr(fscs.store.shutil, "disk_usage", lambda p: usage(1 << 30, 0, 1 << 30))
+    StoreWriter(path, ids, attrs, shapes).close()  # enough room: a partial file to write into
+    assert (tmp_path / "s.h5.partial").is_file()
