@@ -163,14 +163,16 @@ def run_cli(module: str, argv: list[str], cwd: Path = ROOT, prelude: str = "") -
 
 
 def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    """Exit 2, no traceback, and one `error: ...` line, the last (progress lines may come before it)."""
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
-    return lines[0]
+    errors = [ln for ln in lines if ln.startswith("error")]
+    assert len(errors) == 1 and lines[-1] == errors[0], proc.stderr[-2000:]
+    return errors[0]
 
 
-FULL_DISK_STAGES = ("prepare", "extract", "pseudo", "train", "evaluate")
+FULL_DISK_STAGES = ("prepare", "extract", "pseudo", "enhancer", "baselines", "train", "evaluate")
 
 
 @pytest.mark.parametrize("name", FULL_DISK_STAGES)
