@@ -279,6 +279,20 @@ def test_page_in_a_browser_matches_fscs_predict_offline(ws, server, browser, tmp
 
 
 @pytest.mark.slow
+def test_upload_over_the_stated_limit_is_refused(server, ws):
+    """The page states its byte limit (fscs.demo.MAX_UPLOAD); the server refuses a larger upload (413)."""
+    import httpx
+
+    from fscs.demo import MAX_UPLOAD
+
+    big = bytes(int(MAX_UPLOAD.removesuffix("mb")) * 1_100_000)  # over the limit in MB and in MiB
+    reply = httpx.post(server.url + "gradio_api/upload", files={"files": ("big.png", big)}, timeout=60)
+    assert reply.status_code == 413, (reply.status_code, reply.text[:300])
+    small = httpx.post(server.url + "gradio_api/upload", files={"files": ("a.jpg", ws.support.read_bytes())})
+    assert small.status_code == 200 and server.proc.poll() is None
+
+
+@pytest.mark.slow
 def test_page_without_checkpoints_says_how_to_make_them(browser, tmp_path):
     pytest.importorskip("gradio")
     from fscs.demo.app import build
