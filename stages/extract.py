@@ -1,80 +1,67 @@
-"""Stage `extract`: every indexed image through the frozen backbone into the HDF5 feature store.
+"""Stage `extract`: join the extraction shards into the feature store every later stage opens.
 
-    python -m stages.extract --index data/index/msrc.parquet --out data/features/msrc.h5 \
-        --report reports/extract.json [--params params.yaml]
+    python -m stages.extract --index data/index/msrc.parquet --shards data/features/msrc.shards \
+        --shard-reports reports/extract_shards --out data/features/msrc.h5 --report reports/extract.json \
+        [--params params.yaml]
 
-Params (section `backbone`): `name`, `input_size`, `layers`, `batch_size`, `precision`, optional `arch` (for
-`path:` names) and `threads` (torch CPU threads; default all available cores). The device comes from
-``FSCS_DEVICE`` (`fscs.device`), not from params. Images are checked to decode before
-the model runs. The store is written to `<out>.partial` and renamed when complete; a killed run resumes.
-With `--shard I` only shard I's rows of the index are extracted (`backbone.shards` lists the shards; rows
-from `fscs.store_shards.shard_rows`): `dvc.yaml` runs one `extract_shard@I` per shard, then stage
-`extract` (`stages.join_features`) joins them into the store later stages read.
+Each `extract_shard@I` stage (`stages.extract_shard --shard I`) writes `<shards>/shard-I.h5` and
+`<shard-reports>/shard-I.json`; this stage checks every shard of `backbone.shards` against the index and the
+params and writes a small HDF5 file of virtual datasets over them (`fscs.store_shards`). With one shard (the
+default) later stages read the same datasets, attributes and values as from a single-file store.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 from fscs.config import load_config
 from fscs.data.image_list import read_image_list
+from fscs.errors import FscsError
 from fscs.io import write_json
-from fscs.store_shards import shard_rows
-from fscs.threads import default_threads
+from fscs.store import expected_attrs
+from fscs.store_shards import join_shards, shard_file
 from stages._common import run_stage, stage_parser
+
+
+def read_shard_report(path: Path) -> dict:
+    """One shard's extraction report (written by `stages.extract_shard`)."""
+    if not path.is_file():
+        raise FscsError(f"{path}: shard report not found; re-run `dvc repro extract`")
+    return json.loads(path.read_text())
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__.splitlines()[0])
     parser.add_argument("--index", required=True, help="image index parquet (image_id, image_path)")
-    parser.add_argument("--out", required=True, help="feature store to write (.h5)")
+    parser.add_argument("--shards", required=True, help="folder of the shard stores (shard-I.h5)")
+    parser.add_argument("--shard-reports", required=True, help="folder of the shard reports (shard-I.json)")
+    parser.add_argument("--out", required=True, help="joined feature store to write (.h5)")
     parser.add_argument("--report", required=True, help="extraction report JSON")
-    parser.add_argument("--shard", type=int, help="extract only this shard's rows (default: every row)")
     args = parser.parse_args(argv)
 
     config = load_config(args.params)
-    bb = config.need("backbone")
-    ids, paths = read_image_list(args.index)
-    if args.shard is not None:
-        rows = shard_rows(len(ids), len(bb.shards), args.shard)
-        ids, paths = ids[rows.start : rows.stop], paths[rows.start : rows.stop]
-    layers, batch_size = bb.layers, bb.batch_size
-    threads = bb.threads or default_threads()
-
-    import torch
-
-    from fscs.backbone import backbone_from_params, check_images, extract_to_store
-    from fscs.device import describe, resolve_device
-
-    device = resolve_device()  # a bad FSCS_DEVICE stops here, before any work
-    check_images(paths)  # before the (slow) backbone load and before any output
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True)
+    shards = config.need("backbone").shards
+    ids, _ = read_image_list(args.index)
+    reports = [read_shard_report(Path(args.shard_reports) / f"shard-{i}.json") for i in shards]
     t0 = time.perf_counter()
-    backbone = backbone_from_params(config.params(), device)
-    load_s = time.perf_counter() - t0
-    stats = extract_to_store(
-        backbone, ids, paths, args.out, layers=layers, batch_size=batch_size, check=False
-    )
+    files = [shard_file(args.shards, i) for i in shards]
+    stats = join_shards(files, args.out, ids, expected_attrs(config.params()))
+    computed = sum(r["computed"] for r in reports)
+    seconds = sum(r["seconds"] for r in reports)
     report = {
         **stats,
-        "load_seconds": round(load_s, 3),
-        "batch_size": batch_size,
-        "threads": threads,
-        "input_size": backbone.input_size,
-        "grid": list(backbone.grid),
-        "layers": backbone.resolve_layers(layers),
-        "backbone": backbone.provenance.as_dict(),
-        "torch": torch.__version__,
-        "device": describe(device),
-        "precision": backbone.precision,
+        "join_seconds": round(time.perf_counter() - t0, 3),
+        "computed": computed,
+        "seconds": round(seconds, 3),
+        "images_per_s": round(computed / seconds, 3) if seconds > 0 and computed else None,
+        "shard_reports": reports,
     }
     write_json(args.report, report)
-    rate = f"{stats['images_per_s']:.2f} img/s" if stats["images_per_s"] else "nothing to compute"
     print(
-        f"extract: {stats['images']} images -> {args.out} ({stats['store_bytes'] / 1e6:.1f} MB, "
-        f"{stats['bytes_per_image'] / 1e6:.2f} MB/image, {rate}, {backbone.name} @ {backbone.input_size}, "
-        f"{stats['resumed_rows']} rows resumed)"
+        f"extract: {len(shards)} shard(s), {stats['images']} images -> {args.out} "
+        f"({stats['store_bytes'] / 1e6:.1f} MB in all, {stats['bytes_per_image'] / 1e6:.2f} MB/image)"
     )
 
 

@@ -23,7 +23,7 @@ from fscs.config import validate_section
 from fscs.device import CUBLAS_WORKSPACE, ENV, autocast, resolve_device
 from fscs.errors import FscsError
 from fscs.store import FeatureStore, check_attrs, expected_attrs
-from stages import extract as extract_stage
+from stages import extract_shard as extract_stage
 
 ROOT = Path(__file__).resolve().parent.parent
 

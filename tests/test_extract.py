@@ -1,4 +1,4 @@
-"""Stage `extract`: index -> feature store + report; bad images; kill -9 mid-way and resume."""
+"""Stage `extract_shard`: index -> feature store + report; bad images; kill -9 mid-way and resume."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from fscs.backbone import create_backbone
 from fscs.data.images import load_rgb
 from fscs.errors import FscsError
 from fscs.store import FeatureStore, expected_attrs, partial_path
-from stages import extract as stage
+from stages import extract_shard as stage
 
 ROOT = Path(__file__).resolve().parents[1]
 MSRC = ROOT.parent / "shared" / "data" / "msrc-v2" / "JPEGImages"
@@ -109,7 +109,7 @@ def test_bad_image_errors_with_its_path_before_any_output(tmp_path, problem):
 
 def test_stage_cli_exit_code_and_message(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "stages.extract", "--index", str(tmp_path / "none.parquet"), "--out",
+        [sys.executable, "-m", "stages.extract_shard", "--index", str(tmp_path / "none.parquet"), "--out",
          str(tmp_path / "f.h5"), "--report", str(tmp_path / "r.json"), "--params", str(ROOT / "params.yaml")],
         cwd=ROOT, capture_output=True, text=True,
     )  # fmt: skip

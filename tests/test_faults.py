@@ -172,7 +172,7 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
     return errors[0]
 
 
-FULL_DISK_STAGES = ("prepare", "extract", "pseudo", "enhancer", "baselines", "train", "evaluate")
+FULL_DISK_STAGES = ("prepare", "extract_shard", "pseudo", "enhancer", "baselines", "train", "evaluate")
 
 
 @pytest.mark.parametrize("name", FULL_DISK_STAGES)
@@ -191,15 +191,15 @@ def test_full_disk_is_one_line_for_every_stage(art, full_disk, name):
 
 def test_full_disk_extract_names_the_space_it_needs_and_reruns_once_freed(art, full_disk):
     out = full_disk / "out"
-    args = stage_argv("extract", art, out, art.params)
+    args = stage_argv("extract_shard", art, out, art.params)
     fill(full_disk, leave=64 << 10)
-    line = one_error_line(run_cli("stages.extract", args))
+    line = one_error_line(run_cli("stages.extract_shard", args))
     assert (
         line.startswith(f"error: {out / 'features.h5'}: no space left on device (") and "needs about" in line
     )
     assert not list(out.glob("*.partial")) and not (out / "features.h5").exists()
     (full_disk / "filler").unlink()
-    proc = run_cli("stages.extract", args)
+    proc = run_cli("stages.extract_shard", args)
     assert proc.returncode == 0, proc.stderr[-2000:]
     with FeatureStore(out / "features.h5") as a, FeatureStore(art.features) as b:
         for dataset in ("tokens", "patch_keys", "digests"):
@@ -216,7 +216,7 @@ def test_disk_filled_by_another_process_during_extraction(art, full_disk):
         os.posix_fallocate = lambda fd, offset, length: None  # ... but the reservation "succeeds"
     """
     line = one_error_line(
-        run_cli("stages.extract", stage_argv("extract", art, out, art.params), prelude=prelude)
+        run_cli("stages.extract_shard", stage_argv("extract_shard", art, out, art.params), prelude=prelude)
     )
     assert line.startswith(f"error: {out / 'features.h5'}: no space left on device"), line
     assert not list(out.glob("*partial*")) and not (out / "features.h5").exists()

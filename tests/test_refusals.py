@@ -24,7 +24,7 @@ from fscs.store import FeatureStore
 from stages._common import run_stage
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ("prepare", "extract", "pseudo", "enhancer", "baselines", "train", "evaluate", "report")
+STAGES = ("prepare", "extract_shard", "pseudo", "enhancer", "baselines", "train", "evaluate", "report")
 EARLIER = ("index.parquet", "features.h5", "extract.json", "pseudo.h5", "model.pt", "eval.json", "curve.csv")
 
 
@@ -78,7 +78,7 @@ def build(tmp: Path, params: dict) -> SimpleNamespace:
         "--report",
         str(d / "x.json"),
     ]
-    stage("extract").main(args)
+    stage("extract_shard").main(args)
     return a
 
 
@@ -102,7 +102,7 @@ def stage_argv(name: str, a: SimpleNamespace | None, out: Path, params: Path) ->
     cell = ["--supervision", "pixel", "--fold", "0", *data]
     argv = {
         "prepare": ["--index", out / "index.parquet", "--episodes", out / "episodes"],
-        "extract": ["--index", a.index, "--out", out / "features.h5", "--report", out / "extract.json"],
+        "extract_shard": ["--index", a.index, "--out", out / "features.h5", "--report", out / "extract.json"],
         "pseudo": [*data[:4], "--features", a.features, "--out", out / "pseudo.h5"]
         + ["--report", out / "pseudo.json", "--plot", out / "plot.csv"],
         "enhancer": [*data[:4], "--features", a.features, "--pseudo", a.pseudo, "--model", out / "enh.pt"]
@@ -202,9 +202,9 @@ def test_negative_input_size_cli_exit_2_and_no_partial(art, tmp_path):
     )
     out = tmp_path / "out"
     before = earlier_outputs(out)
-    argv = stage_argv("extract", art, out, params)
+    argv = stage_argv("extract_shard", art, out, params)
     proc = subprocess.run(
-        [sys.executable, "-m", "stages.extract", *argv], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "-m", "stages.extract_shard", *argv], cwd=ROOT, capture_output=True, text=True
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: params: backbone.input_size = -64: expected >= 1"
@@ -227,7 +227,7 @@ def test_16bit_grey_image_decodes_scaled(art, tmp_path):
         {"image_id": ["g8", "g16"], "image_path": [str(tmp_path / "g8.png"), str(tmp_path / "g16.png")]}
     ).to_parquet(index)
     out = tmp_path / "f.h5"
-    stage("extract").main(
+    stage("extract_shard").main(
         [
             "--params",
             str(art.params),
@@ -291,7 +291,7 @@ def predict_refused(ckpt: Path, art, out: Path, capsys) -> str:
     return capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["prepare", "extract", "predict"])
+@pytest.mark.parametrize("name", ["prepare", "extract_shard", "predict"])
 def test_decompression_bomb_named_with_its_limit(art, tmp_path, capsys, monkeypatch, name):
     monkeypatch.setenv(PIXEL_LIMIT_ENV, "100")  # Pillow refuses images past twice the limit: 24x32 > 200
     out = tmp_path / "out"

@@ -19,7 +19,7 @@ import yaml
 from fscs.errors import FscsError
 from fscs.store import DATASETS, SHARD_ATTRS, FeatureStore, expected_attrs
 from fscs.store_shards import shard_file, shard_rows
-from stages import extract, join_features
+from stages import extract, extract_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 MSRC = ROOT.parent / "shared" / "data" / "msrc-v2" / "JPEGImages"
@@ -56,13 +56,13 @@ def sharded(folder: Path, index: Path, n: int) -> Path:
     """Run the extract_shard@I stages and the join as dvc.yaml does, in ``folder``; the joined store."""
     params = params_file(folder, list(range(n)))
     for i in range(n):
-        extract.main(
+        extract_shard.main(
             ["--shard", str(i), "--index", str(index), "--params", str(params),
              "--out", str(shard_file(folder / "shards", i)),
              "--report", str(folder / "reports" / f"shard-{i}.json")]
         )  # fmt: skip
     out = folder / "features.h5"
-    join_features.main(
+    extract.main(
         ["--index", str(index), "--params", str(params), "--shards", str(folder / "shards"),
          "--shard-reports", str(folder / "reports"), "--out", str(out),
          "--report", str(folder / "extract.json")]
@@ -76,7 +76,7 @@ def stores(tmp_path_factory, msrc_index) -> dict:
     tmp = tmp_path_factory.mktemp("stores")
     single = tmp / "single.h5"
     params = params_file(tmp, [0])
-    extract.main(
+    extract_shard.main(
         ["--index", str(msrc_index), "--params", str(params), "--out", str(single),
          "--report", str(tmp / "r.json")]
     )  # fmt: skip
@@ -184,7 +184,7 @@ def test_join_refuses_shards_that_do_not_split_the_index(stores, tmp_path, msrc_
     (folder / "shards" / "shard-1.h5").rename(folder / "shards" / "shard-0.h5")
     (folder / "shards" / "x.h5").rename(folder / "shards" / "shard-1.h5")
     with pytest.raises(FscsError, match="shard-0.h5: shard 0 of 2 holds other images than rows 0..2"):
-        join_features.main(
+        extract.main(
             ["--index", str(msrc_index), "--params", str(params_file(folder, [0, 1])),
              "--shards", str(folder / "shards"), "--shard-reports", str(folder / "reports"),
              "--out", str(folder / "f.h5"), "--report", str(folder / "r.json")]
@@ -196,7 +196,7 @@ def test_join_refuses_shards_that_do_not_split_the_index(stores, tmp_path, msrc_
 def test_invalid_shard_ids_refused(tmp_path, msrc_index, shards):
     params = params_file(tmp_path, shards)
     proc = subprocess.run(
-        [sys.executable, "-m", "stages.extract", "--shard", "0", "--index", str(msrc_index), "--params",
+        [sys.executable, "-m", "stages.extract_shard", "--shard", "0", "--index", str(msrc_index), "--params",
          str(params), "--out", str(tmp_path / "s.h5"), "--report", str(tmp_path / "r.json")],
         cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
