@@ -62,7 +62,8 @@ def _folds(workspace: Path) -> dict | None:
 
 
 def find_checkpoints(workspace: str | os.PathLike) -> list[CheckpointInfo]:
-    """The CST checkpoints under ``models/cst/<setting>/fold<f>.pt``, each with the classes it trained on."""
+    """The CST checkpoints under ``models/cst/<setting>/fold<f>.pt``, each with the classes it trained on,
+    the pixel setting's first."""
     from fscs.data.folds import class_names, fold_classes
 
     root = Path(workspace)
@@ -78,7 +79,8 @@ def find_checkpoints(workspace: str | os.PathLike) -> list[CheckpointInfo]:
         if folds and str(fold) in folds["folds"]:
             trained = [names.get(c, str(c)) for c in fold_classes(folds, fold, "train")]
         found.append(CheckpointInfo(path, path.parent.name, fold, trained))
-    return found
+    # pixel first: the page's default checkpoint, the one trained with the masks a user can give it
+    return sorted(found, key=lambda c: (c.supervision != "pixel", c.supervision, c.fold))
 
 
 @dataclass
