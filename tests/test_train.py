@@ -264,7 +264,8 @@ def test_loss_ignores_void_and_handles_empty_targets():
 def tiny_artifacts(tmp_path, voc_fixture):
     import yaml
 
-    from stages import extract, prepare
+    from stages import extract_shard as extract
+    from stages import prepare
 
     params = dict(voc_fixture.params)
     params["episodes"] = {**params["episodes"], "test_per_fold": 6, "val_per_fold": 4}
@@ -355,7 +356,7 @@ def test_train_and_evaluate_stages(tiny_artifacts, capsys):
     params["backbone"]["input_size"] = 40
     p2 = tmp_path / "params40.yaml"
     p2.write_text(yaml.safe_dump(params))
-    from stages import extract
+    from stages import extract_shard as extract
 
     extract.main(
         [
