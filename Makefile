@@ -52,7 +52,7 @@ flow-dask:  ## run the study on a local Dask cluster (2 workers) under Prefect; 
 plots:  ## render learning curves and the threshold sweep with dvc plots into reports/plots_html/index.html (offline)
 	test -f .cache/vega/node_modules/vega-embed/build/vega-embed.min.js || \
 	  npm install --silent --no-audit --no-fund --prefix .cache/vega vega@5 vega-lite@5 vega-embed@6
-	$(PY) -m fscs.plots --node-modules .cache/vega/node_modules --out .cache/vega/offline_template.html
+	$(PY) -m fscs.report.plots --node-modules .cache/vega/node_modules --out .cache/vega/offline_template.html
 	dvc plots show --html-template .cache/vega/offline_template.html -o reports/plots_html
 
 demo:  ## serve the few-shot demo page on http://127.0.0.1:7860 for the checkpoints in models/cst (Ctrl-C stops)

@@ -19,8 +19,8 @@ import time
 import torch
 
 from benchmarks.train import peak_rss_mb
-from fscs.allocator import keep_freed_memory
-from fscs.model.fused_attention import kernel, sdpa_attention, tiny_attention
+from fscs.core.allocator import keep_freed_memory
+from fscs.learn.model.fused_attention import kernel, sdpa_attention, tiny_attention
 
 BLOCKS = {"block 1 (10 x 37 x 4)": (10, 37, 4), "block 2 (2 x 10 x 16)": (2, 10, 16)}
 

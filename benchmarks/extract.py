@@ -35,10 +35,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fscs.backbone import DEFAULT_INPUT_SIZE, Backbone, create_backbone, extract_to_store
+from fscs.core.threads import default_threads
 from fscs.data.get import local_copy
 from fscs.data.images import load_rgb
-from fscs.threads import default_threads
+from fscs.features.backbone import DEFAULT_INPUT_SIZE, Backbone, create_backbone, extract_to_store
 
 
 def msrc_images() -> list[str]:

@@ -11,10 +11,11 @@ pseudo-label files are needed), same CST training step (forward, loss, backward,
 - ``re-encode``: decode both images, preprocess, backbone forward (no grad), then the same CST step;
 - ``store``: tokens from RAM (`TokenBank`, loaded once), normalised / split into heads / downsampled every
   batch (the design before the prepared-feature cache);
-- ``cache``: prepared features computed once per image (`fscs.cst_predictor.PreparedBank`, as training does);
+- ``cache``: prepared features computed once per image (`fscs.learn.predictor.PreparedBank`, as training
+does);
   at the old batch size 12, at the default, under bf16 autocast and with 2 attention heads instead of 8
   (those two measured only: training runs fp32 with 8 heads), all with torch's attention (SDPA); last, the
-  default: the fused attention kernel (`fscs.model.fused_attention`).
+  default: the fused attention kernel (`fscs.learn.model.fused_attention`).
 
 Rows: episodes/s (after one warm-up batch, mean over the timed batches), seconds per episode, the ratio to
 the "before" row, GFLOP per episode (forward + backward, torch's FlopCounterMode) and the fraction of the
@@ -23,9 +24,10 @@ evaluation: `CSTPredictor.predict` episodes/s per (way, shot) on test episodes (
 cache hits), the pairs/s behind it, and the same episodes with re-encoding every image of every episode.
 Last, pair scoring as the evaluate stage runs it (`CSTPredictor.prefetch` over test episodes of all four
 types, best of two fresh predictors per row): one batch at a time with ``--threads`` torch threads per op
-(before), ``--threads`` single-threaded workers, the same with `fscs.allocator` keeping freed memory (applied
+(before), ``--threads`` single-threaded workers, the same with `fscs.core.allocator` keeping freed memory
+(applied
 from the third row on: it cannot be undone in a process), the same with the fused attention kernel, and the
-kernel one batch at a time on ``--threads`` threads (`fscs.cst_predictor.scoring_workers`: the kernel
+kernel one batch at a time on ``--threads`` threads (`fscs.learn.predictor.scoring_workers`: the kernel
 parallelises its problems itself), with the largest foreground-probability difference to the first row (one
 torch thread per op rounds differently from two; the kernel rounds differently from SDPA).
 
@@ -48,7 +50,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from fscs.errors import FscsError
+from fscs.core.errors import FscsError
 
 
 def matmul_peak_gflops(threads: int, repeats: int = 20) -> float:
@@ -85,7 +87,7 @@ def peak_rss_mb() -> float:
 
 
 def build_backbone(name: str, input_size: int) -> Any:
-    from fscs.backbone import create_backbone
+    from fscs.features.backbone import create_backbone
 
     try:
         return create_backbone(name, input_size)
@@ -95,8 +97,8 @@ def build_backbone(name: str, input_size: int) -> Any:
 
 
 def open_store(path: str | None, backbone: Any, ids: list[str], paths: list[str], tmp: Path) -> Any:
-    from fscs.backbone import extract_to_store
-    from fscs.store import FeatureStore
+    from fscs.features.backbone import extract_to_store
+    from fscs.features.store import FeatureStore
 
     if path and Path(path).is_file():
         store = FeatureStore(path)
@@ -133,16 +135,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
-    from fscs.allocator import keep_freed_memory
-    from fscs.cst_predictor import CSTPredictor, PreparedBank, TokenBank
+    from fscs.config.dicts import load_params
+    from fscs.core.allocator import keep_freed_memory
     from fscs.data.episodes import TrainEpisodeSampler, read_episodes
     from fscs.data.folds import fold_classes, read_folds
     from fscs.data.images import load_rgb
     from fscs.data.index import read_index
-    from fscs.model.cst import CST, config_from_store, count_parameters
-    from fscs.params import load_params
-    from fscs.targets import Targets
-    from fscs.train import Batcher, TrainConfig, episode_loss
+    from fscs.learn.model.cst import CST, config_from_store, count_parameters
+    from fscs.learn.predictor import CSTPredictor, PreparedBank, TokenBank
+    from fscs.learn.targets import Targets
+    from fscs.learn.train import Batcher, TrainConfig, episode_loss
 
     params = load_params(args.params)
     cfg = TrainConfig.from_params(params.get("train", {})).for_supervision("pixel")  # GT targets below

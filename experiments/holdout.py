@@ -23,12 +23,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fscs.baselines import STATS, presence_score
-from fscs.calibration import apply_offset, best_threshold
+from fscs.core.errors import FscsError
 from fscs.data.episodes import EPISODE_COLUMNS, EpisodeSampler
-from fscs.errors import FscsError
-from fscs.train import pixel_signals
-from fscs.train_cell import Cell
+from fscs.evaluation.baselines import STATS, presence_score
+from fscs.learn.calibration import apply_offset, best_threshold
+from fscs.learn.cell import Cell
+from fscs.learn.train import pixel_signals
 
 
 def held_out_classes(train_classes: list[int], fold: int, every: int = 4) -> list[int]:
@@ -94,8 +94,8 @@ def score_inner(
     and ``inner_er@D`` / ``inner_miou@D`` with both thresholds moved by D in log-odds: does a threshold
     chosen on seen classes need an offset for novel ones? (ER reads the presence threshold only, mIoU the
     foreground threshold only.)"""
-    from fscs.cst_predictor import CSTPredictor
-    from fscs.evaluation import run_episodes
+    from fscs.evaluation.episodes import run_episodes
+    from fscs.learn.predictor import CSTPredictor
 
     t = cell.targets
     predictor = CSTPredictor(model, cell.tokens, t.test_support_mask, t.test_mask_depends_on_class)

@@ -19,14 +19,14 @@ import pandas as pd
 import yaml
 
 from experiments.holdout import draw_held_out, held_out_classes, kept_classes
-from fscs.baselines import run_baselines
 from fscs.data.folds import class_names, read_folds, training_classes
 from fscs.data.index import read_index
-from fscs.evaluation import load_episodes
-from fscs.pseudo import Labeler
-from fscs.store import FeatureStore, expected_attrs
-from fscs.targets import complement_classes
-from fscs.train_cell import default_paths
+from fscs.evaluation.baselines import run_baselines
+from fscs.evaluation.episodes import load_episodes
+from fscs.features.store import FeatureStore, expected_attrs
+from fscs.learn.cell import default_paths
+from fscs.learn.targets import complement_classes
+from fscs.pseudo.attention import Labeler
 
 
 def main() -> None:

@@ -23,8 +23,8 @@ import pandas as pd
 import yaml
 
 from experiments.holdout import episode_classes, holdout_cell, inner_split, score_inner
-from fscs.train import TrainConfig
-from fscs.train_cell import load_cell, train_cell
+from fscs.learn.cell import load_cell, train_cell
+from fscs.learn.train import TrainConfig
 
 
 def parse_overrides(text: str) -> dict[str, Any]:
@@ -49,9 +49,9 @@ def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def kshot_scores(cell: Any, model: Any, params: dict[str, Any]) -> dict[str, float]:
     """ER / mIoU of the trained model on the fold's 1-way 5-shot validation episodes, per K-shot rule."""
-    from fscs.cst_predictor import CSTPredictor
     from fscs.data.episodes import read_episodes
-    from fscs.evaluation import run_episodes
+    from fscs.evaluation.episodes import run_episodes
+    from fscs.learn.predictor import CSTPredictor
 
     name = params["dataset"]["name"]
     val = read_episodes(Path(f"data/episodes/{name}/val.parquet"))

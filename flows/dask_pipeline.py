@@ -34,7 +34,7 @@ from flows.lockbook import record, stale
 from flows.pipeline import study_targets
 from flows.serve import API_URL
 from flows.workspace import Remote, StageJob, StageResult, pack_code, read_tree, run_stage
-from fscs.config import load_config
+from fscs.config.params import load_config
 from fscs.data.get import local_copy, source_variable
 
 ROOT = Path(__file__).resolve().parent.parent

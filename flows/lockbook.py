@@ -16,7 +16,7 @@ from dvc.utils.serialize import modify_yaml
 
 from flows.dvc_cli import dvc
 from flows.workspace import StageResult, read_tree, write_tree
-from fscs.io import atomic_path
+from fscs.core.io import atomic_path
 
 
 class StageRejected(RuntimeError):

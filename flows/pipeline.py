@@ -14,7 +14,7 @@ from prefect import flow, get_run_logger, task
 
 from flows.dvc_cli import dvc
 from flows.dvc_graph import upstream_first
-from fscs.config import load_config
+from fscs.config.params import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

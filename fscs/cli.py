@@ -6,14 +6,17 @@ import argparse
 import importlib
 import sys
 
-from fscs.errors import FscsError
+from fscs.core.errors import FscsError
 
 # subcommand -> module exposing add_arguments(parser) and run(args)
 COMMANDS = {
     "data": ("fscs.data.get", "get a dataset into data/raw/NAME (local folder or official URLs)"),
-    "params": ("fscs.overrides", "params.yaml with a settings file's overrides merged on top (configs/)"),
-    "predict": ("fscs.predict", "few-shot classify and segment query images from support images"),
-    "kernel": ("fscs.model.fused_attention", "build the fused CPU attention kernel and check it"),
+    "params": (
+        "fscs.config.overrides",
+        "params.yaml with a settings file's overrides merged on top (configs/)",
+    ),
+    "predict": ("fscs.predict.run", "few-shot classify and segment query images from support images"),
+    "kernel": ("fscs.learn.model.fused_attention", "build the fused CPU attention kernel and check it"),
     "demo": ("fscs.demo", "serve a local page to try a trained checkpoint on your own images"),
 }
 

@@ -8,8 +8,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from fscs.errors import FscsError
-from fscs.io import has_abandoned, is_no_space, no_space_error
+from fscs.core.errors import FscsError
+from fscs.core.io import has_abandoned, is_no_space, no_space_error
 
 
 def stage_parser(description: str) -> argparse.ArgumentParser:
@@ -21,7 +21,8 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
 
 def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
     """Run a stage's main; on FscsError print 'error: ...' to stderr and exit with status 2. A full disk met
-    outside `fscs.io.atomic_path` (which names its output) is the same one line, naming the file if known."""
+    outside `fscs.core.io.atomic_path` (which names its output) is the same one line, naming the file if
+    known."""
     try:
         main(argv)
     except FscsError as exc:

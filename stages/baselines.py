@@ -4,7 +4,8 @@
         --episodes data/episodes/msrc --features data/features/msrc.h5 --pseudo data/pseudo/msrc.h5
         --out reports/eval/baselines/fold0.json [--params params.yaml]
 
-Baselines (``fscs.baselines``): ``attention`` (raw support-CLS attention on the query), ``prototype``
+Baselines (``fscs.evaluation.baselines``): ``attention`` (raw support-CLS attention on the query),
+``prototype``
 (masked-prototype matcher with the support's self pseudo-mask) and ``prototype_gt`` (the same with the GT
 support mask). Thresholds are calibrated on ``<episodes>/val.parquet`` (training split and classes) only.
 Params: ``evaluate.void`` and ``evaluate.baselines`` (names, layer, presence_stats, gate, cache_images);
@@ -16,15 +17,15 @@ from __future__ import annotations
 import os
 import time
 
-from fscs.baselines import run_baselines
-from fscs.config import load_config
+from fscs.config.params import load_config
+from fscs.core.io import write_json
 from fscs.data.folds import class_names, read_folds
 from fscs.data.index import read_index
-from fscs.evaluation import load_episodes
-from fscs.io import write_json
-from fscs.pseudo import Labeler
-from fscs.store import FeatureStore, expected_attrs
-from fscs.targets import complement_classes
+from fscs.evaluation.baselines import run_baselines
+from fscs.evaluation.episodes import load_episodes
+from fscs.features.store import FeatureStore, expected_attrs
+from fscs.learn.targets import complement_classes
+from fscs.pseudo.attention import Labeler
 from stages._common import run_stage, stage_parser
 
 

@@ -4,18 +4,20 @@
         --features data/features/msrc.h5 --pseudo data/pseudo/msrc.h5 --model models/enhancer.pt
         --out data/pseudo/msrc-enhanced.h5 --report reports/enhancer.json --figures reports/figures/pseudo
 
-For the main labelled fraction (``mixed.fraction``) it draws the labelled subset (``fscs.labelled``), trains
-the enhancer(s) on it (``fscs.enhancer``) and writes
+For the main labelled fraction (``mixed.fraction``) it draws the labelled subset (``fscs.pseudo.labelled``),
+trains
+the enhancer(s) on it (``fscs.pseudo.enhancer``) and writes
 - ``<model>``: ``{"state_dict": {"fold0": ..., ...} or {"all": ...}, "config": {...}}`` (weights_only load,
-  ``fscs.enhancer.load_enhancer(path, fold)``; ``config["thresholds"]`` holds each enhancer's mask threshold);
+  ``fscs.pseudo.enhancer.load_enhancer(path, fold)``; ``config["thresholds"]`` holds each enhancer's mask
+  threshold);
 - ``<out>``: ``image_ids``, ``enhanced/<name>`` (N, gh, gw) float16 enhanced self maps of every image in the
   store, one per enhancer, and ``labelled_ids`` (the images whose GT masks the mixed setting uses;
-  ``fscs.enhancer.read_labelled_ids``);
+  ``fscs.pseudo.enhancer.read_labelled_ids``);
 - ``<figures>/pseudo_labels.png``: image | GT | raw pseudo-label | enhanced pseudo-label for a few
   training images outside the labelled subset.
 
 ``<report>``: pseudo-label mIoU before and after enhancement on held-out training images, for each fraction
-in ``mixed.sweep`` (what is measured: `fscs.enhancer_study`). Measured choices: reports/CHOICES.md.
+in ``mixed.sweep`` (what is measured: `fscs.pseudo.enhancer_study`). Measured choices: reports/CHOICES.md.
 """
 
 from __future__ import annotations
@@ -27,13 +29,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fscs.config import load_config
+from fscs.config.params import load_config
+from fscs.core.device import describe, resolve_device
+from fscs.core.io import atomic_path, write_json
+from fscs.core.provenance import recorded
 from fscs.data.folds import read_folds
 from fscs.data.index import read_index
-from fscs.device import describe, resolve_device
-from fscs.enhancer import enhance, save_enhancer, write_enhanced
-from fscs.enhancer_figure import pseudo_label_figure
-from fscs.enhancer_study import (
+from fscs.features.store import FeatureStore, expected_attrs
+from fscs.pseudo.enhancer import enhance, save_enhancer, write_enhanced
+from fscs.pseudo.enhancer_figure import pseudo_label_figure
+from fscs.pseudo.enhancer_study import (
     StudyData,
     checkpoint_config,
     enhancer_config,
@@ -42,10 +47,7 @@ from fscs.enhancer_study import (
     run_fraction,
     study_report,
 )
-from fscs.io import atomic_path, write_json
-from fscs.provenance import recorded
-from fscs.pseudo_quality import pseudo_config, stuff_ids, train_images
-from fscs.store import FeatureStore, expected_attrs
+from fscs.pseudo.quality import pseudo_config, stuff_ids, train_images
 from stages._common import run_stage, stage_parser
 
 
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     config = load_config(args.params)
     pcfg, cfg, mixed = pseudo_config(config), enhancer_config(config), mixed_config(config)
     index, folds = read_index(args.index), read_folds(args.folds)
-    device = resolve_device()  # fscs.enhancer trains there; recorded in the checkpoint and report
+    device = resolve_device()  # fscs.pseudo.enhancer trains there; recorded in the checkpoint and report
     torch.set_num_threads(int(cfg["threads"]))
     with FeatureStore(args.features, expect=expected_attrs(config.params())) as store:
         ids, maps = load_checked_self_maps(args.pseudo, store, pcfg["center_keys"], args.features)

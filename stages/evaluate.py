@@ -5,7 +5,8 @@
         --features data/features/msrc.h5 --pseudo data/pseudo/msrc.h5 --enhancer models/enhancer.pt
         --out reports/eval/image/fold0.json
 
-Every (way, shot) of ``<episodes>/test.parquet`` for the fold is run through `fscs.evaluation.run_episodes`
+Every (way, shot) of ``<episodes>/test.parquet`` for the fold is run through
+`fscs.evaluation.episodes.run_episodes`
 with a `CSTPredictor` (pairs independent, K shots averaged). Test-time support masks follow the setting: GT
 for ``pixel``, the raw self pseudo-mask for ``image``, the enhanced self pseudo-mask for ``mixed``
 (``--enhancer``). Masks are made at the checkpoint's ``label_size``.
@@ -21,10 +22,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from fscs.config import checkpoint_label_size, load_config
-from fscs.errors import FscsError
-from fscs.io import write_json
-from fscs.supervision import SUPERVISIONS
+from fscs.config.params import checkpoint_label_size, load_config
+from fscs.config.supervision import SUPERVISIONS
+from fscs.core.errors import FscsError
+from fscs.core.io import write_json
 from stages._common import run_stage, stage_parser
 
 
@@ -51,16 +52,16 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from fscs.allocator import keep_freed_memory
-    from fscs.cst_predictor import CSTPredictor, TokenBank, scoring_workers
+    from fscs.core.allocator import keep_freed_memory
+    from fscs.core.device import describe, resolve_device
     from fscs.data.episodes import read_episodes
     from fscs.data.folds import class_names, fold_classes, read_folds
     from fscs.data.index import read_index
-    from fscs.device import describe, resolve_device
-    from fscs.evaluation import evaluation_json, run_episodes
-    from fscs.model.cst import load_checkpoint, read_checkpoint
-    from fscs.store import FeatureStore
-    from fscs.targets import targets_for
+    from fscs.evaluation.episodes import evaluation_json, run_episodes
+    from fscs.features.store import FeatureStore
+    from fscs.learn.model.cst import load_checkpoint, read_checkpoint
+    from fscs.learn.predictor import CSTPredictor, TokenBank, scoring_workers
+    from fscs.learn.targets import targets_for
 
     device = resolve_device()
     keep_freed_memory()

@@ -6,7 +6,8 @@
 
 Each `extract_shard@I` stage (`stages.extract_shard --shard I`) writes `<shards>/shard-I.h5` and
 `<shard-reports>/shard-I.json`; this stage checks every shard of `backbone.shards` against the index and the
-params and writes a small HDF5 file of virtual datasets over them (`fscs.store_shards`). With one shard (the
+params and writes a small HDF5 file of virtual datasets over them (`fscs.features.shards`). With one shard
+(the
 default) later stages read the same datasets, attributes and values as from a single-file store.
 """
 
@@ -16,12 +17,12 @@ import json
 import time
 from pathlib import Path
 
-from fscs.config import load_config
+from fscs.config.params import load_config
+from fscs.core.errors import FscsError
+from fscs.core.io import write_json
 from fscs.data.image_list import read_image_list
-from fscs.errors import FscsError
-from fscs.io import write_json
-from fscs.store import expected_attrs
-from fscs.store_shards import join_shards, shard_file
+from fscs.features.shards import join_shards, shard_file
+from fscs.features.store import expected_attrs
 from stages._common import run_stage, stage_parser
 
 

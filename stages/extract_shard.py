@@ -6,10 +6,11 @@
 
 Params (section `backbone`): `name`, `input_size`, `layers`, `batch_size`, `precision`, optional `arch` (for
 `path:` names) and `threads` (torch CPU threads; default all available cores). The device comes from
-``FSCS_DEVICE`` (`fscs.device`), not from params. Images are checked to decode before
+``FSCS_DEVICE`` (`fscs.core.device`), not from params. Images are checked to decode before
 the model runs. The store is written to `<out>.partial` and renamed when complete; a killed run resumes.
 With `--shard I` only shard I's rows of the index are extracted (`backbone.shards` lists the shards; rows
-from `fscs.store_shards.shard_rows`), without it every row: `dvc.yaml` runs one `extract_shard@I` per shard,
+from `fscs.features.shards.shard_rows`), without it every row: `dvc.yaml` runs one `extract_shard@I` per
+shard,
 then stage `extract` (`stages.extract`) joins them into the store later stages read.
 """
 
@@ -17,11 +18,11 @@ from __future__ import annotations
 
 import time
 
-from fscs.config import load_config
+from fscs.config.params import load_config
+from fscs.core.io import write_json
+from fscs.core.threads import default_threads
 from fscs.data.image_list import read_image_list
-from fscs.io import write_json
-from fscs.store_shards import shard_rows
-from fscs.threads import default_threads
+from fscs.features.shards import shard_rows
 from stages._common import run_stage, stage_parser
 
 
@@ -44,8 +45,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from fscs.backbone import backbone_from_params, check_images, extract_to_store
-    from fscs.device import describe, resolve_device
+    from fscs.core.device import describe, resolve_device
+    from fscs.features.backbone import backbone_from_params, check_images, extract_to_store
 
     device = resolve_device()  # a bad FSCS_DEVICE stops here, before any work
     check_images(paths)  # before the (slow) backbone load and before any output

@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from fscs.core.errors import FscsError
 from fscs.data import get
-from fscs.errors import FscsError
 from stages._common import run_stage, stage_parser
 
 

@@ -15,11 +15,11 @@ import os
 import sys
 import time
 
-from fscs.config import load_config
+from fscs.config.params import load_config
+from fscs.core.io import write_json
 from fscs.data.episodes import episode_lists, write_episodes
 from fscs.data.folds import make_folds
 from fscs.data.index import build_index, dataset_splits, write_index
-from fscs.io import write_json
 from stages._common import run_stage, stage_parser
 
 

@@ -6,7 +6,7 @@
 
 Writes ``<out>``: ``image_ids`` and the per-head self cosine maps ``self_maps`` (N, H, gh, gw) float16 of
 every image in the store, with the recipe params and the store's provenance as attributes; ``<report>``: the
-pseudo-labels' quality on the training split (what is measured: `fscs.pseudo_quality`); ``<plot>``: the
+pseudo-labels' quality on the training split (what is measured: `fscs.pseudo.quality`); ``<plot>``: the
 threshold sweep (threshold, recipe, miou). Measured choices: reports/CHOICES.md.
 """
 
@@ -18,13 +18,14 @@ import time
 
 import torch
 
-from fscs.config import load_config
+from fscs.config.params import load_config
+from fscs.core.io import atomic_path, write_json
+from fscs.core.provenance import recorded
 from fscs.data.folds import read_folds
 from fscs.data.index import read_index
-from fscs.io import atomic_path, write_json
-from fscs.provenance import recorded
-from fscs.pseudo import write_self_maps
-from fscs.pseudo_quality import (
+from fscs.features.store import FeatureStore, expected_attrs
+from fscs.pseudo.attention import write_self_maps
+from fscs.pseudo.quality import (
     measure,
     pseudo_config,
     quality_report,
@@ -34,7 +35,6 @@ from fscs.pseudo_quality import (
     sweep_rows,
     train_images,
 )
-from fscs.store import FeatureStore, expected_attrs
 from stages._common import run_stage, stage_parser
 
 

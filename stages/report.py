@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from fscs.config import load_config
-from fscs.errors import FscsError
-from fscs.io import atomic_path, write_json
-from fscs.report import load_eval_dir, markdown_report, metrics_json, summarise, summary_json
-from fscs.store import FeatureStore
+from fscs.config.params import load_config
+from fscs.core.errors import FscsError
+from fscs.core.io import atomic_path, write_json
+from fscs.features.store import FeatureStore
+from fscs.report.study import load_eval_dir, markdown_report, metrics_json, summarise, summary_json
 from stages._common import run_stage, stage_parser
 
 
@@ -83,7 +83,7 @@ def variant_records(folder: str | None, dataset: str) -> list[dict]:
 
 def qualitative_figures(args, params: dict, study: dict) -> list[str]:
     """Query | GT | prediction per setting for a few fixed test episodes of the first fold."""
-    from fscs.report_figures import prediction_grid
+    from fscs.report.figures import prediction_grid
 
     return prediction_grid(
         models_dir=args.models,

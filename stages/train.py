@@ -10,7 +10,8 @@ validation episodes can touch are loaded into RAM once. Params: ``train`` (sched
 ``model`` overrides), ``pseudo`` (recipe and threshold of the pseudo-labels), ``backbone`` (the store must
 match), ``evaluate.void``. Model selection uses the fold's 1-way 1-shot validation episodes
 (``<episodes>/val.parquet``, train split, training classes), never the test episodes.
-Writes the checkpoint (``fscs.model.cst``) and the learning curve CSV (``fscs.train.CURVE_COLUMNS``: step,
+Writes the checkpoint (``fscs.learn.model.cst``) and the learning curve CSV
+(``fscs.learn.train.CURVE_COLUMNS``: step,
 learning rate, loss, validation ER / mIoU and the threshold-free pixel signals, seconds).
 """
 
@@ -20,9 +21,9 @@ import csv
 import io
 from typing import Any
 
-from fscs.io import atomic_path
-from fscs.params import load_params, section
-from fscs.supervision import SUPERVISIONS
+from fscs.config.dicts import load_params, section
+from fscs.config.supervision import SUPERVISIONS
+from fscs.core.io import atomic_path
 from stages._common import run_stage, stage_parser
 
 
@@ -40,7 +41,7 @@ def add_data_arguments(parser: Any, out_help: str) -> None:
 
 
 def curve_csv(rows: list[dict[str, Any]]) -> str:
-    from fscs.train import CURVE_COLUMNS
+    from fscs.learn.train import CURVE_COLUMNS
 
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(CURVE_COLUMNS), lineterminator="\n")
@@ -57,15 +58,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     params = load_params(args.params)
-    from fscs.train import TrainConfig
+    from fscs.learn.train import TrainConfig
 
     cfg = TrainConfig.from_params(section(params, "train")).for_supervision(args.supervision)
 
     import torch
 
-    from fscs.allocator import keep_freed_memory
-    from fscs.device import resolve_device
-    from fscs.train_cell import load_cell, train_cell
+    from fscs.core.allocator import keep_freed_memory
+    from fscs.core.device import resolve_device
+    from fscs.learn.cell import load_cell, train_cell
 
     device = resolve_device()  # a bad FSCS_DEVICE stops here, before the tokens load
     keep_freed_memory()
@@ -84,8 +85,8 @@ def main(argv: list[str] | None = None) -> None:
         result = train_cell(cell, cfg, on_epoch=report, device=device)
     from dataclasses import asdict
 
-    from fscs.model.cst import count_parameters, save_checkpoint
-    from fscs.targets import labeler_kwargs
+    from fscs.learn.model.cst import count_parameters, save_checkpoint
+    from fscs.learn.targets import labeler_kwargs
 
     save_checkpoint(
         args.out,

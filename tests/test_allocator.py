@@ -10,7 +10,7 @@ import pytest
 
 LOOP = """
 import resource, sys, numpy as np
-from fscs.allocator import keep_freed_memory
+from fscs.core.allocator import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "kept" else None
 def faults(): return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 sizes = [4, 12, 20, 28, 6, 18]  # MiB, like a forward pass's intermediate tensors

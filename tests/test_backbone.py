@@ -11,16 +11,16 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from fscs.backbone import (
+from fscs.core.errors import FscsError
+from fscs.features.backbone import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     TINY_NATIVE_SIZE,
     FusedBlocks,
     create_backbone,
 )
-from fscs.backbone_names import known_names, resolve_arch
-from fscs.errors import FscsError
-from fscs.imgfocus import sha256_file
+from fscs.features.imgfocus import sha256_file
+from fscs.features.names import known_names, resolve_arch
 
 MSRC = Path(__file__).resolve().parents[2] / "shared" / "data" / "msrc-v2" / "JPEGImages"
 
@@ -230,7 +230,7 @@ def _msrc_image():
 def test_imgfocus_matches_onnxruntime_on_a_real_image():
     pytest.importorskip("onnxruntime")
     from fscs.data.images import load_rgb
-    from fscs.imgfocus import CONVERTED_SHA256, ONNX_SHA256, onnx_last_hidden_state
+    from fscs.features.imgfocus import CONVERTED_SHA256, ONNX_SHA256, onnx_last_hidden_state
 
     bb = create_backbone("dinov2_vits14_imgfocus", 224, fused=False)
     p = bb.provenance

@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from fscs.baselines import (
+from fscs.core.errors import FscsError
+from fscs.evaluation.baselines import (
     AttentionBaseline,
     PrototypeBaseline,
     gt_cell_fraction,
@@ -15,10 +16,9 @@ from fscs.baselines import (
     presence_score,
     run_baselines,
 )
-from fscs.calibration import best_threshold
-from fscs.errors import FscsError
-from fscs.evaluation import run_episodes
-from fscs.pseudo import Labeler
+from fscs.evaluation.episodes import run_episodes
+from fscs.learn.calibration import best_threshold
+from fscs.pseudo.attention import Labeler
 
 GRID = (4, 4)
 SIZE = 8  # 8x8 masks: one token cell = 2x2 pixels
@@ -233,11 +233,11 @@ def test_stage_on_tiny_voc(voc_fixture, tmp_path):
     """prepare -> tiny-ViT store -> pseudo file -> `python -m stages.baselines` main; errors before output."""
     import yaml
 
-    from fscs.backbone import create_backbone, extract_to_store
+    from fscs.core.provenance import recorded
     from fscs.data.index import read_index
-    from fscs.provenance import recorded
-    from fscs.pseudo import head_cosine, write_self_maps
-    from fscs.store import FeatureStore
+    from fscs.features.backbone import create_backbone, extract_to_store
+    from fscs.features.store import FeatureStore
+    from fscs.pseudo.attention import head_cosine, write_self_maps
     from stages import baselines as stage
     from stages import prepare
 

@@ -1,11 +1,11 @@
-"""Decision thresholds chosen on validation records (fscs.calibration)."""
+"""Decision thresholds chosen on validation records (fscs.learn.calibration)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from fscs.calibration import Records, apply_offset, calibrate, episode_scores, shift
+from fscs.learn.calibration import Records, apply_offset, calibrate, episode_scores, shift
 
 
 def shy_records(seed: int = 0) -> Records:
@@ -32,7 +32,7 @@ def test_calibration_recovers_what_the_half_threshold_hides():
 
 
 def test_masks_are_scored_whatever_the_presence_decision_as_evaluation_scores_them():
-    from fscs.evaluation import decide
+    from fscs.evaluation.episodes import decide
 
     r = shy_records()
     r.presence[:] = 0.01  # a classifier that calls every class absent

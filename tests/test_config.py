@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fscs import baselines, metrics, pseudo
-from fscs.config import (
+from fscs.config.params import (
     Config,
     PseudoConfig,
     checkpoint_label_size,
@@ -16,15 +15,17 @@ from fscs.config import (
     validate,
     validate_section,
 )
+from fscs.core.errors import FscsError
 from fscs.data import episodes, folds
-from fscs.errors import FscsError
+from fscs.evaluation import baselines, metrics
+from fscs.pseudo import attention as pseudo
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("path", ["params.yaml", "configs/pascal5i.yaml", "configs/coco20i.yaml"])
 def test_shipped_params_validate(path, tmp_path):
-    from fscs.overrides import merged_params
+    from fscs.config.overrides import merged_params
 
     if path.startswith("configs/"):  # an override file: its merge onto params.yaml
         merged = tmp_path / "params.yaml"
@@ -86,7 +87,7 @@ def test_checkpoint_label_size_is_recorded_or_refused():
 
 # ---- paper settings as overrides -------------------------------------------------------------------------
 def test_overrides_merge_key_by_key_and_replace_lists_and_by_supervision():
-    from fscs.overrides import merge
+    from fscs.config.overrides import merge
 
     base = {"a": {"x": 1, "y": [1, 2]}, "train": {"lr": 1, "by_supervision": {"image": {"epochs": 2}}}}
     over = {"a": {"y": [3]}, "train": {"by_supervision": {}}, "b": 5}

@@ -15,8 +15,8 @@ import zipfile
 
 import pytest
 
+from fscs.core.errors import FscsError
 from fscs.data import get
-from fscs.errors import FscsError
 
 
 class RangeHandler(http.server.SimpleHTTPRequestHandler):

@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from fscs.core.errors import FscsError
 from fscs.data.coco import COCO_CLASSES, render_semantic_mask
 from fscs.data.index import INDEX_COLUMNS, build_index, read_index, write_index
 from fscs.data.index_row import min_pixels
 from fscs.data.voc import VOC_CLASSES, read_split_list
-from fscs.errors import FscsError
 
 
 def dataset_params(root, **kw):

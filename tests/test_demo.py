@@ -170,8 +170,8 @@ def test_bad_inputs_are_messages(ws, tmp_path, monkeypatch):
 def test_checkpoint_from_another_backbone_is_a_message(ws, tmp_path):
     import torch
 
-    from fscs.backbone import create_backbone
-    from fscs.model.cst import backbone_attrs
+    from fscs.features.backbone import create_backbone
+    from fscs.learn.model.cst import backbone_attrs
 
     forged = torch.load(ws.ckpt, weights_only=True)
     forged["config"]["backbone"] = backbone_attrs(create_backbone("vit_tiny_random", 48).store_attrs("all"))

@@ -1,5 +1,6 @@
 """The device rule (FSCS_DEVICE), bf16 extraction against fp32, device/precision in stores and reports, the
-CUDA stand-ins of `fscs.deterministic` checked on the CPU, and CUDA runs (marked ``cuda``, skipped here)."""
+CUDA stand-ins of `fscs.core.deterministic` checked on the CPU, and CUDA runs (marked ``cuda``, skipped
+here)."""
 
 from __future__ import annotations
 
@@ -17,12 +18,12 @@ import torch.nn.functional as F
 import yaml
 from test_train import run_train, toy_dataset, val_frame
 
-from fscs import deterministic
-from fscs.backbone import create_backbone
-from fscs.config import validate_section
-from fscs.device import CUBLAS_WORKSPACE, ENV, autocast, resolve_device
-from fscs.errors import FscsError
-from fscs.store import FeatureStore, check_attrs, expected_attrs
+from fscs.config.params import validate_section
+from fscs.core import deterministic
+from fscs.core.device import CUBLAS_WORKSPACE, ENV, autocast, resolve_device
+from fscs.core.errors import FscsError
+from fscs.features.backbone import create_backbone
+from fscs.features.store import FeatureStore, check_attrs, expected_attrs
 from stages import extract_shard as extract_stage
 
 ROOT = Path(__file__).resolve().parent.parent

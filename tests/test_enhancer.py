@@ -9,7 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from fscs.enhancer import (
+from fscs.core.errors import FscsError
+from fscs.core.resample import nearest
+from fscs.pseudo.enhancer import (
     DEFAULT_CONFIG,
     Enhancer,
     binary_target,
@@ -20,9 +22,7 @@ from fscs.enhancer import (
     save_enhancer,
     train_enhancer,
 )
-from fscs.errors import FscsError
-from fscs.labelled import select_labelled
-from fscs.resample import nearest
+from fscs.pseudo.labelled import select_labelled
 from tests.test_pseudo import tiny_world  # noqa: F401 - fixture
 
 
@@ -87,7 +87,7 @@ def _iou(prob, y):
 
 
 def test_enhancer_learns_toy_mapping():
-    from fscs.pseudo import cst_foreground
+    from fscs.pseudo.attention import cst_foreground
 
     torch.set_num_threads(1)
     x, y = toy_problem()
@@ -128,8 +128,8 @@ def test_enhancer_architecture_and_checkpoint(tmp_path):
 
 
 def test_enhancer_stage(tiny_world):  # noqa: F811
-    from fscs.pseudo import Labeler
-    from fscs.store import FeatureStore
+    from fscs.features.store import FeatureStore
+    from fscs.pseudo.attention import Labeler
     from stages import enhancer as stage
     from stages import pseudo as pstage
 
@@ -199,9 +199,9 @@ def test_enhancer_stage(tiny_world):  # noqa: F811
 
 def test_enhancer_refuses_self_maps_not_made_from_the_store(tiny_world):  # noqa: F811
     """The stage's input check: other centring, another image list or grid -> FscsError naming the file."""
-    from fscs.enhancer_study import load_checked_self_maps
-    from fscs.pseudo import head_cosine, write_self_maps
-    from fscs.store import FeatureStore
+    from fscs.features.store import FeatureStore
+    from fscs.pseudo.attention import head_cosine, write_self_maps
+    from fscs.pseudo.enhancer_study import load_checked_self_maps
 
     w = tiny_world
     with FeatureStore(w.store) as store:

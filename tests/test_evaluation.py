@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from fscs.errors import FscsError
-from fscs.evaluation import decide, evaluation_json, load_episodes, run_episodes
-from fscs.lru import LRUCache
-from fscs.resample import bilinear_gather
+from fscs.core.errors import FscsError
+from fscs.core.lru import LRUCache
+from fscs.core.resample import bilinear_gather
+from fscs.evaluation.episodes import decide, evaluation_json, load_episodes, run_episodes
 
 H, W = 6, 8
 

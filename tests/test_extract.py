@@ -15,10 +15,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from fscs.backbone import create_backbone
+from fscs.core.errors import FscsError
 from fscs.data.images import load_rgb
-from fscs.errors import FscsError
-from fscs.store import FeatureStore, expected_attrs, partial_path
+from fscs.features.backbone import create_backbone
+from fscs.features.store import FeatureStore, expected_attrs, partial_path
 from stages import extract_shard as stage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,7 +131,7 @@ KILLER = textwrap.dedent(
     """
     import os, signal, sys
     import pandas as pd
-    from fscs.backbone import create_backbone, extract_to_store
+    from fscs.features.backbone import create_backbone, extract_to_store
     df = pd.read_parquet(sys.argv[1])
     bb = create_backbone("vit_tiny_random", 32)
 

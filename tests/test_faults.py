@@ -30,9 +30,9 @@ from test_refusals import (
     tiny_params,
 )
 
-from fscs.errors import FscsError
-from fscs.io import atomic_path, load_torch, remove_stale_partials
-from fscs.store import DIGESTED, FeatureStore, StoreWriter
+from fscs.core.errors import FscsError
+from fscs.core.io import atomic_path, load_torch, remove_stale_partials
+from fscs.features.store import DIGESTED, FeatureStore, StoreWriter
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -243,7 +243,7 @@ def test_injected_enospc_in_an_atomic_write_names_the_output(tmp_path, monkeypat
     """Where no tmpfs can be mounted: the same refusal from an injected ENOSPC, temporary file removed."""
     import errno
 
-    import fscs.io
+    import fscs.core.io
 
     target = tmp_path / "out.json"
     target.write_text("earlier")
@@ -251,9 +251,9 @@ def test_injected_enospc_in_an_atomic_write_names_the_output(tmp_path, monkeypat
     def no_space(src, dst):
         raise OSError(errno.ENOSPC, "No space left on device", str(dst))
 
-    monkeypatch.setattr(fscs.io.os, "replace", no_space)
+    monkeypatch.setattr(fscs.core.io.os, "replace", no_space)
     with pytest.raises(FscsError, match=rf"{target}: no space left on device \("):
-        fscs.io.write_json(target, {"a": 1})
+        fscs.core.io.write_json(target, {"a": 1})
     monkeypatch.undo()
     assert target.read_text() == "earlier" and sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
 
@@ -357,9 +357,9 @@ class Payload:
 def test_pickle_payload_refused_in_one_line(tmp_path, what):
     import torch
 
-    from fscs.backbone import load_state_dict_file
-    from fscs.enhancer import load_enhancer
-    from fscs.model.cst import read_checkpoint
+    from fscs.features.backbone import load_state_dict_file
+    from fscs.learn.model.cst import read_checkpoint
+    from fscs.pseudo.enhancer import load_enhancer
 
     path = tmp_path / "evil.pt"
     torch.save({"state_dict": {}, "config": Payload(str(tmp_path / "payload-ran"))}, path)
@@ -425,7 +425,7 @@ def test_the_dask_flow_takes_no_remote():
 
 # ---- no warning on every train and evaluate run ------------------------------------------------------------
 def test_nearest_resize_of_a_read_only_mask_warns_nothing():
-    from fscs.resample import nearest_torch
+    from fscs.core.resample import nearest_torch
 
     mask = np.arange(16, dtype=np.uint8).reshape(4, 4)
     mask.setflags(write=False)
@@ -442,18 +442,18 @@ def test_without_preallocation_the_free_space_is_checked(art, tmp_path, monkeypa
     import collections
     import errno
 
-    import fscs.store
+    import fscs.features.store
 
     if platform == "no posix_fallocate":
-        monkeypatch.delattr(fscs.store.os, "posix_fallocate", raising=False)
+        monkeypatch.delattr(fscs.features.store.os, "posix_fallocate", raising=False)
     else:
 
         def refuse(fd, offset, length):
             raise OSError(errno.EOPNOTSUPP, "Operation not supported")
 
-        monkeypatch.setattr(fscs.store.os, "posix_fallocate", refuse)
+        monkeypatch.setattr(fscs.features.store.os, "posix_fallocate", refuse)
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(fscs.store.shutil, "disk_usage", lambda p: usage(1 << 30, 0, 1000))
+    monkeypatch.setattr(fscs.features.store.shutil, "disk_usage", lambda p: usage(1 << 30, 0, 1000))
     with FeatureStore(art.features) as src:
         ids, attrs = src.image_ids[:2], {k: v for k, v in src.attrs.items() if k != "complete"}
         shapes = {d: src.read_all(d).shape[1:] for d in DIGESTED}
@@ -461,6 +461,6 @@ def test_without_preallocation_the_free_space_is_checked(art, tmp_path, monkeypa
     with pytest.raises(FscsError, match=rf"{path}: no space left on device \(0.0 MB free there; it needs"):
         StoreWriter(path, ids, attrs, shapes)
     assert not list(tmp_path.iterdir())
-    monkeypatch.setattr(fscs.store.shutil, "disk_usage", lambda p: usage(1 << 30, 0, 1 << 30))
+    monkeypatch.setattr(fscs.features.store.shutil, "disk_usage", lambda p: usage(1 << 30, 0, 1 << 30))
     StoreWriter(path, ids, attrs, shapes).close()  # enough room: a partial file to write into
     assert (tmp_path / "s.h5.partial").is_file()

@@ -8,6 +8,8 @@ import itertools
 import pandas as pd
 import pytest
 
+from fscs.core.errors import FscsError
+from fscs.core.io import write_json
 from fscs.data.episodes import (
     EPISODE_COLUMNS,
     EpisodeSampler,
@@ -20,8 +22,6 @@ from fscs.data.episodes import (
 )
 from fscs.data.folds import included_classes, make_folds, read_folds, split_folds
 from fscs.data.index import build_index
-from fscs.errors import FscsError
-from fscs.io import write_json
 
 
 def synthetic_index(n_classes=5, per_class=10, split="val", extra=None):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import fscs.model.fused_attention as fa
+import fscs.learn.model.fused_attention as fa
 from fscs.cli import main as cli_main
-from fscs.errors import FscsError
-from fscs.model import CST
-from fscs.model.fused_attention import sdpa_attention, tiny_attention
+from fscs.core.errors import FscsError
+from fscs.learn.model import CST
+from fscs.learn.model.fused_attention import sdpa_attention, tiny_attention
 from tests.test_model import tiny_config, tokens
 
 # (N, nq, nk, H, d): CST's block 1 and block 2 on the default store, and key counts off the vector width

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from fscs.metrics import ClsMeter, SegMeter, episode_gt
+from fscs.evaluation.metrics import ClsMeter, SegMeter, episode_gt
 
 
 def test_episode_gt_maps_other_classes_to_background_and_keeps_void():
@@ -115,7 +115,7 @@ def test_exact_ratio():
 
 
 def test_threshold_sweep_matches_segmeter():
-    from fscs.metrics import ThresholdSweep
+    from fscs.evaluation.metrics import ThresholdSweep
 
     rng = np.random.default_rng(0)
     ts = [0.0, 0.3, 0.5, 0.51, 0.9, 1.1]

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from fscs.cst_predictor import CSTPredictor, TokenBank
-from fscs.errors import FscsError
-from fscs.model import CST, CSTConfig, check_store, count_parameters, load_checkpoint, save_checkpoint
-from fscs.model.correlation import correlation, downsample_support, resize_mask, split_heads
-from fscs.model.transformer import CorrelationBlock, SupportAttention, key_mask, pool_support
+from fscs.core.errors import FscsError
+from fscs.learn.model import CST, CSTConfig, check_store, count_parameters, load_checkpoint, save_checkpoint
+from fscs.learn.model.correlation import correlation, downsample_support, resize_mask, split_heads
+from fscs.learn.model.transformer import CorrelationBlock, SupportAttention, key_mask, pool_support
+from fscs.learn.predictor import CSTPredictor, TokenBank
 
 L, H, D, G = 2, 2, 16, (4, 4)
 
@@ -242,7 +242,7 @@ def test_predictor_cache_and_prefetch():
 def test_scoring_workers_follow_the_attention():
     """The fused kernel parallelises its problems itself: one batch at a time on every thread; torch's
     attention is faster in single-threaded workers, one per thread."""
-    from fscs.cst_predictor import scoring_workers
+    from fscs.learn.predictor import scoring_workers
 
     assert scoring_workers(CST(tiny_config(attention="fused")), 2) == 1
     assert scoring_workers(CST(tiny_config(attention="sdpa")), 2) == 2
@@ -256,7 +256,7 @@ def test_prefetch_workers_give_the_single_threaded_numbers_and_restore_torch_thr
 
     import pandas as pd
 
-    from fscs.cst_predictor import torch_threads
+    from fscs.learn.predictor import torch_threads
 
     torch.manual_seed(0)
     store = FakeStore(n=8)
@@ -327,8 +327,8 @@ def test_prefetch_workers_stop_at_the_first_error():
 
 @pytest.mark.parametrize("size, out", [(4, 2), (6, 3), (6, 4)])
 def test_pooling_weights_equal_pooling_the_correlation_and_the_support(size, out):
-    from fscs.model.correlation import correlate, prepare_query, prepare_support
-    from fscs.model.cst import pooling_weights
+    from fscs.learn.model.correlation import correlate, prepare_query, prepare_support
+    from fscs.learn.model.cst import pooling_weights
 
     q = prepare_query(tokens(2).float(), H)
     s = prepare_support(tokens(2, 1).float(), G, H, size)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from fscs.plots import SCRIPTS, offline_template
+from fscs.report.plots import SCRIPTS, offline_template
 
 
 def test_template_inlines_scripts_and_escapes_closing_tags(tmp_path):
@@ -28,7 +28,7 @@ def test_dvc_yaml_draws_one_chart_per_setting_with_every_fold():
 
     import yaml
 
-    from fscs.train import CURVE_COLUMNS
+    from fscs.learn.train import CURVE_COLUMNS
 
     root = Path(__file__).resolve().parents[1]
     doc = yaml.safe_load((root / "dvc.yaml").read_text())

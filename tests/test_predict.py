@@ -10,8 +10,8 @@ import yaml
 from PIL import Image
 
 from fscs.cli import main as cli_main
-from fscs.errors import FscsError
-from fscs.predict import parse_support
+from fscs.core.errors import FscsError
+from fscs.predict.run import parse_support
 
 ROOT = Path(__file__).resolve().parent.parent
 INPUT = 64
@@ -21,8 +21,8 @@ INPUT = 64
 def tiny_ckpt(tmp_path_factory):
     import torch
 
-    from fscs.backbone import create_backbone
-    from fscs.model.cst import CST, config_from_store, save_checkpoint
+    from fscs.features.backbone import create_backbone
+    from fscs.learn.model.cst import CST, config_from_store, save_checkpoint
 
     d = tmp_path_factory.mktemp("ckpt")
     bb = create_backbone("vit_tiny_random", INPUT)
@@ -190,14 +190,14 @@ CKPT = ROOT / "models" / "cst" / "pixel" / "fold0.pt"
 def test_real_checkpoint_on_msrc_matches_the_evaluation_path(tmp_path):
     """`fscs predict` on MSRC photos (backbone run on the images) gives the evaluation path's answers
     (stored float16 tokens, GT support masks): same presence decisions, nearly the same pixels."""
-    from fscs.cst_predictor import CSTPredictor, TokenBank
+    from fscs.config.dicts import load_params
     from fscs.data.images import load_mask
     from fscs.data.index import read_index
-    from fscs.evaluation import decide
-    from fscs.model.cst import load_checkpoint
-    from fscs.params import load_params
-    from fscs.store import FeatureStore
-    from fscs.targets import targets_for
+    from fscs.evaluation.episodes import decide
+    from fscs.features.store import FeatureStore
+    from fscs.learn.model.cst import load_checkpoint
+    from fscs.learn.predictor import CSTPredictor, TokenBank
+    from fscs.learn.targets import targets_for
 
     index_path = ROOT / "data" / "index" / "msrc.parquet"
     folds_path = ROOT / "data" / "episodes" / "msrc" / "folds.json"
@@ -242,8 +242,8 @@ def test_real_backbone_on_msrc_images(tmp_path):
     (an untrained CST: this checks the path — encoding, pseudo support masks, files — not accuracy)."""
     import torch
 
-    from fscs.backbone import create_backbone
-    from fscs.model.cst import CST, config_from_store, save_checkpoint
+    from fscs.features.backbone import create_backbone
+    from fscs.learn.model.cst import CST, config_from_store, save_checkpoint
 
     bb = create_backbone("dinov2_vits14_imgfocus", 224)
     torch.manual_seed(0)

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fscs.model import CST, load_checkpoint, save_checkpoint
-from fscs.model.prior import prepare_prior, prototype_prior
+from fscs.learn.model import CST, load_checkpoint, save_checkpoint
+from fscs.learn.model.prior import prepare_prior, prototype_prior
 from tests.test_model import FakeStore, G, make_predictor, tiny_config, tokens
 
 

@@ -30,7 +30,7 @@ def _keys(d: dict, prefix: str = "") -> set[str]:
 @pytest.mark.parametrize("config", ["pascal5i", "coco20i"])
 def test_paper_configs_are_overrides_of_params_yaml(config):
     """Each key of a paper config changes a default (none repeats params.yaml), and the merge validates."""
-    from fscs.overrides import WHOLE, merged_params
+    from fscs.config.overrides import WHOLE, merged_params
 
     default = yaml.safe_load((ROOT / "params.yaml").read_text())
     paper = yaml.safe_load((ROOT / "configs" / f"{config}.yaml").read_text())

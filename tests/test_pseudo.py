@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import yaml
 
-from fscs.errors import FscsError
-from fscs.iou import IoUCounter
-from fscs.overlay import overlay, palette, save_grid
-from fscs.pseudo import (
+from fscs.core.errors import FscsError
+from fscs.core.iou import IoUCounter
+from fscs.core.overlay import overlay, palette, save_grid
+from fscs.core.resample import bilinear
+from fscs.pseudo.attention import (
     Labeler,
     cst_foreground,
     dino_attention,
@@ -23,8 +24,7 @@ from fscs.pseudo import (
     read_self_maps,
     to_mask,
 )
-from fscs.pseudo_quality import sample_pairs
-from fscs.resample import bilinear
+from fscs.pseudo.quality import sample_pairs
 
 # ------------------------------------------------------------------------- synthetic store for tests
 GRID = (4, 4)
@@ -35,7 +35,7 @@ def synthetic_store(path, masks: dict[str, np.ndarray], params: dict, seed: int 
     """A complete feature store written with the real StoreWriter: the CLS query of an image is the
     direction of its dominant class (the class of most labelled pixels); a patch key is +direction of the
     patch's majority class, so self maps light up the dominant class and pair maps the support's class."""
-    from fscs.store import NORMALIZATION, STORE_VERSION, StoreWriter
+    from fscs.features.store import NORMALIZATION, STORE_VERSION, StoreWriter
 
     rng = np.random.default_rng(seed)
     dirs = rng.standard_normal((256, HEADS, DIM)).astype(np.float32)
@@ -330,7 +330,7 @@ def test_pseudo_stage(tiny_world):
     assert len(rows) == 12
     assert attrs["center_keys"] and rep["center_keys"] and "cst" in rep and "cst_centered" in rep
     # Labeler reading the pseudo file gives the same maps as from the store
-    from fscs.store import FeatureStore
+    from fscs.features.store import FeatureStore
 
     with FeatureStore(w.store) as store:
         a, b = Labeler(store), Labeler(store, pseudo_path=out)
@@ -364,7 +364,7 @@ def test_pseudo_stage_bad_input_writes_nothing(tiny_world):
 
 
 def test_labeler_checks_provenance(tiny_world):
-    from fscs.store import FeatureStore
+    from fscs.features.store import FeatureStore
     from stages import pseudo as stage
 
     w = tiny_world

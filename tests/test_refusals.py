@@ -18,9 +18,9 @@ from conftest import build_voc
 from PIL import Image
 
 from fscs.cli import main as cli_main
+from fscs.core.errors import FscsError
 from fscs.data.images import PIXEL_LIMIT_ENV, load_mask, load_rgb
-from fscs.errors import FscsError
-from fscs.store import FeatureStore
+from fscs.features.store import FeatureStore
 from stages._common import run_stage
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -344,8 +344,8 @@ def test_damaged_store_detected_on_read(art, tmp_path, capsys, name, dataset):
 def tiny_checkpoint(tmp_path: Path, input_size: int = 32) -> Path:
     import torch
 
-    from fscs.backbone import create_backbone
-    from fscs.model.cst import CST, config_from_store, save_checkpoint
+    from fscs.features.backbone import create_backbone
+    from fscs.learn.model.cst import CST, config_from_store, save_checkpoint
 
     bb = create_backbone("vit_tiny_random", input_size)
     torch.manual_seed(0)
@@ -360,8 +360,8 @@ def tiny_checkpoint(tmp_path: Path, input_size: int = 32) -> Path:
 def test_forged_checkpoint_refused_by_predict(art, tmp_path, capsys):
     import torch
 
-    from fscs.backbone import create_backbone
-    from fscs.model.cst import backbone_attrs
+    from fscs.features.backbone import create_backbone
+    from fscs.learn.model.cst import backbone_attrs
 
     ckpt = tiny_checkpoint(tmp_path)
     forged = torch.load(ckpt, weights_only=True)

@@ -1,8 +1,8 @@
-"""The report's like-for-like comparisons (fscs.report.claims)."""
+"""The report's like-for-like comparisons (fscs.report.study.claims)."""
 
 from __future__ import annotations
 
-from fscs.report import claims
+from fscs.report.study import claims
 
 
 def entry(er: float, miou: float) -> dict:
@@ -36,7 +36,7 @@ def test_each_learner_is_held_against_its_own_reference():
 def test_variant_rows_show_a_recorded_variant_and_the_margin_over_it(tmp_path):
     import json
 
-    from fscs.report import variant_rows
+    from fscs.report.study import variant_rows
     from stages.report import variant_records
 
     record = {

@@ -1,4 +1,4 @@
-"""The resizers of fscs.resample, each against an independent reference (torch or exact arithmetic)."""
+"""The resizers of fscs.core.resample, each against an independent reference (torch or exact arithmetic)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fscs.errors import FscsError
-from fscs.resample import bilinear, bilinear_gather, nearest, nearest_torch, size_hw
+from fscs.core.errors import FscsError
+from fscs.core.resample import bilinear, bilinear_gather, nearest, nearest_torch, size_hw
 
 RNG = np.random.default_rng(0)
 SIZES = [((16, 16), (213, 320)), ((4, 4), (8, 8)), ((8, 8), (5, 7)), ((1, 1), (3, 2)), ((7, 3), (64, 64))]

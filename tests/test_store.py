@@ -6,8 +6,8 @@ import h5py
 import numpy as np
 import pytest
 
-from fscs.errors import FscsError
-from fscs.store import (
+from fscs.core.errors import FscsError
+from fscs.features.store import (
     NORMALIZATION,
     STORE_VERSION,
     FeatureStore,

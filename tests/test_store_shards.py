@@ -16,9 +16,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from fscs.errors import FscsError
-from fscs.store import DATASETS, SHARD_ATTRS, FeatureStore, expected_attrs
-from fscs.store_shards import shard_file, shard_rows
+from fscs.core.errors import FscsError
+from fscs.features.shards import shard_file, shard_rows
+from fscs.features.store import DATASETS, SHARD_ATTRS, FeatureStore, expected_attrs
 from stages import extract, extract_shard
 
 ROOT = Path(__file__).resolve().parents[1]

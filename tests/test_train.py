@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from fscs.cst_predictor import CSTPredictor, TokenBank
-from fscs.model import CSTConfig
-from fscs.targets import Targets
-from fscs.train import CURVE_COLUMNS, TrainConfig, episode_loss, train
+from fscs.learn.model import CSTConfig
+from fscs.learn.predictor import CSTPredictor, TokenBank
+from fscs.learn.targets import Targets
+from fscs.learn.train import CURVE_COLUMNS, TrainConfig, episode_loss, train
 
 L, H, D, G = 2, 2, 16, (4, 4)
 SIZE = 16  # mask / label size: 4 pixels per token
@@ -159,8 +159,8 @@ def test_image_and_mixed_targets(tmp_path):
 
 
 def test_stuff_classes_learn_from_the_complement_of_attention(tmp_path):
-    from fscs.errors import FscsError
-    from fscs.targets import complement_classes
+    from fscs.core.errors import FscsError
+    from fscs.learn.targets import complement_classes
 
     index, _ = toy_dataset(tmp_path, n_per_class=2)
     lab = FakeLabeler()
@@ -208,7 +208,7 @@ def test_weight_average_keeps_the_mean_of_the_steps_and_leaves_training_alone(tm
 
 
 def test_weight_average_decay_is_checked():
-    from fscs.errors import FscsError
+    from fscs.core.errors import FscsError
 
     assert TrainConfig.from_params({"ema": 0.99}).ema == 0.99
     for bad in (1.0, -0.1):
@@ -249,7 +249,7 @@ def test_tiny_model_overfits_toy_episodes(tmp_path):
 
 def test_loss_ignores_void_and_handles_empty_targets():
     torch.manual_seed(0)
-    from fscs.model import CST
+    from fscs.learn.model import CST
 
     model = CST(model_config())
     q = torch.randn(2, L, 17, D)
@@ -306,8 +306,8 @@ def test_train_and_evaluate_stages(tiny_artifacts, capsys):
 
     import yaml
 
-    from fscs.errors import FscsError
-    from fscs.model import read_checkpoint
+    from fscs.core.errors import FscsError
+    from fscs.learn.model import read_checkpoint
     from stages import evaluate
     from stages import train as train_stage
 
@@ -382,9 +382,9 @@ def test_train_stage_mixed_supervision(tiny_artifacts):
     """A mixed cell trains and evaluates; ``train.by_supervision.mixed`` overrides its model (only it)."""
     import yaml
 
-    from fscs.enhancer import Enhancer, save_enhancer, write_enhanced
-    from fscs.model import read_checkpoint
-    from fscs.store import FeatureStore
+    from fscs.features.store import FeatureStore
+    from fscs.learn.model import read_checkpoint
+    from fscs.pseudo.enhancer import Enhancer, save_enhancer, write_enhanced
     from stages import evaluate
     from stages import train as train_stage
 
@@ -436,9 +436,9 @@ def test_train_stage_mixed_supervision(tiny_artifacts):
 def test_holdout_cell_validates_on_training_classes_it_never_trains_on(tiny_artifacts, monkeypatch):
     import yaml
 
-    import fscs.train
+    import fscs.learn.train
     from experiments.holdout import held_out_classes, holdout_cell, inner_split, score_inner
-    from fscs.train_cell import load_cell, train_cell
+    from fscs.learn.cell import load_cell, train_cell
 
     tmp_path, p, d = tiny_artifacts
     params = yaml.safe_load(p.read_text())
@@ -454,8 +454,8 @@ def test_holdout_cell_validates_on_training_classes_it_never_trains_on(tiny_arti
     assert cell.val_classes is None  # the pipeline's cell validates on its training classes
 
     seen = []
-    real = fscs.train.validate
-    monkeypatch.setattr(fscs.train, "validate", lambda *a, **k: seen.append(a[5]) or real(*a, **k))
+    real = fscs.learn.train.validate
+    monkeypatch.setattr(fscs.learn.train, "validate", lambda *a, **k: seen.append(a[5]) or real(*a, **k))
     cfg = TrainConfig.from_params({**params["train"], "epochs": 1})
     result = train_cell(inner, cfg, progress=False)
     assert seen == [held] and len(result.curve) == 1  # mIoU averaged over the held-out classes
@@ -515,7 +515,7 @@ def test_presence_rules_choose_thresholds_on_validation_and_score_held_out_episo
 
 
 def test_model_selection_rule():
-    from fscs.train import improves
+    from fscs.learn.train import improves
 
     assert improves(10.0, None) and improves(10.0, 5.0) and not improves(5.0, 10.0) and not improves(5.0, 5.0)
     assert improves(0.0, 0.0)  # all-background epochs: the later (more trained) one is kept
@@ -523,7 +523,7 @@ def test_model_selection_rule():
 
 
 def test_cosine_schedule_warms_up_then_decays_to_zero():
-    from fscs.train import lr_factor
+    from fscs.learn.train import lr_factor
 
     f = [lr_factor(s, 100, "cosine", 0.1) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)  # 10 warmup steps, linear
@@ -533,7 +533,7 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
 
 
 def test_pixel_signals_tell_unlearned_from_underconfident():
-    from fscs.train import pixel_signals
+    from fscs.learn.train import pixel_signals
 
     rng = np.random.default_rng(0)
     labels = rng.random(20000) < 0.2
@@ -548,7 +548,7 @@ def test_pixel_signals_tell_unlearned_from_underconfident():
 
 
 def test_he_init_starts_at_the_foreground_prior():
-    from fscs.model import CST
+    from fscs.learn.model import CST
 
     torch.manual_seed(0)
     cfg = model_config()

@@ -26,11 +26,11 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from fscs.core.errors import FscsError
+from fscs.core.io import atomic_path, write_json
 from fscs.data import voc
 from fscs.data.images import VOID, load_mask
 from fscs.data.index_row import record
-from fscs.errors import FscsError
-from fscs.io import atomic_path, write_json
 
 COCO_CLASSES = (
     "person",

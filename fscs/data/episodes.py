@@ -27,8 +27,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from fscs.core.errors import FscsError
 from fscs.data.index import write_parquet
-from fscs.errors import FscsError
 
 EPISODE_SCHEMA = pa.schema(
     [

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from fscs.errors import FscsError
+from fscs.core.errors import FscsError
 
 ORDERS = ("contiguous", "interleaved")
 

@@ -44,8 +44,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from fscs.core.errors import FscsError
 from fscs.data import msrc
-from fscs.errors import FscsError
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from fscs.errors import FscsError
+from fscs.core.errors import FscsError
 
 
 def read_image_list(index: str | os.PathLike) -> tuple[list[str], list[str]]:

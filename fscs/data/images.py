@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from fscs.errors import FscsError
+from fscs.core.errors import FscsError
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -22,11 +22,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from fscs.config import DatasetConfig, validate_section
+from fscs.config.params import DatasetConfig, validate_section
+from fscs.core.errors import FscsError
+from fscs.core.io import atomic_path
 from fscs.data import coco, voc
 from fscs.data.index_row import record
-from fscs.errors import FscsError
-from fscs.io import atomic_path
 
 INDEX_SCHEMA = pa.schema(
     [
@@ -51,7 +51,7 @@ def dataset_splits(dataset: DatasetConfig) -> list[str]:
 def build_index(dataset: dict[str, Any] | DatasetConfig) -> tuple[pd.DataFrame, dict[int, str]]:
     """Read the dataset described by params' `dataset` section: (index frame, {class id: name}).
 
-    Keys (`fscs.config.DatasetConfig`): `name`, `root`, `layout` (voc | coco_json | coco_png),
+    Keys (`fscs.config.params.DatasetConfig`): `name`, `root`, `layout` (voc | coco_json | coco_png),
     `train_split`, `test_split`, `min_class_pixels`; optional `mask_dir` (voc: default SegmentationClass,
     e.g. SegmentationClassAug; coco_png: default annotations), `split_dir` (voc: default
     ImageSets/Segmentation), `mask_cache` (coco_json: where rendered masks go, default

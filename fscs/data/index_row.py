@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from fscs.core.errors import FscsError
 from fscs.data.images import VOID, load_mask, load_rgb
-from fscs.errors import FscsError
 
 
 def min_pixels(min_class_pixels: float, height: int, width: int) -> int:

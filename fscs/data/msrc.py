@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fscs.core.errors import FscsError
 from fscs.data.images import VOID
-from fscs.errors import FscsError
 
 # class index -> (name, colour in the official ground truth); the order of the official class list
 CLASSES: dict[int, tuple[str, tuple[int, int, int]]] = {

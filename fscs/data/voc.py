@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from fscs.errors import FscsError
+from fscs.core.errors import FscsError
 
 VOC_CLASSES = (
     "aeroplane",

@@ -159,7 +159,7 @@ def theme() -> gr.themes.Base:
 
 def serve(workspace: str, host: str, port: int, params_path: str | None, share: bool = False) -> None:
     """Serve the page until interrupted (bound to ``host``; no public link unless ``share``)."""
-    from fscs.predict import read_params
+    from fscs.predict.run import read_params
 
     page = build(workspace, read_params(params_path))
     page.queue(default_concurrency_limit=1)  # one episode at a time: the CPU threads are shared

@@ -1,4 +1,5 @@
-"""The demo page's request handling, without Gradio: page inputs -> `fscs.predict.predict_episode` -> a reply.
+"""The demo page's request handling, without Gradio: page inputs -> `fscs.predict.run.predict_episode` -> a
+reply.
 
 Every problem with the inputs becomes a message on the page (the reply's ``error``), never an exception: the
 server stays up and no traceback reaches the page.
@@ -16,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from fscs.errors import FscsError
+from fscs.core.errors import FscsError
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class Reply:
 
 
 class Models:
-    """One `fscs.predict.Predictor` (CST model and backbone) per checkpoint, built once per process."""
+    """One `fscs.predict.run.Predictor` (CST model and backbone) per checkpoint, built once per process."""
 
     def __init__(self, params: dict[str, Any] | None = None):
         self.params = dict(params or {})
@@ -62,7 +63,7 @@ class Models:
         self._lock = threading.Lock()
 
     def get(self, checkpoint: str | Path) -> Any:
-        from fscs.predict import Predictor
+        from fscs.predict.run import Predictor
 
         key = str(checkpoint)
         with self._lock:
@@ -86,8 +87,8 @@ def brush_mask(editor: Any) -> np.ndarray | None:
 
 def _support_mask(s: SupportInput, image: np.ndarray, where: str, notes: list[str]) -> tuple[Any, str]:
     """(foreground (H, W) bool or None, where it came from) for one support; FscsError for a bad mask."""
-    from fscs.predict import _load_mask_fg
-    from fscs.resample import nearest
+    from fscs.core.resample import nearest
+    from fscs.predict.run import _load_mask_fg
 
     h, w = image.shape[:2]
     if s.mask:
@@ -111,7 +112,7 @@ def _support_mask(s: SupportInput, image: np.ndarray, where: str, notes: list[st
 
 def _read_supports(classes: list[ClassInput], notes: list[str]) -> list[Any]:
     from fscs.data.images import load_rgb
-    from fscs.predict import Support
+    from fscs.predict.run import Support
 
     used = [c for c in classes if c.used]
     if not used:
@@ -142,7 +143,7 @@ def _read_supports(classes: list[ClassInput], notes: list[str]) -> list[Any]:
 
 def legend_html(classes: list[str]) -> str:
     """Colour swatches of the VOC palette with the class names (0 = background, uncoloured)."""
-    from fscs.overlay import palette
+    from fscs.core.overlay import palette
 
     items = []
     for i, name in enumerate(classes, start=1):
@@ -186,7 +187,7 @@ def answer(
 ) -> Reply:
     """Run one episode for the page. Never raises: a problem is the reply's ``error``."""
     from fscs.data.images import load_rgb
-    from fscs.predict import predict_episode
+    from fscs.predict.run import predict_episode
 
     notes: list[str] = []
     try:

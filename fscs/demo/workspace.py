@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fscs.errors import FscsError
+from fscs.core.errors import FscsError
 
 
 @dataclass
@@ -39,7 +39,7 @@ class Example:
 
 
 def _dataset(workspace: Path) -> str | None:
-    from fscs.config import read_params
+    from fscs.config.params import read_params
 
     try:
         params = read_params(workspace / "params.yaml")

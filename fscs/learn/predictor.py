@@ -1,0 +1,310 @@
+"""The episode predictor over a trained CST model and the feature store (the `fscs.evaluation.episodes`
+protocol).
+
+``predict(query_id, support_classes, support_ids)`` scores every (query, support image) pair of the episode
+independently (N classes x K shots, batched in one forward pass) and combines the K shots of a class by the
+model's ``kshot`` rule (``mean_prob``: mean probability; ``mean_logit``: mean log-odds, so shots that agree
+reinforce each other instead of being pulled to the middle by one that misses): presence probability
+p(present) (N,) and foreground probability maps (N, 2gh, 2gw), shifted so that the model's calibrated
+thresholds (``presence_threshold``, ``fg_threshold``, `fscs.learn.calibration`) fall on 0.5. The decision
+rules
+(presence > 0.5, argmax / 0.5 on foreground) are applied by `fscs.evaluation.episodes`.
+
+Support masks come from a callable ``support_mask(image_id, class_id) -> bool (h, w)``; the setting's
+test-time rule is `fscs.learn.targets.Targets.test_support_mask` (GT for ``pixel``, raw self pseudo-mask for
+``image``, enhanced self pseudo-mask for ``mixed``).
+
+A pair's result depends only on (query, support, support mask); with ``mask_depends_on_class`` False (pseudo
+masks) the class is not part of the key. Results are cached, so a pair shared by several episodes (episode i
+of each (way, shot) list shares its query and usually its first support) is computed once.
+`prefetch(episodes)` computes all distinct pairs of an episode list up front, sorted by query, in large
+batches; each image's prepared (normalized, per-head, support-downsampled) features are computed once and
+kept in a bounded cache, so a query or support image shared by many pairs is prepared once.
+
+With ``workers`` > 1 on the CPU, `prefetch` scores the batches in that many threads, each running torch
+single-threaded with its own prepared-feature cache. A pair's numbers then depend only on its batch, never on
+the worker count or the order the workers finish in (the same as ``workers=1`` with one torch thread).
+`scoring_workers` picks the faster design for a model: with torch's attention (thousands of tiny SDPA calls
+per batch) the workers win, with the fused attention kernel one batch at a time on every thread does.
+
+The model runs on the device its parameters are on (tokens stay in RAM and move per batch); results come
+back to the CPU as numpy arrays.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from fscs.core.lru import LRUCache
+from fscs.learn.calibration import log_odds, shift, sigmoid
+from fscs.learn.model.cst import CST
+
+
+def combine_shots(p: np.ndarray, rule: str) -> np.ndarray:
+    """K shots' probabilities (K, ...) -> one: their mean (``mean_prob``) or the probability of their mean
+    log-odds (``mean_logit``)."""
+    return sigmoid(log_odds(p).mean(axis=0)) if rule == "mean_logit" else p.mean(axis=0)
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch intra-op threads, then restore the previous count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class TokenBank:
+    """Backbone tokens of a set of images held in RAM (float16), read from a FeatureStore once."""
+
+    def __init__(self, store: Any, image_ids: Iterable[str] = (), progress: bool | None = None):
+        self.store = store
+        ids = list(dict.fromkeys(str(i) for i in image_ids))
+        self._row: dict[str, int] = {}
+        self._data: torch.Tensor | None = None
+        self._extra = LRUCache(512)  # images outside the preloaded set, read from the store on demand
+        self._lock = threading.Lock()  # scoring workers share the bank (the store and `_extra` are not safe)
+        if ids:
+            first = np.asarray(store.tokens(ids[0]))
+            data = torch.empty((len(ids), *first.shape), dtype=torch.float16)
+            for r, image_id in enumerate(
+                tqdm(ids, desc="loading tokens", disable=None if progress else True)
+            ):
+                data[r] = torch.from_numpy(np.asarray(store.tokens(image_id), dtype=np.float16))
+                self._row[image_id] = r
+            self._data = data
+
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self._row or image_id in self._extra
+
+    def get(self, image_ids: Sequence[str]) -> torch.Tensor:
+        """(B, L, 1+P, D) float16 tokens of the images, in order (read from the store if not preloaded)."""
+        with self._lock:
+            return self._get(image_ids)
+
+    def _get(self, image_ids: Sequence[str]) -> torch.Tensor:
+        rows = [self._row.get(i, -1) for i in image_ids]
+        if self._data is not None and all(r >= 0 for r in rows):
+            return self._data[torch.tensor(rows, dtype=torch.long)]
+        out = []
+        for image_id, r in zip(image_ids, rows, strict=True):
+            if r >= 0:
+                out.append(self._data[r])
+                continue
+            out.append(self._extra.get_or(image_id, partial(self._read, image_id)))
+        return torch.stack(out)
+
+    def _read(self, image_id: str) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.store.tokens(image_id), dtype=np.float16))
+
+
+class PreparedBank:
+    """Each image's prepared (normalised, per-head; support also downsampled) features, computed once.
+
+    Preparing has no trainable parameters, so re-preparing the same tokens every batch (fp16 -> fp32 copies
+    of every layer, the support interpolation) only costs time: about a third of a training step. With
+    ``budget_mb`` ({kind: MiB}) each kind keeps what fits in that budget, least recently used going first."""
+
+    def __init__(self, model: CST, tokens: TokenBank, budget_mb: dict[str, float] | None = None):
+        self.model = model
+        self.tokens = tokens
+        self.budget_mb = budget_mb
+        self._cache = {"query": LRUCache(), "support": LRUCache(), "prior": LRUCache()}
+        self._prepare = {
+            "query": model.prepare_query,
+            "support": model.prepare_support,
+            "prior": model.prepare_prior,
+        }
+
+    def get(self, kind: str, image_ids: Sequence[str]) -> torch.Tensor:
+        """Prepared query (B, C, Pq, d), support (B, C, 1+S*S, d) or prior (B, P, D) features, float32."""
+        cache = self._cache[kind]
+        todo = [i for i in dict.fromkeys(image_ids) if i not in cache]
+        if todo:
+            with torch.no_grad():
+                raw = self.tokens.get(todo).to(next(self.model.parameters()).device, non_blocking=True)
+                prep = self._prepare[kind](raw)
+            for i, image_id in enumerate(todo):
+                cache[image_id] = prep[i].clone()
+        for image_id in image_ids:
+            cache.move_to_end(image_id)
+        out = torch.stack([cache[i] for i in image_ids])
+        if self.budget_mb is not None:
+            cache.maxsize = max(1, int(self.budget_mb[kind] * 2**20 // (out[0].numel() * out.element_size())))
+            cache.trim()
+        return out
+
+    def priors(
+        self, query_ids: Sequence[str], support_ids: Sequence[str]
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The prepared (query, support) prior vectors `CST.forward_prepared` takes, or None when the model
+        has no prior map."""
+        if not self.model.uses_prior:
+            return None
+        return self.get("prior", query_ids), self.get("prior", support_ids)
+
+
+def scoring_workers(model: CST, threads: int) -> int:
+    """Scoring workers for `CSTPredictor.prefetch` on ``threads`` CPU threads: 1 (one batch at a time, every
+    op on all threads) with the fused attention kernel, which parallelises its problems itself (1.1-1.3x the
+    workers, `benchmarks/train.py`); ``threads`` single-threaded workers with torch's attention (1.2-1.4x)."""
+    return 1 if model.config.attention == "fused" else max(1, int(threads))
+
+
+class CSTPredictor:
+    """N-way K-shot predictions of a CST model from stored tokens.
+
+    model: a `CST` (put in eval mode here); tokens: a `TokenBank` (or a FeatureStore, wrapped);
+    support_mask: ``(image_id, class_id) -> bool mask``; mask_depends_on_class: whether that mask changes
+    with the class (GT masks) or not (pseudo-masks), which decides the cache key; workers: single-threaded
+    scoring threads `prefetch` uses on the CPU (1: the calling thread, with torch's thread setting).
+    """
+
+    def __init__(
+        self,
+        model: CST,
+        tokens: Any,
+        support_mask: Callable[[str, int], np.ndarray],
+        mask_depends_on_class: bool = True,
+        batch_size: int = 32,
+        cache_size: int = 100_000,
+        workers: int = 1,
+    ):
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self.tokens = tokens if isinstance(tokens, TokenBank) else TokenBank(tokens)
+        self.support_mask = support_mask
+        self.mask_depends_on_class = bool(mask_depends_on_class)
+        self.batch_size = int(batch_size)
+        self.workers = max(1, int(workers))
+        self._mask_lock = threading.Lock()  # support masks come from shared caches (and files)
+        self._cache = LRUCache(int(cache_size))  # pair results; `prefetch` may raise the bound
+        self.pairs_computed = 0
+        self.prepared = self._bank()
+
+    def _bank(self) -> PreparedBank:
+        return PreparedBank(
+            self.model, self.tokens, budget_mb={"query": 256.0, "support": 1024.0, "prior": 512.0}
+        )
+
+    def _key(self, query_id: str, support_id: str, class_id: int) -> tuple:
+        return (query_id, support_id, int(class_id) if self.mask_depends_on_class else None)
+
+    @torch.inference_mode()
+    def _run(
+        self, pairs: list[tuple[str, str, int]], bank: PreparedBank | None = None
+    ) -> list[tuple[float, np.ndarray]]:
+        """Forward (query, support, class) pairs in one batch -> [(p_present, p_fg (2gh, 2gw))], with the
+        prepared features of ``bank`` (default: this predictor's)."""
+        bank = self.prepared if bank is None else bank
+        queries = [p[0] for p in pairs]
+        q_ids = queries[:1] if len(set(queries)) == 1 else queries
+        s_ids = [p[1] for p in pairs]
+        q = bank.get("query", q_ids)
+        s = bank.get("support", s_ids)
+        prior = bank.priors(q_ids, s_ids)
+        with self._mask_lock:
+            masks = [np.asarray(self.support_mask(p[1], p[2]), dtype=bool) for p in pairs]
+        cls_logits, seg_logits = self.model.forward_prepared(
+            q, s, torch.from_numpy(np.stack(masks)).to(self.device), prior
+        )
+        present = torch.softmax(cls_logits.float(), dim=1)[:, 1].cpu().numpy()
+        fg = torch.softmax(seg_logits.float(), dim=1)[:, 1].cpu().numpy()
+        return [(float(present[i]), fg[i]) for i in range(len(pairs))]
+
+    def _store(self, pairs: list[tuple[str, str, int]], values: list[tuple[float, np.ndarray]]) -> None:
+        for p, value in zip(pairs, values, strict=True):
+            self._cache.put(self._key(*p), value)
+        self.pairs_computed += len(pairs)
+
+    def pair_scores(self, pairs: Sequence[tuple[str, str, int]]) -> list[tuple[float, np.ndarray]]:
+        """(p_present, p_fg) for each (query, support, class), from the cache or computed in batches."""
+        keys = [self._key(*p) for p in pairs]
+        todo: dict[tuple, tuple[str, str, int]] = {}
+        for k, p in zip(keys, pairs, strict=True):
+            if k not in self._cache and k not in todo:
+                todo[k] = p
+        items = list(todo.values())
+        for start in range(0, len(items), self.batch_size):
+            chunk = items[start : start + self.batch_size]
+            self._store(chunk, self._run(chunk))
+        return [self._cache[k] for k in keys]
+
+    def predict(
+        self, query_id: str, support_classes: Sequence[int], support_ids: Sequence[Sequence[str]]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """presence probability (N,) and foreground probability (N, 2gh, 2gw), averaged over the K shots."""
+        pairs = [
+            (str(query_id), str(s), int(c))
+            for c, shots in zip(support_classes, support_ids, strict=True)
+            for s in shots
+        ]
+        scores = self.pair_scores(pairs)
+        rule = self.model.config.kshot
+        presence, fg, i = [], [], 0
+        for shots in support_ids:
+            k = len(shots)
+            group = scores[i : i + k]
+            i += k
+            presence.append(combine_shots(np.asarray([g[0] for g in group]), rule))
+            fg.append(combine_shots(np.stack([g[1] for g in group]), rule))
+        cfg = self.model.config
+        presence = shift(np.asarray(presence), cfg.presence_threshold)
+        return presence.astype(np.float32), shift(np.stack(fg), cfg.fg_threshold).astype(np.float32)
+
+    def prefetch(self, episodes: Any, progress: bool | None = None) -> int:
+        """Compute every pair of an episode frame in large batches (then `predict` reads the cache).
+
+        Returns the number of distinct pairs computed."""
+        pairs: dict[tuple, tuple[str, str, int]] = {}
+        for row in episodes.itertuples(index=False):
+            for c, shots in zip(row.support_classes, row.support_ids, strict=True):
+                for s in shots:
+                    p = (str(row.query_id), str(s), int(c))
+                    k = self._key(*p)
+                    if k not in self._cache:
+                        pairs.setdefault(k, p)
+        items = sorted(pairs.values())  # by query: its prepared features are reused batch after batch
+        if len(items) > self._cache.maxsize:
+            self._cache.maxsize = len(items) + len(self._cache)
+        by_query: dict[str, list[tuple[str, str, int]]] = {}
+        for p in items:
+            by_query.setdefault(p[0], []).append(p)
+        batches = [  # one query per batch: its features are shared, not copied
+            group[start : start + self.batch_size]
+            for group in by_query.values()
+            for start in range(0, len(group), self.batch_size)
+        ]
+        bar = tqdm(total=len(items), desc="pairs", unit="pair", disable=None if progress else True)
+        for batch, values in self._score(batches):
+            self._store(batch, values)
+            bar.update(len(batch))
+        bar.close()
+        return len(items)
+
+    def _score(self, batches: list[list[tuple[str, str, int]]]) -> Iterator[tuple[list, list]]:
+        """(batch, its scores) for each batch, in order; in ``workers`` single-threaded threads on the CPU."""
+        if self.workers == 1 or self.device.type != "cpu":
+            yield from ((batch, self._run(batch)) for batch in batches)
+            return
+        local = threading.local()
+
+        def score(batch: list[tuple[str, str, int]]) -> tuple[list, list]:
+            if not hasattr(local, "bank"):
+                local.bank = self._bank()
+            return batch, self._run(batch, local.bank)
+
+        with torch_threads(1), ThreadPoolExecutor(self.workers, thread_name_prefix="cst-score") as pool:
+            yield from pool.map(score, batches)

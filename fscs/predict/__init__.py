@@ -1,0 +1,1 @@
+"""Few-shot prediction on a user's own images (`fscs predict`), outside the DVC graph."""

@@ -1,0 +1,1 @@
+"""Step 6: the study's report, its figures and the offline plots template."""
