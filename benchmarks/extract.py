@@ -38,7 +38,8 @@ import torch
 from fscs.core.threads import default_threads
 from fscs.data.get import local_copy
 from fscs.data.images import load_rgb
-from fscs.features.backbone import DEFAULT_INPUT_SIZE, Backbone, create_backbone, extract_to_store
+from fscs.features.backbone import DEFAULT_INPUT_SIZE, Backbone, create_backbone
+from fscs.features.extraction import extract_to_store
 
 
 def msrc_images() -> list[str]:

@@ -8,9 +8,8 @@ or prefect (it imports no params layer), nor the backbone weights: the backbone 
 architecture at 224 with seeded random weights (same shapes and FLOPs as the default), plus the tiny
 random ViT. Checks, each printed with its numbers:
 
-- extraction on the device (``fscs.features.backbone.extract_to_store``: DataLoader workers, pinned memory,
-one copy
-  back per batch) equals the CPU's timm-block extraction within tolerance, in fp32 and bf16;
+- extraction on the device (``fscs.features.extraction.extract_to_store``: DataLoader workers, pinned memory,
+  one copy back per batch) equals the CPU's timm-block extraction within tolerance, in fp32 and bf16;
 - two CST training runs on the device from the same seed give identical losses and weights (under
   ``torch.use_deterministic_algorithms(True)``, `fscs.core.deterministic` stand-ins on CUDA);
 - a throughput table: extraction images/s (fp32, bf16) and training episodes/s, device vs CPU.
@@ -33,7 +32,8 @@ import torch
 
 from benchmarks.extract import write_random_jpegs
 from fscs.core.device import describe, resolve_device, synchronize
-from fscs.features.backbone import Backbone, Provenance, create_backbone, extract_to_store
+from fscs.features.backbone import Backbone, Provenance, create_backbone
+from fscs.features.extraction import extract_to_store
 from fscs.learn.model.cst import CST, CSTConfig
 from fscs.learn.train import episode_loss
 

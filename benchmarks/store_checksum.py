@@ -5,13 +5,12 @@
 Rows have the layout of the default run's store (DINOv2 ViT-S/14 at 224 px: 12 blocks x 257 tokens x 384
 float16 per image, last-block q/k of 6 heads x 64; one chunk per image) filled with random float16 (the
 checksum's cost does not depend on the values). Writes go through `fscs.features.store.StoreWriter` in
-batches of 8
-(Fletcher32 per chunk, a CRC-32 per row, the space reserved up front) or the same layout with plain h5py,
-with and without the filter; reads go row by row through `fscs.features.store.FeatureStore` (which verifies
-both) or
-plain h5py. The variants run interleaved in one process and keep their best round. Reads come from the page
-cache, so they show the CPU cost the checks add; the extraction rate in reports/extract.json puts the write
-cost in proportion. ``--store`` also reads a real store row by row both ways (e.g. the default run's).
+batches of 8 (Fletcher32 per chunk, a CRC-32 per row, the space reserved up front) or the same layout with
+plain h5py, with and without the filter; reads go row by row through `fscs.features.store.FeatureStore` (which
+verifies both) or plain h5py. The variants run interleaved in one process and keep their best round. Reads
+come from the page cache, so they show the CPU cost the checks add; the extraction rate in
+reports/extract.json puts the write cost in proportion. ``--store`` also reads a real store row by row both
+ways (e.g. the default run's).
 """
 
 from __future__ import annotations

@@ -25,11 +25,10 @@ cache hits), the pairs/s behind it, and the same episodes with re-encoding every
 Last, pair scoring as the evaluate stage runs it (`CSTPredictor.prefetch` over test episodes of all four
 types, best of two fresh predictors per row): one batch at a time with ``--threads`` torch threads per op
 (before), ``--threads`` single-threaded workers, the same with `fscs.core.allocator` keeping freed memory
-(applied
-from the third row on: it cannot be undone in a process), the same with the fused attention kernel, and the
-kernel one batch at a time on ``--threads`` threads (`fscs.learn.predictor.scoring_workers`: the kernel
-parallelises its problems itself), with the largest foreground-probability difference to the first row (one
-torch thread per op rounds differently from two; the kernel rounds differently from SDPA).
+(applied from the third row on: it cannot be undone in a process), the same with the fused attention kernel,
+and the kernel one batch at a time on ``--threads`` threads (`fscs.learn.predictor.scoring_workers`: the
+kernel parallelises its problems itself), with the largest foreground-probability difference to the first row
+(one torch thread per op rounds differently from two; the kernel rounds differently from SDPA).
 
 Without ``--features`` (or when it was made with another backbone) the needed images are extracted into a
 temporary store first (not timed). The default backbone is params.yaml's (the offline DINOv2 ViT-S/14 at
@@ -97,7 +96,7 @@ def build_backbone(name: str, input_size: int) -> Any:
 
 
 def open_store(path: str | None, backbone: Any, ids: list[str], paths: list[str], tmp: Path) -> Any:
-    from fscs.features.backbone import extract_to_store
+    from fscs.features.extraction import extract_to_store
     from fscs.features.store import FeatureStore
 
     if path and Path(path).is_file():
@@ -135,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
-    from fscs.config.dicts import load_params
+    from fscs.config.params import load_config
     from fscs.core.allocator import keep_freed_memory
     from fscs.data.episodes import TrainEpisodeSampler, read_episodes
     from fscs.data.folds import fold_classes, read_folds
@@ -144,13 +143,13 @@ def main(argv: list[str] | None = None) -> None:
     from fscs.learn.model.cst import CST, config_from_store, count_parameters
     from fscs.learn.predictor import CSTPredictor, PreparedBank, TokenBank
     from fscs.learn.targets import Targets
-    from fscs.learn.train import Batcher, TrainConfig, episode_loss
+    from fscs.learn.train import Batcher, episode_loss
 
-    params = load_params(args.params)
-    cfg = TrainConfig.from_params(params.get("train", {})).for_supervision("pixel")  # GT targets below
-    bb = params.get("backbone", {})
-    name = args.backbone or bb.get("name", "vit_tiny_random")
-    input_size = int(args.input_size or bb.get("input_size", 224))
+    config = load_config(args.params)
+    cfg = config.train.for_supervision("pixel")  # GT targets below
+    bb = config.backbone
+    name = args.backbone or (bb.name if bb else "vit_tiny_random")
+    input_size = int(args.input_size or (bb.input_size if bb else 224))
     bs = int(args.batch or cfg.batch_size)
     torch.set_num_threads(args.threads)
 
@@ -177,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     paths = [str(index.loc[i, "image_path"]) for i in ids]
 
     backbone = build_backbone(name, input_size)
-    layers = bb.get("layers", "all")
+    layers = bb.layers if bb else "all"
     with tempfile.TemporaryDirectory() as tmpdir:
         store = open_store(args.features, backbone, ids, paths, Path(tmpdir))
         tokens = TokenBank(store, ids)

@@ -16,15 +16,15 @@ import copy
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 from experiments.holdout import draw_held_out, held_out_classes, kept_classes
+from fscs.config.params import load_config
+from fscs.config.paths import pipeline_paths
 from fscs.data.folds import class_names, read_folds, training_classes
 from fscs.data.index import read_index
 from fscs.evaluation.baselines import run_baselines
 from fscs.evaluation.episodes import load_episodes
 from fscs.features.store import FeatureStore, expected_attrs
-from fscs.learn.cell import default_paths
 from fscs.learn.targets import complement_classes
 from fscs.pseudo.attention import Labeler
 
@@ -37,18 +37,18 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=200)
     ap.add_argument("--out", help="CSV, one row per (fold, baseline)")
     args = ap.parse_args()
-    params = yaml.safe_load(Path(args.params).read_text())
-    paths = default_paths(params)
+    config = load_config(args.params)
+    paths = pipeline_paths(config.need("dataset").name)
     index, folds = read_index(paths["index"]), read_folds(paths["folds"])
-    cfg = params["evaluate"]["baselines"]
+    cfg = config.evaluate.baselines
     rows = []
-    with FeatureStore(paths["features"], expect=expected_attrs(params)) as store:
-        labeler = Labeler.from_params(store, params, pseudo_path=paths["pseudo"])
+    with FeatureStore(paths["features"], expect=expected_attrs(config.need("backbone"))) as store:
+        labeler = Labeler.from_config(store, config.pseudo, pseudo_path=paths["pseudo"])
         for fold in args.fold:
             train = training_classes(folds, fold)
             held = held_out_classes(train, fold, args.every)
             kept = kept_classes(train, fold, args.every)
-            seed = int(params["episodes"]["seed"])
+            seed = config.episodes.seed
             episodes = draw_held_out(
                 index, train, fold, str(folds["train_split"]), args.every, args.episodes, seed
             )
@@ -58,7 +58,7 @@ def main() -> None:
             inner = copy.deepcopy(folds)
             inner["folds"][str(fold)] = {"test": held, "train": kept}
             out = run_baselines(
-                list(cfg["names"]),
+                list(cfg.names),
                 fold,
                 episodes,
                 val,
@@ -66,13 +66,13 @@ def main() -> None:
                 inner,
                 store,
                 labeler,
-                void=params["evaluate"]["void"],
-                layer=cfg["layer"],
-                gate=cfg["gate"],
-                stats=list(cfg["presence_stats"]),
-                cache_size=cfg["cache_images"],
+                void=config.evaluate.void,
+                layer=cfg.layer,
+                gate=cfg.gate,
+                stats=list(cfg.presence_stats),
+                cache_size=cfg.cache_images,
                 progress=False,
-                complement=complement_classes(params, class_names(folds)),
+                complement=complement_classes(config.pseudo, class_names(folds)),
             )
             for name, res in out["baselines"].items():
                 r = res["1way1shot"]

@@ -23,8 +23,10 @@ import pandas as pd
 import yaml
 
 from experiments.holdout import episode_classes, holdout_cell, inner_split, score_inner
-from fscs.learn.cell import load_cell, train_cell
-from fscs.learn.train import TrainConfig
+from fscs.config.params import TrainConfig, read_params, validate
+from fscs.config.paths import pipeline_paths
+from fscs.learn.cell import load_cell
+from fscs.learn.train import train_cell
 
 
 def parse_overrides(text: str) -> dict[str, Any]:
@@ -47,14 +49,13 @@ def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def kshot_scores(cell: Any, model: Any, params: dict[str, Any]) -> dict[str, float]:
+def kshot_scores(cell: Any, model: Any, name: str) -> dict[str, float]:
     """ER / mIoU of the trained model on the fold's 1-way 5-shot validation episodes, per K-shot rule."""
     from fscs.data.episodes import read_episodes
     from fscs.evaluation.episodes import run_episodes
     from fscs.learn.predictor import CSTPredictor
 
-    name = params["dataset"]["name"]
-    val = read_episodes(Path(f"data/episodes/{name}/val.parquet"))
+    val = read_episodes(Path(pipeline_paths(name)["episodes"]) / "val.parquet")
     val = val[(val["fold"] == cell.fold) & (val["way"] == 1) & (val["shot"] == 5)].reset_index(drop=True)
     out = {}
     for rule in ("mean_prob", "mean_logit"):
@@ -103,27 +104,28 @@ def main() -> None:
         ap.error("--kshot-check reads the pipeline's validation episodes: not with --holdout / --inner-test")
     if args.holdout and args.inner_test:
         ap.error("--holdout or --inner-test, not both")
-    params = merged(yaml.safe_load(Path(args.params).read_text()), parse_overrides(",".join(args.pset)))
+    config = validate(merged(read_params(args.params), parse_overrides(",".join(args.pset))))
     # the setting's own train config (train.by_supervision applied), then the sweep's overrides on top
-    resolved = asdict(TrainConfig.from_params(params["train"]).for_supervision(args.supervision))
+    resolved = asdict(config.train.for_supervision(args.supervision))
     base = merged(resolved, parse_overrides(",".join(args.set)))
     runs = args.vs[1:] or [""]
     rows = []
     for fold in args.fold:
-        cell = load_cell(params, args.supervision, fold, {"pseudo": None} if args.no_pseudo_file else None)
+        paths = pipeline_paths(config.need("dataset").name)
+        cell = load_cell(
+            config, args.supervision, fold, {**paths, "pseudo": None} if args.no_pseudo_file else paths
+        )
         if args.holdout:
-            cell = holdout_cell(cell, args.holdout, args.holdout_episodes, params["episodes"]["seed"])
+            cell = holdout_cell(cell, args.holdout, args.holdout_episodes, config.episodes.seed)
             print(f"fold {fold}: validating on held-out classes {cell.val_classes}", flush=True)
         inner = None
         if args.inner_test:
-            cell, inner = inner_split(
-                cell, args.inner_test, args.holdout_episodes, params["episodes"]["seed"]
-            )
+            cell, inner = inner_split(cell, args.inner_test, args.holdout_episodes, config.episodes.seed)
             print(f"fold {fold}: inner test on held-out classes {episode_classes(inner)}", flush=True)
         for spec in runs:
             section = merged(base, parse_overrides(spec))
             result = train_cell(cell, TrainConfig.from_params(section), progress=False)
-            extra = kshot_scores(cell, result.model, params) if args.kshot_check else {}
+            extra = kshot_scores(cell, result.model, config.need("dataset").name) if args.kshot_check else {}
             if inner is not None:
                 extra = score_inner(cell, result.model, inner)
                 print(f"fold {fold} [{spec or 'base'}] inner test: {extra}", flush=True)

@@ -5,11 +5,10 @@
         --out reports/eval/baselines/fold0.json [--params params.yaml]
 
 Baselines (``fscs.evaluation.baselines``): ``attention`` (raw support-CLS attention on the query),
-``prototype``
-(masked-prototype matcher with the support's self pseudo-mask) and ``prototype_gt`` (the same with the GT
-support mask). Thresholds are calibrated on ``<episodes>/val.parquet`` (training split and classes) only.
-Params: ``evaluate.void`` and ``evaluate.baselines`` (names, layer, presence_stats, gate, cache_images);
-``pseudo`` for the support pseudo-masks; ``backbone`` to check the feature store.
+``prototype`` (masked-prototype matcher with the support's self pseudo-mask) and ``prototype_gt`` (the same
+with the GT support mask). Thresholds are calibrated on ``<episodes>/val.parquet`` (training split and
+classes) only. Params: ``evaluate.void`` and ``evaluate.baselines`` (names, layer, presence_stats, gate,
+cache_images); ``pseudo`` for the support pseudo-masks; ``backbone`` to check the feature store.
 """
 
 from __future__ import annotations
@@ -43,14 +42,13 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
 
     config = load_config(args.params)
-    params = config.params()
     void, cfg = config.evaluate.void, config.evaluate.baselines
     index = read_index(args.index)
     folds = read_folds(args.folds)
     test = load_episodes(os.path.join(args.episodes, "test.parquet"), fold=args.fold)
     val = load_episodes(os.path.join(args.episodes, "val.parquet"), fold=args.fold)
-    with FeatureStore(args.features, expect=expected_attrs(params)) as store:
-        labeler = Labeler.from_params(store, params, pseudo_path=args.pseudo)
+    with FeatureStore(args.features, expect=expected_attrs(config.need("backbone"))) as store:
+        labeler = Labeler.from_config(store, config.pseudo, pseudo_path=args.pseudo)
         out = run_baselines(
             list(cfg.names),
             args.fold,
@@ -66,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
             stats=list(cfg.presence_stats),
             cache_size=cfg.cache_images,
             progress=not args.quiet,
-            complement=complement_classes(params, class_names(folds)),
+            complement=complement_classes(config.pseudo, class_names(folds)),
         )
     write_json(args.out, out)
     summary = ", ".join(

@@ -5,8 +5,7 @@
         --out data/pseudo/msrc-enhanced.h5 --report reports/enhancer.json --figures reports/figures/pseudo
 
 For the main labelled fraction (``mixed.fraction``) it draws the labelled subset (``fscs.pseudo.labelled``),
-trains
-the enhancer(s) on it (``fscs.pseudo.enhancer``) and writes
+trains the enhancer(s) on it (``fscs.pseudo.enhancer``) and writes
 - ``<model>``: ``{"state_dict": {"fold0": ..., ...} or {"all": ...}, "config": {...}}`` (weights_only load,
   ``fscs.pseudo.enhancer.load_enhancer(path, fold)``; ``config["thresholds"]`` holds each enhancer's mask
   threshold);
@@ -69,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     index, folds = read_index(args.index), read_folds(args.folds)
     device = resolve_device()  # fscs.pseudo.enhancer trains there; recorded in the checkpoint and report
     torch.set_num_threads(int(cfg["threads"]))
-    with FeatureStore(args.features, expect=expected_attrs(config.params())) as store:
+    with FeatureStore(args.features, expect=expected_attrs(config.need("backbone"))) as store:
         ids, maps = load_checked_self_maps(args.pseudo, store, pcfg["center_keys"], args.features)
         cfg["in_channels"] = int(maps.shape[1])
         self_maps = {i: maps[r].astype(np.float32) for r, i in enumerate(ids)}

@@ -7,8 +7,7 @@
 Each `extract_shard@I` stage (`stages.extract_shard --shard I`) writes `<shards>/shard-I.h5` and
 `<shard-reports>/shard-I.json`; this stage checks every shard of `backbone.shards` against the index and the
 params and writes a small HDF5 file of virtual datasets over them (`fscs.features.shards`). With one shard
-(the
-default) later stages read the same datasets, attributes and values as from a single-file store.
+(the default) later stages read the same datasets, attributes and values as from a single-file store.
 """
 
 from __future__ import annotations
@@ -48,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     reports = [read_shard_report(Path(args.shard_reports) / f"shard-{i}.json") for i in shards]
     t0 = time.perf_counter()
     files = [shard_file(args.shards, i) for i in shards]
-    stats = join_shards(files, args.out, ids, expected_attrs(config.params()))
+    stats = join_shards(files, args.out, ids, expected_attrs(config.need("backbone")))
     computed = sum(r["computed"] for r in reports)
     seconds = sum(r["seconds"] for r in reports)
     report = {

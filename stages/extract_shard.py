@@ -10,8 +10,7 @@ Params (section `backbone`): `name`, `input_size`, `layers`, `batch_size`, `prec
 the model runs. The store is written to `<out>.partial` and renamed when complete; a killed run resumes.
 With `--shard I` only shard I's rows of the index are extracted (`backbone.shards` lists the shards; rows
 from `fscs.features.shards.shard_rows`), without it every row: `dvc.yaml` runs one `extract_shard@I` per
-shard,
-then stage `extract` (`stages.extract`) joins them into the store later stages read.
+shard, then stage `extract` (`stages.extract`) joins them into the store later stages read.
 """
 
 from __future__ import annotations
@@ -46,14 +45,15 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from fscs.core.device import describe, resolve_device
-    from fscs.features.backbone import backbone_from_params, check_images, extract_to_store
+    from fscs.features.backbone import backbone_from_config
+    from fscs.features.extraction import check_images, extract_to_store
 
     device = resolve_device()  # a bad FSCS_DEVICE stops here, before any work
     check_images(paths)  # before the (slow) backbone load and before any output
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
     t0 = time.perf_counter()
-    backbone = backbone_from_params(config.params(), device)
+    backbone = backbone_from_config(config.need("backbone"), device)
     load_s = time.perf_counter() - t0
     stats = extract_to_store(
         backbone, ids, paths, args.out, layers=layers, batch_size=batch_size, check=False

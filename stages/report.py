@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 import pandas as pd
 
-from fscs.config.params import load_config
+from fscs.config.params import Config, load_config
 from fscs.core.errors import FscsError
 from fscs.core.io import atomic_path, write_json
 from fscs.features.store import FeatureStore
@@ -32,43 +33,42 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     config = load_config(args.params)
-    params = config.params()
-    study = params["study"]
+    study = config.study
     missing = [
         str(Path(args.eval_dir) / s / f"fold{f}.json")
-        for s in study["supervisions"]
-        for f in study["folds"]
+        for s in study.supervisions
+        for f in study.folds
         if not (Path(args.eval_dir) / s / f"fold{f}.json").is_file()
     ]
     if missing:
         raise FscsError(f"evaluation files missing (run dvc repro evaluate): {', '.join(missing)}")
 
-    summary = summarise(load_eval_dir(args.eval_dir, study["supervisions"], study["folds"]))
+    summary = summarise(load_eval_dir(args.eval_dir, study.supervisions, study.folds))
     with FeatureStore(args.features) as store:
         attrs = store.attrs
     test = pd.read_parquet(Path(args.episodes) / "test.parquet", columns=["fold", "way", "shot"])
     per_kind = int(test.groupby(["fold", "way", "shot"]).size().max())
 
-    figures = qualitative_figures(args, params, study)
+    figures = qualitative_figures(args, config)
     readme_dir = Path(args.readme).parent
     context = {
         "dataset": config.need("dataset").name,
         "backbone": attrs["backbone"],
         "input_size": int(attrs["input_size"]),
         "grid": "x".join(str(int(g)) for g in attrs["grid"]),
-        "folds": ", ".join(str(f) for f in study["folds"]),
+        "folds": ", ".join(str(f) for f in study.folds),
         "episodes": per_kind,
         "void": config.evaluate.void,
         "figures": [str(Path(f).resolve().relative_to(readme_dir.resolve())) for f in figures],
         "variants": variant_records(args.variants, config.need("dataset").name),
     }
     write_json(args.metrics, metrics_json(summary))
-    write_json(args.summary, summary_json(summary, study["compare"]))
+    write_json(args.summary, summary_json(summary, study.compare))
     with atomic_path(args.readme) as tmp:
         tmp.write_text(markdown_report(summary, context))
-    lead = summary[study["compare"]].get("1way1shot", {})
+    lead = summary[study.compare].get("1way1shot", {})
     print(
-        f"report: {len(summary)} settings x {len(study['folds'])} folds; {study['compare']} 1way1shot "
+        f"report: {len(summary)} settings x {len(study.folds)} folds; {study.compare} 1way1shot "
         f"ER {lead.get('er', float('nan')):.1f} mIoU {lead.get('miou', float('nan')):.1f} -> {args.readme}"
     )
 
@@ -81,7 +81,7 @@ def variant_records(folder: str | None, dataset: str) -> list[dict]:
     return [r for r in records if r.get("dataset") == dataset]
 
 
-def qualitative_figures(args, params: dict, study: dict) -> list[str]:
+def qualitative_figures(args: argparse.Namespace, config: Config) -> list[str]:
     """Query | GT | prediction per setting for a few fixed test episodes of the first fold."""
     from fscs.report.figures import prediction_grid
 
@@ -90,9 +90,9 @@ def qualitative_figures(args, params: dict, study: dict) -> list[str]:
         index_path=args.index,
         episodes_dir=args.episodes,
         features_path=args.features,
-        supervisions=study["supervisions"],
-        fold=study["folds"][0],
-        params=params,
+        supervisions=config.study.supervisions,
+        fold=config.study.folds[0],
+        pseudo=config.pseudo,
         out_dir=args.figures,
     )
 

@@ -21,7 +21,7 @@ import csv
 import io
 from typing import Any
 
-from fscs.config.dicts import load_params, section
+from fscs.config.params import load_config
 from fscs.config.supervision import SUPERVISIONS
 from fscs.core.io import atomic_path
 from stages._common import run_stage, stage_parser
@@ -57,22 +57,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--curve", required=True, help="learning curve CSV to write")
     args = parser.parse_args(argv)
 
-    params = load_params(args.params)
-    from fscs.learn.train import TrainConfig
-
-    cfg = TrainConfig.from_params(section(params, "train")).for_supervision(args.supervision)
+    config = load_config(args.params)
+    cfg = config.train.for_supervision(args.supervision)
 
     import torch
 
     from fscs.core.allocator import keep_freed_memory
     from fscs.core.device import resolve_device
-    from fscs.learn.cell import load_cell, train_cell
+    from fscs.learn.cell import load_cell
+    from fscs.learn.train import train_cell
 
     device = resolve_device()  # a bad FSCS_DEVICE stops here, before the tokens load
     keep_freed_memory()
     torch.set_num_threads(int(cfg.threads))
     paths = {k: getattr(args, k) for k in ("index", "folds", "episodes", "features", "pseudo", "enhanced")}
-    cell = load_cell(params, args.supervision, args.fold, {**paths, "enhancer": args.enhancer})
+    cell = load_cell(config, args.supervision, args.fold, {**paths, "enhancer": args.enhancer})
 
     def report(row: dict[str, Any]) -> None:
         print(
@@ -95,7 +94,9 @@ def main(argv: list[str] | None = None) -> None:
             "label_size": int(cfg.label_size),
             "supervision": args.supervision,
             "pseudo": {
-                k: v for k, v in labeler_kwargs(params).items() if isinstance(v, int | float | str | bool)
+                k: v
+                for k, v in labeler_kwargs(config.pseudo).items()
+                if isinstance(v, int | float | str | bool)
             },
         },
         fold=int(args.fold),

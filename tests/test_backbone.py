@@ -16,9 +16,9 @@ from fscs.features.backbone import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     TINY_NATIVE_SIZE,
-    FusedBlocks,
     create_backbone,
 )
+from fscs.features.fused import FusedBlocks
 from fscs.features.imgfocus import sha256_file
 from fscs.features.names import known_names, resolve_arch
 

@@ -235,7 +235,8 @@ def test_stage_on_tiny_voc(voc_fixture, tmp_path):
 
     from fscs.core.provenance import recorded
     from fscs.data.index import read_index
-    from fscs.features.backbone import create_backbone, extract_to_store
+    from fscs.features.backbone import create_backbone
+    from fscs.features.extraction import extract_to_store
     from fscs.features.store import FeatureStore
     from fscs.pseudo.attention import head_cosine, write_self_maps
     from stages import baselines as stage

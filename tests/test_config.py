@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fscs.config.checkpoint import checkpoint_label_size
 from fscs.config.params import (
     Config,
     PseudoConfig,
-    checkpoint_label_size,
     load_config,
     validate,
     validate_section,
@@ -33,10 +33,10 @@ def test_shipped_params_validate(path, tmp_path):
         path = merged
     config = load_config(ROOT / path)
     raw = yaml.safe_load((ROOT / path).read_text())
-    dumped = config.params()
     for name, section in raw.items():
         if name != "train":
-            assert {k: dumped[name][k] for k in section} == section  # values as written, no coercion
+            dumped = getattr(config, name).model_dump()
+            assert {k: dumped[k] for k in section} == section  # values as written, no coercion
 
 
 def test_choices_agree_with_the_library():
@@ -68,7 +68,7 @@ def test_defaults_match_params_yaml_where_readers_disagreed():
 
 def test_absent_sections_get_their_defaults_and_required_ones_are_named():
     config = validate({"backbone": {"name": "vit_tiny_random"}})
-    assert config.params()["pseudo"] == PseudoConfig().model_dump()
+    assert config.pseudo == PseudoConfig()
     with pytest.raises(FscsError, match="missing section 'dataset'"):
         config.need("dataset")
     with pytest.raises(FscsError, match="missing key 'dataset.root'"):
@@ -116,6 +116,6 @@ def test_params_command_writes_the_merge(tmp_path):
     out = tmp_path / "params.yaml"
     cfg = ROOT / "configs" / "pascal5i.yaml"
     cli_main(["params", "--with", str(cfg), "--base", str(ROOT / "params.yaml"), "--out", str(out)])
-    merged = load_config(out).params()
-    assert merged["dataset"]["name"] == "pascal5i" and merged["train"]["epochs"] == 30
-    assert merged["enhancer"] == load_config(ROOT / "params.yaml").params()["enhancer"]  # defaults kept
+    merged = load_config(out)
+    assert merged.dataset.name == "pascal5i" and merged.train.epochs == 30
+    assert merged.enhancer == load_config(ROOT / "params.yaml").enhancer  # defaults kept

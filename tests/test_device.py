@@ -33,6 +33,11 @@ BF16_MAX_ABS = 0.1
 BF16_MIN_COS = 0.999
 
 
+def expect(params: dict) -> dict:
+    """The store attributes params.yaml's ``backbone`` section expects."""
+    return expected_attrs(validate_section("backbone", params["backbone"]))
+
+
 def test_resolve_device_values(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("cpu") == torch.device("cpu")
@@ -97,18 +102,24 @@ def test_store_and_report_record_device_and_precision(tmp_path, monkeypatch):
     extract_stage.main(test_extract.argv(tmp_path, index, params_file))
     report = json.loads((tmp_path / "extract.json").read_text())
     assert report["device"] == "cpu" and report["precision"] == "bf16"
-    with FeatureStore(tmp_path / "f.h5", expected_attrs(params)) as fs:
+    with FeatureStore(tmp_path / "f.h5", expect(params)) as fs:
         assert fs.attrs["device"] == "cpu" and fs.attrs["precision"] == "bf16" and not fs.attrs["fused"]
         # the device is recorded, never compared: a store made elsewhere opens here
-        check_attrs({**fs.attrs, "device": "cuda:0 (some GPU)"}, expected_attrs(params), "store")
+        check_attrs(
+            {**fs.attrs, "device": "cuda:0 (some GPU)"},
+            expect(params),
+            "store",
+        )
     params["backbone"].update(precision="fp32")
     with pytest.raises(FscsError, match="'precision' is 'bf16' in the store but the params ask for 'fp32'"):
-        FeatureStore(tmp_path / "f.h5", expected_attrs(params))
+        FeatureStore(tmp_path / "f.h5", expect(params))
     old = {k: v for k, v in fs.attrs.items() if k != "precision"}  # written before the attribute: fp32
-    check_attrs(old, expected_attrs(params), "old store")
+    check_attrs(old, expect(params), "old store")
     with pytest.raises(FscsError, match="precision"):
         check_attrs(
-            old, expected_attrs({**params, "backbone": {**params["backbone"], "precision": "bf16"}}), "s"
+            old,
+            expect({"backbone": {**params["backbone"], "precision": "bf16"}}),
+            "s",
         )
 
 

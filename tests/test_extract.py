@@ -15,6 +15,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from fscs.config.params import validate_section
 from fscs.core.errors import FscsError
 from fscs.data.images import load_rgb
 from fscs.features.backbone import create_backbone
@@ -23,6 +24,11 @@ from stages import extract_shard as stage
 
 ROOT = Path(__file__).resolve().parents[1]
 MSRC = ROOT.parent / "shared" / "data" / "msrc-v2" / "JPEGImages"
+
+
+def expect(params: dict) -> dict:
+    """The store attributes params.yaml's ``backbone`` section expects."""
+    return expected_attrs(validate_section("backbone", params["backbone"]))
 
 
 def make_images(folder: Path, n: int, seed: int = 0) -> pd.DataFrame:
@@ -59,7 +65,7 @@ def test_stage_round_trips_exactly(tmp_path, capsys):
     stage.main(argv(tmp_path, index, params_file))
     assert "extract: 7 images ->" in capsys.readouterr().out
     bb = create_backbone("vit_tiny_random", 32)
-    with FeatureStore(tmp_path / "f.h5", expected_attrs(params)) as fs:
+    with FeatureStore(tmp_path / "f.h5", expect(params)) as fs:
         assert fs.image_ids == list(df.image_id)
         assert (
             fs.grid == (4, 4)
@@ -89,7 +95,7 @@ def test_layer_subset(tmp_path):
     params["backbone"]["layers"] = [-1]
     params_file.write_text(yaml.safe_dump(params))
     stage.main(argv(tmp_path, index, params_file))
-    with FeatureStore(tmp_path / "f.h5", expected_attrs(params)) as fs:
+    with FeatureStore(tmp_path / "f.h5", expect(params)) as fs:
         assert fs.tokens("id0").shape == (1, 17, 48) and fs.layers == [2]
 
 
@@ -131,7 +137,8 @@ KILLER = textwrap.dedent(
     """
     import os, signal, sys
     import pandas as pd
-    from fscs.features.backbone import create_backbone, extract_to_store
+    from fscs.features.backbone import create_backbone
+    from fscs.features.extraction import extract_to_store
     df = pd.read_parquet(sys.argv[1])
     bb = create_backbone("vit_tiny_random", 32)
 
@@ -171,7 +178,10 @@ def test_kill_9_mid_way_then_resume_gives_identical_store(tmp_path):
     report = json.loads((tmp_path / "extract.json").read_text())
     assert report["resumed_rows"] == 4 and report["computed"] == 3
     stage.main(argv(tmp_path, index, params_file, out="clean.h5"))  # from scratch
-    with FeatureStore(out, expected_attrs(params)) as a, FeatureStore(tmp_path / "clean.h5") as b:
+    with (
+        FeatureStore(out, expect(params)) as a,
+        FeatureStore(tmp_path / "clean.h5") as b,
+    ):
         assert a.image_ids == b.image_ids
         for name in ("tokens", "cls_query", "patch_keys"):
             np.testing.assert_array_equal(a.read_all(name), b.read_all(name))
@@ -205,7 +215,7 @@ def test_real_backbone_on_msrc_images(tmp_path):
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(params))
     stage.main(argv(tmp_path, index, params_file))
-    with FeatureStore(tmp_path / "f.h5", expected_attrs(params)) as fs:
+    with FeatureStore(tmp_path / "f.h5", expect(params)) as fs:
         t = fs.tokens(files[0].stem)
         assert t.shape == (12, 257, 384) and np.isfinite(t).all()
         assert fs.patch_keys(files[1].stem).shape == (6, 256, 64) and fs.grid == (16, 16)

@@ -357,7 +357,7 @@ class Payload:
 def test_pickle_payload_refused_in_one_line(tmp_path, what):
     import torch
 
-    from fscs.features.backbone import load_state_dict_file
+    from fscs.features.weights import load_state_dict_file
     from fscs.learn.model.cst import read_checkpoint
     from fscs.pseudo.enhancer import load_enhancer
 

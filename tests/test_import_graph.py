@@ -124,3 +124,45 @@ def test_cycle_check_sees_function_level_imports():
 def test_stage_check_names_the_importing_stage():
     graph = {"stages.enhancer": {"stages.pseudo", "stages._common", "fscs.core.io"}, "stages.pseudo": set()}
     assert stage_imports(graph) == ["stages.enhancer imports stages.pseudo"]
+
+
+#: fscs's folders in pipeline order (docs/ARCHITECTURE.md "Layout"); config and core serve every step
+PIPELINE = (
+    "config",
+    "core",
+    "data",
+    "features",
+    "pseudo",
+    "learn",
+    "evaluation",
+    "report",
+    "predict",
+    "demo",
+)
+#: the imports of a later step's code made on purpose
+LATER_ON_PURPOSE = {
+    ("fscs.learn.train", "fscs.evaluation.episodes"),  # validation scores episodes as the evaluation does
+    ("fscs.core.overlay", "fscs.data.images"),  # overlays paint the void label
+}
+
+
+def test_folders_import_only_earlier_steps():
+    def step(module: str) -> int | None:
+        parts = module.split(".")
+        folder = parts[1] if len(parts) > 1 else None
+        if folder in ("config", "core"):
+            return 0
+        return PIPELINE.index(folder) if folder in PIPELINE else None
+
+    found = [
+        f"{m} imports {d}"
+        for m, deps in sorted(import_graph().items())
+        for d in sorted(deps)
+        if m.startswith("fscs.")
+        and d.count(".") > 1
+        and step(m) is not None
+        and step(d) is not None
+        and step(d) > step(m)
+        and (m, d) not in LATER_ON_PURPOSE
+    ]
+    assert not found, "a step imports a later step's code:\n" + "\n".join(found)

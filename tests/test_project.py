@@ -65,6 +65,20 @@ def test_dvc_yaml_lists_the_full_matrix():
     assert expected == names
 
 
+def test_pipeline_paths_are_the_ones_dvc_yaml_passes():
+    """Code that runs a step outside DVC finds each file where the train and evaluate stages read it."""
+    from fscs.config.paths import pipeline_paths
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    name = yaml.safe_load((ROOT / "params.yaml").read_text())["dataset"]["name"]
+    given = {}
+    for stage in ("train", "evaluate"):
+        cmd = stages[stage]["cmd"].replace("${dataset.name}", name)
+        given.update(re.findall(r"--(\w+) (\S+)", cmd))
+    paths = pipeline_paths(name)
+    assert paths == {k: given[k] for k in paths}
+
+
 def test_stage_plan_follows_the_dvc_graph(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the flow may run anywhere: names must not depend on the working directory
     plan = stage_plan(["image", "pixel"], [0, 2])

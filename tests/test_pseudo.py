@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
+from fscs.config.params import validate
 from fscs.core.errors import FscsError
 from fscs.core.iou import IoUCounter
 from fscs.core.overlay import overlay, palette, save_grid
@@ -335,7 +336,7 @@ def test_pseudo_stage(tiny_world):
     with FeatureStore(w.store) as store:
         a, b = Labeler(store), Labeler(store, pseudo_path=out)
         np.testing.assert_allclose(a.support_fg(ids[0]), b.support_fg(ids[0]), atol=2e-3)
-        c = Labeler.from_params(store, w.raw, pseudo_path=out)
+        c = Labeler.from_config(store, validate(w.raw).pseudo, pseudo_path=out)
         assert c.threshold == 0.4 and c.center_keys
         with pytest.raises(FscsError, match="center_keys"):
             Labeler(store, pseudo_path=out, center_keys=False)

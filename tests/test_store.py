@@ -6,6 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
+from fscs.config.params import validate, validate_section
 from fscs.core.errors import FscsError
 from fscs.features.store import (
     NORMALIZATION,
@@ -177,7 +178,7 @@ def test_expected_attrs_from_params():
     params = {
         "backbone": {"name": "dinov2_vits14_imgfocus", "input_size": 224, "layers": "all", "batch_size": 8}
     }
-    e = expected_attrs(params)
+    e = expected_attrs(validate(params).backbone)
     assert e == {
         "backbone": "dinov2_vits14_imgfocus",
         "arch": "vit_small_patch14_dinov2",
@@ -188,9 +189,13 @@ def test_expected_attrs_from_params():
         "precision": "fp32",
     }
     assert (
-        expected_attrs({"name": "path:/x.pt", "arch": "vit_small_patch16_224"})["arch"]
+        expected_attrs(validate_section("backbone", {"name": "path:/x.pt", "arch": "vit_small_patch16_224"}))[
+            "arch"
+        ]
         == "vit_small_patch16_224"
     )
-    assert expected_attrs({"name": "path:/x.pt"})["arch"] == "vit_small_patch8_224"
+    assert (
+        expected_attrs(validate_section("backbone", {"name": "path:/x.pt"}))["arch"] == "vit_small_patch8_224"
+    )
     with pytest.raises(FscsError, match="unknown backbone 'nope'"):
-        expected_attrs({"backbone": {"name": "nope"}})
+        expected_attrs(validate_section("backbone", {"name": "nope"}))

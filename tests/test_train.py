@@ -8,10 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
+from fscs.config.params import PseudoConfig, TrainConfig
 from fscs.learn.model import CSTConfig
 from fscs.learn.predictor import CSTPredictor, TokenBank
 from fscs.learn.targets import Targets
-from fscs.learn.train import CURVE_COLUMNS, TrainConfig, episode_loss, train
+from fscs.learn.train import CURVE_COLUMNS, episode_loss, train
 
 L, H, D, G = 2, 2, 16, (4, 4)
 SIZE = 16  # mask / label size: 4 pixels per token
@@ -174,11 +175,11 @@ def test_stuff_classes_learn_from_the_complement_of_attention(tmp_path):
     assert not t.query_target("img00", "img01", 2).any()  # absent: still all background
     assert Targets("pixel", index, 8, complement_classes={1}).complement == set()
     names = {1: "grass", 2: "cow"}
-    params = {"pseudo": {"stuff_masks": "complement", "stuff_classes": ["grass"]}}
-    assert complement_classes(params, names) == {1}
-    assert complement_classes({"pseudo": {"stuff_masks": "same", "stuff_classes": ["grass"]}}, names) == set()
+    grass = PseudoConfig(stuff_masks="complement", stuff_classes=["grass"])
+    assert complement_classes(grass, names) == {1}
+    assert complement_classes(PseudoConfig(stuff_masks="same", stuff_classes=["grass"]), names) == set()
     with pytest.raises(FscsError, match="unknown classes"):
-        complement_classes({"pseudo": {"stuff_masks": "complement", "stuff_classes": ["sky"]}}, names)
+        complement_classes(PseudoConfig(stuff_masks="complement", stuff_classes=["sky"]), names)
 
 
 def test_training_is_deterministic(tmp_path):
@@ -438,13 +439,17 @@ def test_holdout_cell_validates_on_training_classes_it_never_trains_on(tiny_arti
 
     import fscs.learn.train
     from experiments.holdout import held_out_classes, holdout_cell, inner_split, score_inner
-    from fscs.learn.cell import load_cell, train_cell
+    from fscs.config.params import load_config
+    from fscs.learn.cell import load_cell
+    from fscs.learn.train import train_cell
 
     tmp_path, p, d = tiny_artifacts
     params = yaml.safe_load(p.read_text())
     paths = {"index": str(d / "index.parquet"), "folds": str(d / "episodes" / "folds.json")}
     paths |= {"episodes": str(d / "episodes"), "features": str(d / "features.h5")}
-    cell = load_cell(params, "pixel", 0, paths)
+    cell = load_cell(
+        load_config(p), "pixel", 0, {**paths, "pseudo": None, "enhanced": None, "enhancer": None}
+    )
     assert held_out_classes([5, 1, 3, 9], fold=1, every=2) == [3, 9]
     inner = holdout_cell(cell, every=2, episodes=6)
     held = held_out_classes(cell.train_classes, 0, 2)

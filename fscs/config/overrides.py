@@ -7,8 +7,7 @@ params.yaml stays the one source of every default: an override file names only w
 new param or a user's edit of a default reaches the paper runs too. Mappings merge key by key; a list, a
 scalar or ``train.by_supervision`` (a set of overrides itself) replaces the value whole. The merged params
 are validated by the config layer (`fscs.config.params.validate`) before anything is written: an override of
-a key
-that does not exist is refused, naming it.
+a key that does not exist is refused, naming it.
 """
 
 from __future__ import annotations

@@ -2,17 +2,20 @@
 
 `load_config(path)` reads and validates the whole file before any stage does work: an unknown key, a value of
 the wrong type or out of range ends in one `FscsError` line naming the param, the value and what is expected
-(stages turn it into exit code 2). `Config.params()` gives the validated file as the plain nested dict the
-library functions take, with every default filled in. The ``train`` section is validated by
-`fscs.config.train.TrainConfig` (its home); here only its value types are checked, from its own fields.
+(stages turn it into exit code 2). The `Config` it returns is passed down typed: each library function takes
+the section it uses (``config.backbone``, ``config.pseudo``, ...). ``train`` is `TrainConfig`, a dataclass
+defined here (the training loop imports it without pydantic), its types checked from its own fields.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import typing
+from dataclasses import asdict, dataclass, field
+from dataclasses import fields as dc_fields
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -29,8 +32,8 @@ from pydantic import (
 )
 
 from fscs.config.cst import CSTConfig
+from fscs.config.messages import refuse
 from fscs.config.supervision import SUPERVISIONS, Supervision
-from fscs.config.train import TrainConfig
 from fscs.core.errors import FscsError
 
 
@@ -198,8 +201,109 @@ class StudyConfig(Section):
         return compare
 
 
-# ---- the train section: TrainConfig (fscs.learn.train) is its home; here only its field types are checked
-# ----
+# ---- the train section: plain data (a dataclass) so the training loop needs no pydantic; its field types
+# are checked by a pydantic model built from its fields, its ranges by `TrainConfig.from_params`
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    epochs: int = 20
+    episodes_per_epoch: int = 600
+    batch_size: int = 12
+    lr: float = 1e-3
+    schedule: str = "constant"  # constant | cosine (linear warmup, then cosine decay to 0)
+    warmup: float = 0.0  # fraction of the optimiser steps spent warming up linearly (cosine schedule)
+    min_epochs: int = 1  # early stopping never ends training before this epoch
+    # weight averaging: 0 = off (validate and keep the trained weights); d in (0, 1): validate and keep a
+    # running mean of the weights of every step so far, which turns into an exponential moving average with
+    # decay d once it spans 1 / (1 - d) steps (timm's ModelEmaV3, warmup power 1)
+    ema: float = 0.0
+    calibrate: bool = False  # choose decision thresholds on validation each epoch, select on calibrated mIoU
+    cls_weight: float = 0.1
+    label_size: int = 64
+    patience: int = 5
+    threads: int = 2
+    eval_batch_size: int = 16
+    model: dict[str, Any] = field(default_factory=dict)  # CSTConfig overrides: support_size, channels ...
+    # supervision setting -> train keys that override the ones above for that setting's cells only
+    # (``model`` merges key by key), e.g. {"image": {"model": {"prior": "prototype"}}}
+    by_supervision: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def from_params(cls, section: dict[str, Any]) -> TrainConfig:
+        """Validated config from params' ``train`` section (unknown keys are an error)."""
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise FscsError(f"params: unknown keys in section 'train': {unknown} (known: {sorted(known)})")
+        cfg = cls(**section)
+        model_keys = {f.name for f in dc_fields(CSTConfig)} - {
+            "num_layers",
+            "num_heads",
+            "embed_dim",
+            "grid",
+            "backbone",
+        }
+        if not isinstance(cfg.model, dict) or set(cfg.model) - model_keys:
+            raise FscsError(f"params: train.model takes the keys {sorted(model_keys)}, got {cfg.model!r}")
+        for name in (
+            "epochs",
+            "episodes_per_epoch",
+            "batch_size",
+            "label_size",
+            "threads",
+            "eval_batch_size",
+        ):
+            if int(getattr(cfg, name)) < 1:
+                raise FscsError(f"params: train.{name} must be >= 1, got {getattr(cfg, name)!r}")
+        for name in ("lr", "cls_weight"):
+            value = getattr(cfg, name)
+            if (
+                not (isinstance(value, int | float) and math.isfinite(value))
+                or value < 0
+                or (name == "lr" and value == 0)
+            ):
+                rule = "a finite number > 0" if name == "lr" else "a finite number >= 0"
+                raise FscsError(f"params: train.{name} must be {rule}, got {value!r}")
+        if int(cfg.patience) < 0:
+            raise FscsError(f"params: train.patience must be >= 0, got {cfg.patience!r}")
+        if cfg.schedule not in ("constant", "cosine"):
+            raise FscsError(f"params: train.schedule must be 'constant' or 'cosine', got {cfg.schedule!r}")
+        if not 0.0 <= float(cfg.warmup) < 1.0:
+            raise FscsError(f"params: train.warmup must be in [0, 1), got {cfg.warmup!r}")
+        if not 0.0 <= float(cfg.ema) < 1.0:
+            raise FscsError(f"params: train.ema must be in [0, 1) (0 = off), got {cfg.ema!r}")
+        if not isinstance(cfg.by_supervision, dict):
+            raise FscsError(f"params: train.by_supervision must be a mapping, got {cfg.by_supervision!r}")
+        for name in cfg.by_supervision:
+            cfg.for_supervision(name)  # every setting's merged section must be valid on its own
+        return cfg
+
+    def for_supervision(self, supervision: str) -> TrainConfig:
+        """The config one supervision setting's cells train with: ``by_supervision[supervision]`` applied
+        (``model`` merged key by key), ``by_supervision`` itself emptied."""
+        if supervision not in SUPERVISIONS:
+            raise FscsError(
+                f"params: train.by_supervision: unknown supervision {supervision!r} "
+                f"(known: {', '.join(SUPERVISIONS)})"
+            )
+        override = self.by_supervision.get(supervision, {})
+        if not isinstance(override, dict) or "by_supervision" in override:
+            raise FscsError(
+                f"params: train.by_supervision.{supervision} must map train keys to values, got {override!r}"
+            )
+        section = {k: v for k, v in asdict(self).items() if k != "by_supervision"}
+        merged = {**section, **override, "model": {**section["model"], **override.get("model", {})}}
+        try:
+            return TrainConfig.from_params(merged)
+        except FscsError as e:
+            raise FscsError(f"{e} (in train.by_supervision.{supervision})") from None
+
+    @property
+    def steps(self) -> int:
+        """Optimiser steps of a full run (every epoch, no early stop)."""
+        return int(self.epochs) * math.ceil(int(self.episodes_per_epoch) / int(self.batch_size))
+
+
 _CST_DERIVED = {"num_layers", "num_heads", "embed_dim", "grid", "backbone"}  # come from the feature store
 
 
@@ -266,61 +370,12 @@ class Config(BaseModel):
             raise FscsError(f"params: missing section '{name}'")
         return value
 
-    def params(self) -> dict[str, Any]:
-        """The validated params as a plain nested dict, defaults filled in (absent optional keys left out)."""
-        out = self.model_dump(exclude_none=True, exclude={"train"})
-        out["train"] = dataclasses.asdict(self.train)
-        return out
-
-
-_PLAIN = {
-    "greater than or equal to ": ">= ",
-    "less than or equal to ": "<= ",
-    "greater than ": "> ",
-    "less than ": "< ",
-    "a valid integer": "an integer",
-    "a valid number": "a number",
-    "a valid boolean": "true or false",
-    "a valid ": "a ",
-}
-_TYPE_TAGS = {"int", "float", "str", "bool", "list", "dict", "none"}
-
-
-def _param(error: dict[str, Any]) -> str:
-    """The dotted param name of a pydantic error (union member tags such as "int" dropped)."""
-    tags = ("[", "constrained-")
-    return ".".join(
-        str(p)
-        for p in error["loc"]
-        if isinstance(p, int) or not (p in _TYPE_TAGS or any(t in p for t in tags))
-    )
-
-
-def _describe(param: str, errors: list[dict[str, Any]], known: dict[str, list[str]], source: str) -> str:
-    """The errors of one param as '<source>: <param> = <value>: expected ...'."""
-    first = errors[0]
-    if first["type"] == "extra_forbidden":
-        parent = param.rpartition(".")[0]
-        return f"{source}: unknown key '{param}' (known: {', '.join(known.get(parent, []))})"
-    if first["type"] == "missing":
-        return f"{source}: missing key '{param}'"
-    msgs = []
-    for e in errors:
-        m = e["msg"].removeprefix("Value error, ").removeprefix("Input should be ")
-        for long, short in _PLAIN.items():
-            m = m.replace(long, short)
-        if m not in msgs:
-            msgs.append(m)
-    return f"{source}: {param} = {first['input']!r}: expected {' or '.join(msgs)}"
-
 
 def _known_keys() -> dict[str, list[str]]:
     """Section path -> its known keys, for the unknown-key message."""
     known: dict[str, list[str]] = {"": list(Config.model_fields)}
-    for name, field in Config.model_fields.items():
-        model = (
-            typing.get_args(field.annotation)[0] if typing.get_args(field.annotation) else field.annotation
-        )
+    for name, spec in Config.model_fields.items():
+        model = typing.get_args(spec.annotation)[0] if typing.get_args(spec.annotation) else spec.annotation
         if isinstance(model, type) and issubclass(model, BaseModel):
             known[name] = list(model.model_fields)
     known["evaluate.baselines"] = list(BaselinesConfig.model_fields)
@@ -333,13 +388,8 @@ def _known_keys() -> dict[str, list[str]]:
     return known
 
 
-def _refuse(exc: ValidationError, prefix: str = "", source: str = "params") -> FscsError:
-    """A pydantic ValidationError as one FscsError line, one clause per param at fault."""
-    known = _known_keys()
-    by_param: dict[str, list[dict[str, Any]]] = {}
-    for error in exc.errors():
-        by_param.setdefault(prefix + _param(error), []).append(error)
-    return FscsError("; ".join(_describe(p, es, known, source) for p, es in by_param.items()))
+def _refuse(exc: ValidationError, prefix: str = "") -> FscsError:
+    return refuse(exc, _known_keys(), prefix)
 
 
 def validate(params: dict[str, Any]) -> Config:
@@ -360,14 +410,6 @@ def validate_section(name: str, value: dict[str, Any] | None) -> Section:
         raise _refuse(exc, f"{name}.") from None
 
 
-def backbone_section(params: dict[str, Any]) -> BackboneConfig:
-    """The validated ``backbone`` section of a params dict (the whole file or the section itself)."""
-    bb = params.get("backbone", params)
-    if not isinstance(bb, dict) or "name" not in bb:
-        raise FscsError("params: missing section 'backbone' (with at least 'name')")
-    return validate_section("backbone", bb)
-
-
 def read_params(path: str | os.PathLike = "params.yaml") -> dict[str, Any]:
     """The params file as parsed YAML (not validated), naming the file when it is missing or not a mapping."""
     p = Path(path)
@@ -385,50 +427,3 @@ def read_params(path: str | os.PathLike = "params.yaml") -> dict[str, Any]:
 def load_config(path: str | os.PathLike = "params.yaml") -> Config:
     """Read and validate the params file."""
     return validate(read_params(path))
-
-
-@functools.cache
-def _checkpoint_config_model() -> type[BaseModel]:
-    """`CSTConfig`'s fields and ``label_size`` with their types and ranges, as a checkpoint records them
-    (lists for tuples); other keys of a checkpoint's config (pseudo, ...) are checked where they are used."""
-    from fscs.config.cst import ATTENTIONS, KSHOT_RULES, PRIORS
-
-    unit = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
-    pair = Annotated[list[PositiveInt], Field(min_length=2, max_length=2)]
-    fields = {
-        "num_layers": (PositiveInt, ...),
-        "num_heads": (PositiveInt, ...),
-        "embed_dim": (PositiveInt, ...),
-        "grid": (pair, ...),
-        "channels": (pair, None),
-        "attention": (Literal[ATTENTIONS], None),
-        "kshot": (Literal[KSHOT_RULES], None),
-        "prior": (Literal[PRIORS], None),
-        "init": (Literal["torch", "he"], None),
-        "prior_layer": (int, None),
-        "fg_prior": (Annotated[float, Field(gt=0, lt=1)], None),
-        "presence_threshold": (unit, None),
-        "fg_threshold": (unit, None),
-        "backbone": (dict[str, Any], None),
-        **{name: (PositiveInt, None) for name in ("support_size", "pooled_grid", "attn_heads", "groups")},
-        "label_size": (PositiveInt, None),
-    }
-    return create_model("CheckpointConfig", __config__=ConfigDict(extra="allow", strict=True), **fields)
-
-
-def validate_checkpoint_config(config: Any, path: str | os.PathLike) -> None:
-    """Refuse a checkpoint whose ``config`` is not the mapping fscs writes, naming the field at fault."""
-    if not isinstance(config, dict):
-        raise FscsError(f"{path}: checkpoint config is {type(config).__name__}, not a mapping")
-    try:
-        _checkpoint_config_model().model_validate(config)
-    except ValidationError as exc:
-        raise _refuse(exc, "config.", source=str(path)) from None
-
-
-def checkpoint_label_size(ckpt: dict[str, Any], path: str | os.PathLike) -> int:
-    """The mask size a CST checkpoint was trained at (every checkpoint records it)."""
-    size = (ckpt.get("config") or {}).get("label_size")
-    if not isinstance(size, int) or size < 1:
-        raise FscsError(f"{path}: checkpoint does not record its label_size (config.label_size)")
-    return size

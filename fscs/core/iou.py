@@ -1,8 +1,7 @@
 """Pooled IoU of thresholded foreground maps against binary targets, per key and threshold (void ignored).
 
 Used to measure pseudo-labels (`fscs.pseudo.quality`, `fscs.pseudo.enhancer_study`) and to calibrate the
-enhancer's
-mask threshold (`fscs.pseudo.enhancer`).
+enhancer's mask threshold (`fscs.pseudo.enhancer`).
 """
 
 from __future__ import annotations

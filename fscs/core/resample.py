@@ -3,8 +3,7 @@
 Two bilinear and two nearest-neighbour resizers are kept on purpose: each pair differs in the last bit
 (float32 torch kernels vs exact numpy index arithmetic), and the stored results depend on which one a
 caller used. ``fscs.learn.model.correlation.resize_mask`` (area averaging of support masks) stays in the
-model:
-it works on torch tensors on the model's device inside the forward pass."""
+model: it works on torch tensors on the model's device inside the forward pass."""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Backbone registry (timm ViTs by name), weight sources, preprocessing and token/attention extraction.
+"""Backbone registry (timm ViTs by name), creation with weights, preprocessing and token/attention extraction.
+
+Weight files live in `fscs.features.weights`, the fused CPU blocks in `fscs.features.fused`, and the
+extraction loop into a feature store in `fscs.features.extraction`.
 
 Names (``backbone.name`` in params.yaml):
 
@@ -21,26 +24,22 @@ and about 2 images/s at 448 there.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from fscs.core.device import autocast, describe
 from fscs.core.errors import FscsError
-from fscs.core.io import load_torch
-from fscs.core.threads import default_threads
-from fscs.data.images import load_rgb, open_image
+from fscs.features.fused import FusedBlocks
 from fscs.features.imgfocus import SOURCE, converted_weights, sha256_file
 from fscs.features.names import HUB_BACKBONES, IMGFOCUS, TINY, resolve_arch
-from fscs.features.store import NORMALIZATION, STORE_VERSION, StoreWriter, iter_batches, resolve_layers
+from fscs.features.store import NORMALIZATION, STORE_VERSION, resolve_layers
+from fscs.features.weights import _hub_file, load_state_dict_file, load_weights, state_dict_sha256
 
 DEFAULT_INPUT_SIZE = 224
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -49,6 +48,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 TINY_SEED = 0
 TINY_CONFIG = dict(patch_size=8, embed_dim=48, depth=3, num_heads=2, mlp_ratio=4.0, qkv_bias=True)
 TINY_NATIVE_SIZE = 64  # the random position table is drawn for an 8x8 grid, then resampled like real weights
+
+if TYPE_CHECKING:  # pydantic: kept out of the import of this module (GPU smoke)
+    from fscs.config.params import BackboneConfig
 
 
 @dataclass(frozen=True)
@@ -105,212 +107,6 @@ def preprocess(image: np.ndarray, size: int) -> torch.Tensor:
 
 _MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 _STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-
-
-def state_dict_sha256(sd: dict[str, torch.Tensor]) -> str:
-    """A stable hash of a state dict (names, dtypes, shapes and bytes, in sorted name order)."""
-    h = hashlib.sha256()
-    for k in sorted(sd):
-        t = sd[k].detach().cpu().contiguous()
-        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-# ---- weight files --------------------------------------------------------------------------------------
-
-
-def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A safetensors file or a torch checkpoint (``weights_only=True``), unwrapped to a flat tensor dict."""
-    p = Path(path)
-    if not p.is_file():
-        raise FscsError(f"{p}: backbone weights file not found")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(p))
-        except Exception as exc:  # noqa: BLE001 - any parse failure is the file's fault
-            raise FscsError(f"{p}: not a readable safetensors file ({exc})") from exc
-    obj = load_torch(p, "torch state dict")
-    for key in ("teacher", "state_dict", "model"):  # DINO training checkpoints keep the teacher
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise FscsError(f"{p}: expected a dict of tensors (a state dict)")
-    return obj
-
-
-def adapt_state_dict(sd: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Strip wrapper prefixes, drop heads and unused tokens, resample positions to the model's grid."""
-    out = {}
-    for k, v in sd.items():
-        for prefix in ("module.", "backbone."):
-            if k.startswith(prefix):
-                k = k[len(prefix) :]
-        out[k] = v
-    own = model.state_dict()
-    for k in list(out):
-        if (k.startswith("head.") or k.startswith("fc_norm.")) and k not in own:
-            del out[k]  # classification / DINO projection heads
-        elif k == "mask_token" and k not in own:
-            del out[k]  # DINOv2 masked-modelling token
-    if "register_tokens" in out and "reg_token" in own:
-        out["reg_token"] = out.pop("register_tokens")
-    if "pos_embed" in out and "pos_embed" in own and out["pos_embed"].shape != own["pos_embed"].shape:
-        out["pos_embed"] = resample_pos_embed(out["pos_embed"], model)
-    return out
-
-
-def resample_pos_embed(pos: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
-    """Bicubic, antialias=False resampling of a (1, prefix + G*G, D) table to the model's patch grid."""
-    from timm.layers import resample_abs_pos_embed
-
-    prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
-    n = pos.shape[1] - prefix
-    g = int(round(n**0.5))
-    if g * g != n:
-        raise FscsError(f"position table with {n} patch entries is not a square grid")
-    return resample_abs_pos_embed(
-        pos.float(),
-        new_size=list(model.patch_embed.grid_size),
-        old_size=[g, g],
-        num_prefix_tokens=prefix,
-        interpolation="bicubic",
-        antialias=False,
-    ).to(pos.dtype)
-
-
-def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: str) -> None:
-    """Load strictly after `adapt_state_dict`; mismatches become an FscsError naming ``where``."""
-    sd = adapt_state_dict(sd, model)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    shapes = [
-        f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
-        for k in own
-        if k in sd and sd[k].shape != own[k].shape
-    ]
-    if missing or unexpected or shapes:
-        raise FscsError(
-            f"{where}: weights do not fit the architecture (missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}, "
-            f"shape mismatches {shapes[:3]}); set backbone.arch to the right timm architecture"
-        )
-    model.load_state_dict(sd, strict=True)
-
-
-def _hub_file(arch: str, tag: str) -> Path:
-    """Download (or find in the local HF cache) the timm hub weights of ``arch.tag``."""
-    repo = f"timm/{arch}.{tag}"
-    try:
-        from huggingface_hub import hf_hub_download
-
-        errors = []
-        for filename in ("model.safetensors", "pytorch_model.bin"):
-            try:
-                return Path(hf_hub_download(repo_id=repo, filename=filename))
-            except Exception as exc:  # noqa: BLE001 - offline, missing file, auth: all mean "cannot get it"
-                errors.append(f"{filename}: {type(exc).__name__}")
-        raise RuntimeError("; ".join(errors))
-    except Exception as exc:  # noqa: BLE001
-        raise FscsError(
-            f"backbone weights {repo} cannot be downloaded from the Hugging Face hub ({exc}); "
-            "without network, "
-            f"download {repo}/model.safetensors elsewhere and set backbone.name to 'path:/that/file' with "
-            f"backbone.arch: {arch}, or use the offline backbone '{IMGFOCUS}'"
-        ) from None
-
-
-# ---- fused CPU path ---------------------------------------------------------------------------------------
-
-
-class FusedBlocks:
-    """The ViT blocks with LayerScale folded into the output projections and bias + residual fused into GEMMs.
-
-    timm's block runs, around its four GEMMs, a bias copy before each GEMM, two LayerScale multiplies and
-    two residual adds as separate memory-bound passes. Here, for each residual branch, ``y = x + gamma*b``
-    is one pass and the GEMM accumulates into ``y`` in place (``addmm_`` with beta=1), with gamma folded into
-    the weight: ``x + gamma*(W a + b) = (x + gamma*b) + (gamma*W) a``. Float32 throughout, plain PyTorch
-    ops; equal to timm's blocks up to float32 rounding (~1e-7 relative). Only plain timm ``Block``s with
-    standard attention/MLP qualify (`supports`). (A oneDNN variant with bias/GELU/residual post-ops was
-    measured slower on an AVX2 CPU and dropped.)
-    """
-
-    def __init__(self, model: torch.nn.Module):
-        def fold(linear: torch.nn.Linear, gamma: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-            w = linear.weight.detach()
-            b = linear.bias.detach() if linear.bias is not None else torch.zeros(w.shape[0])
-            if gamma is not None:
-                w, b = w * gamma[:, None], b * gamma
-            return w.t(), b.contiguous()  # (in, out) view of the (out, in) weight, as F.linear uses it
-
-        self.blocks = []
-        for blk in model.blocks:
-            attn, mlp = blk.attn, blk.mlp
-            g1 = blk.ls1.gamma.detach() if hasattr(blk.ls1, "gamma") else None
-            g2 = blk.ls2.gamma.detach() if hasattr(blk.ls2, "gamma") else None
-            self.blocks.append(
-                dict(
-                    n1=blk.norm1,
-                    n2=blk.norm2,
-                    qkv=fold(attn.qkv, None),
-                    proj=fold(attn.proj, g1),
-                    fc1=fold(mlp.fc1, None),
-                    fc2=fold(mlp.fc2, g2),
-                    heads=attn.num_heads,
-                    head_dim=attn.head_dim,
-                )
-            )
-        self._gelu = [blk.mlp.act.approximate for blk in model.blocks]
-
-    @staticmethod
-    def supports(model: torch.nn.Module) -> bool:
-        from timm.layers import LayerScale, Mlp
-        from timm.layers.attention import Attention
-        from timm.models.vision_transformer import Block
-
-        for blk in model.blocks:
-            if type(blk) is not Block or type(blk.attn) is not Attention or type(blk.mlp) is not Mlp:
-                return False
-            a, m = blk.attn, blk.mlp
-            plain = (torch.nn.Identity, torch.nn.Dropout)
-            if not all(
-                isinstance(mod, plain) for mod in (a.q_norm, a.k_norm, a.norm, m.norm, m.drop1, m.drop2)
-            ):
-                return False
-            if getattr(a, "gate", None) is not None or not isinstance(m.act, torch.nn.GELU):
-                return False
-            if not isinstance(blk.norm1, torch.nn.LayerNorm) or not isinstance(blk.norm2, torch.nn.LayerNorm):
-                return False
-            if not all(isinstance(ls, LayerScale | torch.nn.Identity) for ls in (blk.ls1, blk.ls2)):
-                return False
-            if not all(isinstance(d, torch.nn.Identity) for d in (blk.drop_path1, blk.drop_path2)):
-                return False
-        return True
-
-    def block(
-        self, i: int, x: torch.Tensor, keep_qkv: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Block ``i`` on x (B, N, D) -> a new (B, N, D) tensor, and its qkv (B, N, 3D) if asked."""
-        p = self.blocks[i]
-        b, n, d = x.shape
-        x2 = x.reshape(b * n, d)
-        n1, n2 = p["n1"], p["n2"]
-        h = F.layer_norm(x2, (d,), n1.weight, n1.bias, n1.eps)
-        qkv = torch.addmm(p["qkv"][1], h, p["qkv"][0])
-        q, k, v = qkv.view(b, n, 3, p["heads"], p["head_dim"]).permute(2, 0, 3, 1, 4).unbind(0)
-        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b * n, d)
-        y = torch.add(x2, p["proj"][1])
-        y.addmm_(a, p["proj"][0])
-        h = F.layer_norm(y, (d,), n2.weight, n2.bias, n2.eps)
-        h = F.gelu(torch.addmm(p["fc1"][1], h, p["fc1"][0]), approximate=self._gelu[i])
-        z = torch.add(y, p["fc2"][1])
-        z.addmm_(h, p["fc2"][0])
-        return z.view(b, n, d), (qkv.view(b, n, -1) if keep_qkv else None)
-
 
 # ---- the backbone ----------------------------------------------------------------------------------------
 
@@ -544,109 +340,8 @@ def _check_size_and_create(arch: str, input_size: int) -> torch.nn.Module:
     return model
 
 
-def backbone_from_params(params: dict[str, Any], device: torch.device | None = None) -> Backbone:
-    """`create_backbone` from params.yaml (the whole file or its ``backbone`` section) on ``device``."""
-    from fscs.config.params import (
-        backbone_section,
-    )  # pydantic: kept out of the import of this module (GPU smoke)
-
-    bb = backbone_section(params)
+def backbone_from_config(bb: BackboneConfig, device: torch.device | None = None) -> Backbone:
+    """`create_backbone` from params.yaml's validated ``backbone`` section on ``device``."""
     return create_backbone(
         bb.name, bb.input_size, bb.arch, fused=bb.fused, device=device, precision=bb.precision
     )
-
-
-# ---- extraction into a store ------------------------------------------------------------------------------
-
-
-class _ImageBatches(torch.utils.data.Dataset):
-    """Decoded, preprocessed batches of rows (the DataLoader workers' job on CUDA)."""
-
-    def __init__(self, paths: list[str], batches: list[list[int]], size: int):
-        self.paths, self.batches, self.size = paths, batches, size
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, i: int) -> tuple[list[int], torch.Tensor]:
-        rows = self.batches[i]
-        return rows, torch.stack([preprocess(load_rgb(self.paths[r]), self.size) for r in rows])
-
-
-def _batches(backbone: Backbone, paths: list[str], todo: list[list[int]]) -> Any:
-    """(rows, preprocessed batch) in order: decoded in this process on the CPU; on CUDA by DataLoader
-    workers into pinned memory, so decoding overlaps the GPU."""
-    data = _ImageBatches(list(paths), todo, backbone.input_size)
-    if backbone.device.type != "cuda":
-        return (data[i] for i in range(len(data)))
-    workers = max(1, min(8, default_threads() - 1))
-    return torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers, pin_memory=True)
-
-
-def check_images(paths: list[str]) -> None:
-    """Cheaply check that every image exists and decodes (JPEGs at reduced scale); names the bad file."""
-    for path in paths:
-        with open_image(path) as im:
-            im.draft("RGB", (64, 64))
-            im.load()
-
-
-def extract_to_store(
-    backbone: Backbone,
-    image_ids: list[str],
-    image_paths: list[str],
-    out: str | os.PathLike,
-    layers: Any = "all",
-    batch_size: int = 8,
-    progress: bool | None = None,
-    on_batch: Any = None,
-    check: bool = True,
-) -> dict[str, Any]:
-    """Extract features of every image into the store at ``out`` (resuming a matching partial write).
-
-    Images are checked first; rows go in fixed batches of ``batch_size`` so a resumed run recomputes
-    exactly the batches that were not flushed. ``on_batch(rows_done)`` is called after each flushed batch.
-    Returns counts and timings for the stage report.
-    """
-    if len(image_ids) != len(image_paths):
-        raise ValueError("image_ids and image_paths differ in length")
-    if batch_size < 1:
-        raise FscsError(f"backbone.batch_size must be >= 1, got {batch_size}")
-    if check:
-        check_images(list(image_paths))
-    writer = StoreWriter(out, image_ids, backbone.store_attrs(layers), backbone.store_shapes(layers))
-    try:
-        done = writer.done
-        skipped = int(done.sum())
-        todo = [rows for rows in iter_batches(len(image_ids), batch_size) if not done[rows].all()]
-        start = time.perf_counter()
-        computed = 0
-        bar = tqdm(
-            total=len(image_ids),
-            initial=skipped,
-            disable=True if progress is False else None,
-            unit="img",
-            desc=f"extract {backbone.name}",
-        )
-        with bar:
-            for rows, x in _batches(backbone, image_paths, todo):
-                f = backbone.extract(x, layers, dtype=torch.float16).cpu()
-                writer.write(rows, f.tokens.numpy(), f.cls_query.numpy(), f.patch_keys.numpy())
-                computed += len(rows)
-                bar.update(int((~done[rows]).sum()))
-                if on_batch is not None:
-                    on_batch(int(writer.done.sum()))
-        seconds = time.perf_counter() - start
-        path = writer.finalize()
-    finally:
-        writer.close()
-    store_bytes = path.stat().st_size
-    return {
-        "images": len(image_ids),
-        "computed": computed,
-        "resumed_rows": skipped,
-        "seconds": round(seconds, 3),
-        "images_per_s": round(computed / seconds, 3) if seconds > 0 and computed else None,
-        "store_bytes": store_bytes,
-        "bytes_per_image": int(round(store_bytes / max(1, len(image_ids)))),
-    }

@@ -1,15 +1,13 @@
 """Sharded extraction: which index rows a shard extracts, and the join of shard stores into one store.
 
-A shard is the ordinary extraction (`fscs.features.backbone.extract_to_store`) over a contiguous row range of
-the
-index, written to its own complete store. `join_shards` builds the store every later stage opens: a small
-HDF5 file whose ``tokens``, ``cls_query``, ``patch_keys`` and ``done`` are h5py virtual datasets mapping
+A shard is the ordinary extraction (`fscs.features.extraction.extract_to_store`) over a contiguous row range
+of the index, written to its own complete store. `join_shards` builds the store every later stage opens: a
+small HDF5 file whose ``tokens``, ``cls_query``, ``patch_keys`` and ``done`` are h5py virtual datasets mapping
 each shard's rows in order, with ``image_ids`` copied and the shards' provenance attributes. Source names are
 relative to the joined file's folder (HDF5 looks there first, whatever the cwd), so the files stay valid
 wherever DVC checks them out together. The join records each shard's file, row count and image-id digest
 (`fscs.features.store.SHARD_ATTRS`); `fscs.features.store.FeatureStore` checks them on open, since a virtual
-dataset reads a
-missing source as fill values rather than failing.
+dataset reads a missing source as fill values rather than failing.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ import shutil
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import h5py
 import numpy as np
@@ -49,6 +49,9 @@ from fscs.core.errors import FscsError
 from fscs.core.io import abandon, h5_errors_raised, is_no_space, no_space_error, raise_if_no_space
 from fscs.core.provenance import check_provenance
 from fscs.features.names import resolve_arch
+
+if TYPE_CHECKING:  # pydantic: kept out of the import of this module (GPU smoke)
+    from fscs.config.params import BackboneConfig
 
 #: Bump when the layout of the store or the meaning of its contents changes (3: per-row CRC-32 digests).
 STORE_VERSION = 3
@@ -105,13 +108,8 @@ def resolve_layers(layers: Any, depth: int) -> list[int]:
     return sorted(out)
 
 
-def expected_attrs(params: dict[str, Any]) -> dict[str, Any]:
-    """The ``expect`` dict for `FeatureStore` from params.yaml (whole file or its ``backbone`` section)."""
-    from fscs.config.params import (
-        backbone_section,
-    )  # pydantic: kept out of the import of this module (GPU smoke)
-
-    bb = backbone_section(params)
+def expected_attrs(bb: BackboneConfig) -> dict[str, Any]:
+    """The ``expect`` dict for `FeatureStore` from params.yaml's validated ``backbone`` section."""
     return {
         "backbone": bb.name,
         "arch": resolve_arch(bb.name, bb.arch),

@@ -1,17 +1,18 @@
 """One cell of the study (supervision x fold) ready to train: its index, classes, validation episodes, targets
 and the tokens of every image its episodes can touch, loaded from the pipeline's files once.
 
-The train stage and `experiments.learner_sweep` share it, so a sweep measures exactly what the stage trains.
+The train stage and `experiments.learner_sweep` share it (`fscs.learn.train.train_cell` trains it), so a
+sweep measures exactly what the stage trains.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
+from fscs.config.params import Config, TrainConfig
 from fscs.core.errors import FscsError
 from fscs.data.episodes import read_episodes
 from fscs.data.folds import class_names, read_folds, training_classes
@@ -20,7 +21,6 @@ from fscs.features.store import FeatureStore, expected_attrs
 from fscs.learn.model.cst import CSTConfig, config_from_store
 from fscs.learn.predictor import TokenBank
 from fscs.learn.targets import Targets, targets_for
-from fscs.learn.train import TrainConfig, TrainResult, train, training_images
 
 
 @dataclass
@@ -41,30 +41,24 @@ class Cell:
         return config_from_store(self.store, **cfg.model)
 
 
-def default_paths(params: dict[str, Any]) -> dict[str, str]:
-    """The pipeline's file names for the dataset in params (as dvc.yaml writes them)."""
-    name = params["dataset"]["name"]
-    return {
-        "index": f"data/index/{name}.parquet",
-        "folds": f"data/episodes/{name}/folds.json",
-        "episodes": f"data/episodes/{name}",
-        "features": f"data/features/{name}.h5",
-        "pseudo": f"data/pseudo/{name}.h5",
-        "enhanced": f"data/pseudo/{name}-enhanced.h5",
-        "enhancer": "models/enhancer.pt",
-    }
+def training_images(index: pd.DataFrame, split: str, classes: list[int]) -> list[str]:
+    """Images of ``split`` having at least one of ``classes`` (every image a training episode can touch)."""
+    wanted = set(int(c) for c in classes)
+    rows = index[
+        (index["split"] == split) & index["classes"].map(lambda cs: bool(wanted & set(map(int, cs))))
+    ]
+    return [str(i) for i in rows.index]
 
 
-def load_cell(
-    params: dict[str, Any], supervision: str, fold: int, paths: dict[str, str | None] | None = None
-) -> Cell:
-    """Open the feature store and load everything one cell's training reads (errors name the file)."""
-    p = {**default_paths(params), **(paths or {})}
+def load_cell(config: Config, supervision: str, fold: int, paths: dict[str, str | None]) -> Cell:
+    """Open the feature store and load everything one cell's training reads (errors name the file).
+    ``paths``: index, folds, episodes, features, pseudo, enhanced, enhancer (`fscs.config.paths`)."""
+    p = dict(paths)
     if supervision == "pixel":
         p["pseudo"] = p["enhanced"] = p["enhancer"] = None
     elif supervision == "image":
         p["enhanced"] = p["enhancer"] = None
-    cfg = TrainConfig.from_params(params.get("train", {})).for_supervision(supervision)
+    label_size = config.train.for_supervision(supervision).label_size
     index = read_index(p["index"])
     folds = read_folds(p["folds"])
     train_classes = training_classes(folds, fold)
@@ -74,14 +68,14 @@ def load_cell(
     val = val[(val["fold"] == fold) & (val["way"] == 1) & (val["shot"] == 1)].reset_index(drop=True)
     if val.empty:
         raise FscsError(f"{val_path}: no 1-way 1-shot validation episodes for fold {fold}")
-    store = FeatureStore(p["features"], expect=expected_attrs(params))
+    store = FeatureStore(p["features"], expect=expected_attrs(config.need("backbone")))
     try:
         targets = targets_for(
             supervision,
-            params,
+            config.pseudo,
             store,
             index,
-            cfg.label_size,
+            label_size,
             fold=fold,
             pseudo=p["pseudo"],
             enhancer=p["enhancer"],
@@ -100,32 +94,10 @@ def load_cell(
                 f"{p['features']}: {len(missing)} training images are not in the store "
                 f"(first: {missing[0]!r}); re-run `dvc repro extract`"
             )
-        void = str((params.get("evaluate") or {}).get("void", "ignore"))
         tokens = TokenBank(store, ids, progress=None)
     except BaseException:
         store.close()  # the cell owns the open store only once it is returned
         raise
-    return Cell(supervision, fold, index, split, train_classes, val, store, targets, tokens, void)
-
-
-def train_cell(
-    cell: Cell, cfg: TrainConfig, on_epoch: Any = None, progress: bool | None = None, device: Any = None
-) -> TrainResult:
-    """Train one CST model for the cell (selection on its validation episodes) on ``device`` (a
-    torch.device; default `fscs.core.device.resolve_device`)."""
-    return train(
-        config=cfg,
-        tokens=cell.tokens,
-        model_config=cell.model_config(cfg),
-        targets=cell.targets,
-        index=cell.index,
-        train_split=cell.split,
-        train_classes=cell.train_classes,
-        fold=cell.fold,
-        val_episodes=cell.val,
-        void=cell.void,
-        val_classes=cell.val_classes,
-        on_epoch=on_epoch,
-        progress=progress,
-        device=device,
+    return Cell(
+        supervision, fold, index, split, train_classes, val, store, targets, tokens, config.evaluate.void
     )

@@ -7,8 +7,7 @@ model's ``kshot`` rule (``mean_prob``: mean probability; ``mean_logit``: mean lo
 reinforce each other instead of being pulled to the middle by one that misses): presence probability
 p(present) (N,) and foreground probability maps (N, 2gh, 2gw), shifted so that the model's calibrated
 thresholds (``presence_threshold``, ``fg_threshold``, `fscs.learn.calibration`) fall on 0.5. The decision
-rules
-(presence > 0.5, argmax / 0.5 on foreground) are applied by `fscs.evaluation.episodes`.
+rules (presence > 0.5, argmax / 0.5 on foreground) are applied by `fscs.evaluation.episodes`.
 
 Support masks come from a callable ``support_mask(image_id, class_id) -> bool (h, w)``; the setting's
 test-time rule is `fscs.learn.targets.Targets.test_support_mask` (GT for ``pixel``, raw self pseudo-mask for
@@ -193,6 +192,21 @@ class CSTPredictor:
         self._cache = LRUCache(int(cache_size))  # pair results; `prefetch` may raise the bound
         self.pairs_computed = 0
         self.prepared = self._bank()
+
+    @classmethod
+    def for_targets(
+        cls, model: CST, tokens: Any, targets: Any, batch_size: int, workers: int
+    ) -> CSTPredictor:
+        """The predictor with a setting's test-time support masks (`fscs.learn.targets.Targets`): what
+        validation, evaluation and the report's figures run."""
+        return cls(
+            model,
+            tokens,
+            targets.test_support_mask,
+            targets.test_mask_depends_on_class,
+            batch_size=batch_size,
+            workers=workers,
+        )
 
     def _bank(self) -> PreparedBank:
         return PreparedBank(

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -43,6 +43,9 @@ from fscs.core.errors import FscsError
 from fscs.core.lru import LRUCache
 from fscs.core.resample import nearest_torch
 from fscs.data.images import VOID, gt_mask
+
+if TYPE_CHECKING:  # pydantic: kept out of the training loop's imports (GPU smoke)
+    from fscs.config.params import PseudoConfig
 
 
 def check_supervision(supervision: str) -> str:
@@ -72,8 +75,8 @@ class Targets:
     """Masks and labels for one supervision setting.
 
     index: the image index (``classes``, ``mask_path``); labeler: a ``fscs.pseudo.attention.Labeler`` for
-    ``image``
-    (raw maps) and ``mixed`` (built with the enhancer); labelled_ids: the mixed setting's labelled subset.
+    ``image`` (raw maps) and ``mixed`` (built with the enhancer); labelled_ids: the mixed setting's labelled
+    subset.
     """
 
     def __init__(
@@ -159,14 +162,14 @@ class Targets:
         return self.labeler.pair_mask(support_id, query_id, self.label_size, present=present).astype(np.uint8)
 
 
-def labeler_kwargs(params: dict[str, Any]) -> dict[str, Any]:
+def labeler_kwargs(pseudo: PseudoConfig) -> dict[str, Any]:
     """Labeler keyword arguments from params' ``pseudo`` section (``cst_threshold`` -> ``threshold``; other
     keys passed through when the Labeler takes them, e.g. recipe, dino_mass, dino_heads, center_keys)."""
     import inspect
 
     from fscs.pseudo.attention import Labeler
 
-    pseudo = dict(params.get("pseudo", {}) or {})
+    pseudo = pseudo.model_dump()
     accepted = set(inspect.signature(Labeler.__init__).parameters) - {
         "self",
         "store",
@@ -181,7 +184,7 @@ def labeler_kwargs(params: dict[str, Any]) -> dict[str, Any]:
 
 def targets_for(
     supervision: str,
-    params: dict[str, Any],
+    pseudo_config: PseudoConfig,
     store: Any,
     index: Any,
     label_size: int,
@@ -203,8 +206,8 @@ def targets_for(
     sup = supervision
     if sup == "pixel":
         return Targets("pixel", index, label_size)
-    kw = labeler_kwargs(params)
-    complement = complement_classes(params, class_names)
+    kw = labeler_kwargs(pseudo_config)
+    complement = complement_classes(pseudo_config, class_names)
     pseudo_path = pseudo if pseudo and Path(pseudo).is_file() else None
     if pseudo and pseudo_path is None:
         raise FscsError(f"{pseudo}: pseudo-label file not found; run `dvc repro pseudo`")
@@ -223,22 +226,15 @@ def targets_for(
     )
 
 
-STUFF_MASKS = ("same", "complement")
-
-
-def complemented_names(params: dict[str, Any]) -> list[str] | None:
+def complemented_names(pseudo: PseudoConfig) -> list[str] | None:
     """Class names whose pseudo-masks are complemented: ``pseudo.stuff_classes`` when ``pseudo.stuff_masks``
     is ``complement``; None under ``same`` (the default)."""
-    pseudo = params.get("pseudo", {}) or {}
-    rule = pseudo.get("stuff_masks", "same")
-    if rule not in STUFF_MASKS:
-        raise FscsError(f"params: pseudo.stuff_masks must be one of {STUFF_MASKS}, got {rule!r}")
-    return list(pseudo.get("stuff_classes") or []) if rule == "complement" else None
+    return list(pseudo.stuff_classes) if pseudo.stuff_masks == "complement" else None
 
 
-def complement_classes(params: dict[str, Any], names: dict[int, str] | None) -> set[int]:
+def complement_classes(pseudo: PseudoConfig, names: dict[int, str] | None) -> set[int]:
     """Class ids whose pseudo-masks are complemented: `complemented_names` matched to the dataset's names."""
-    wanted = complemented_names(params)
+    wanted = complemented_names(pseudo)
     if wanted is None:
         return set()
     if names is None:

@@ -10,9 +10,8 @@
   weights over the steps (`weight_average`), which smooths the step-to-step noise of a constant rate.
 - Selection: after every epoch, mIoU on the fold's 1-way 1-shot VALIDATION episodes (train split, training
   classes; never the test list), via `fscs.evaluation.episodes.run_episodes` and `CSTPredictor`; the best
-  epoch's
-  weights are kept; training stops after ``patience`` epochs without improvement (counted only once the
-  best validation mIoU is above 0, see `improves`).
+  epoch's weights are kept; training stops after ``patience`` epochs without improvement (counted only once
+  the best validation mIoU is above 0, see `improves`).
 - Determinism: ``torch.manual_seed(seed)``, ``torch.use_deterministic_algorithms(True)``, a fixed thread
   count; two runs with the same inputs give bit-identical weights on the same machine.
 - Device: ``FSCS_DEVICE`` (`fscs.core.device`); on CUDA the loss's upsampling and cross-entropy run through
@@ -26,7 +25,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -34,7 +33,6 @@ import torch
 from timm.utils.model_ema import ModelEmaV3
 from tqdm import tqdm
 
-from fscs.config.train import TrainConfig
 from fscs.core.deterministic import cross_entropy, interpolate_bilinear
 from fscs.core.device import describe, resolve_device
 from fscs.core.errors import FscsError
@@ -44,6 +42,10 @@ from fscs.learn.calibration import Records, calibrate
 from fscs.learn.model.cst import CST, CSTConfig
 from fscs.learn.predictor import CSTPredictor, PreparedBank, TokenBank, scoring_workers
 from fscs.learn.targets import Targets
+
+if TYPE_CHECKING:  # the params layer needs pydantic; the loop (and the GPU smoke) does not
+    from fscs.config.params import TrainConfig
+    from fscs.learn.cell import Cell
 
 CURVE_COLUMNS = (
     "epoch",
@@ -130,15 +132,6 @@ def episode_loss(
     return cls_weight * cross_entropy(cls_logits, presence) + segmentation_loss(seg_logits, target)
 
 
-def training_images(index: pd.DataFrame, split: str, classes: list[int]) -> list[str]:
-    """Images of ``split`` having at least one of ``classes`` (every image a training episode can touch)."""
-    wanted = set(int(c) for c in classes)
-    rows = index[
-        (index["split"] == split) & index["classes"].map(lambda cs: bool(wanted & set(map(int, cs))))
-    ]
-    return [str(i) for i in rows.index]
-
-
 class Batcher:
     """Turns 1-way 1-shot episodes into tensors: prepared features, support masks, query targets, presence,
     and the prepared prior vectors (query, support) when the model uses the prior map (else None)."""
@@ -215,14 +208,7 @@ def validate(
     from fscs.evaluation.episodes import run_episodes
 
     model.config.presence_threshold = model.config.fg_threshold = 0.5
-    predictor = CSTPredictor(
-        model,
-        tokens,
-        targets.test_support_mask,
-        targets.test_mask_depends_on_class,
-        batch_size=batch_size,
-        workers=workers,
-    )
+    predictor = CSTPredictor.for_targets(model, tokens, targets, batch_size, workers)
     predictor.prefetch(val_episodes, progress=False)
     res = run_episodes(val_episodes, predictor, index, classes, void=void, progress=False)
     r = res.get("1way1shot") or next(iter(res.values()))
@@ -268,8 +254,7 @@ def train(
     device: torch.device | None = None,
 ) -> TrainResult:
     """Train one CST model on ``device`` (default: `fscs.core.device.resolve_device`); returns the best
-    epoch's
-    model (on the CPU) and the learning curve.
+    epoch's model (on the CPU) and the learning curve.
 
     ``val_episodes``: 1-way 1-shot validation rows of this fold (None or empty: keep the last epoch);
     ``val_classes``: the classes their mIoU averages over (default: ``train_classes``).
@@ -368,3 +353,25 @@ def train(
     model.config.presence_threshold, model.config.fg_threshold = best_thresholds
     model.eval().cpu()
     return TrainResult(model, best_epoch, best_miou, curve, time.perf_counter() - start, describe(device))
+
+
+def train_cell(
+    cell: Cell, config: TrainConfig, on_epoch: Any = None, progress: bool | None = None, device: Any = None
+) -> TrainResult:
+    """Train one CST model for a study cell (selection on its validation episodes) on ``device``."""
+    return train(
+        config=config,
+        tokens=cell.tokens,
+        model_config=cell.model_config(config),
+        targets=cell.targets,
+        index=cell.index,
+        train_split=cell.split,
+        train_classes=cell.train_classes,
+        fold=cell.fold,
+        val_episodes=cell.val,
+        void=cell.void,
+        val_classes=cell.val_classes,
+        on_epoch=on_epoch,
+        progress=progress,
+        device=device,
+    )

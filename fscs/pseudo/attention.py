@@ -16,8 +16,7 @@ is all background when the query's image-level labels say the class is absent.
 
 ``Labeler`` is what training, baselines and evaluation use: foreground maps at grid resolution, optionally
 passed through the pseudo-label enhancer (``fscs.pseudo.enhancer``) for the mixed setting; ``to_mask``
-upsamples and
-thresholds.
+upsamples and thresholds.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from fscs.config.params import validate_section
+from fscs.config.params import PseudoConfig
 from fscs.core.errors import FscsError
 from fscs.core.io import json_attr
 from fscs.core.lru import LRUCache
@@ -142,7 +141,7 @@ class Labeler:
     """Foreground probability maps at grid resolution for supports (self maps) and (support, query) pairs.
 
     store: a ``fscs.features.store.FeatureStore`` (anything with ``cls_query``, ``patch_keys``, ``grid``,
-    ``attrs``).
+      ``attrs``).
     pseudo_path: optional ``data/pseudo/<ds>.h5``; its per-head self maps are used instead of recomputing
       them from the store (checked against the store's provenance).
     enhancer: optional ``fscs.pseudo.enhancer.Enhancer`` module, or a checkpoint path (then ``fold`` picks the
@@ -151,7 +150,7 @@ class Labeler:
     recipe: ``cst`` or ``dino``; threshold: the raw-map threshold (``pseudo.cst_threshold``; a dino map is
       binary, any threshold in (0, 1] works, 0.5 is used).
     center_keys: subtract the mean patch key before the cosine (``pseudo.center_keys``, see ``head_cosine``).
-    ``Labeler.from_params(store, params, ...)`` builds one from params.yaml's ``pseudo`` section.
+    ``Labeler.from_config(store, config.pseudo, ...)`` builds one from params.yaml's ``pseudo`` section.
 
     ``support_fg(id)`` and ``pair_fg(support_id, query_id, present=True)`` return (gh, gw) float32 in [0, 1];
     ``support_mask`` / ``pair_mask`` also upsample and threshold with ``to_mask``. Self maps are cached.
@@ -206,17 +205,16 @@ class Labeler:
         self._cache = LRUCache(cache_size)
 
     @classmethod
-    def from_params(
+    def from_config(
         cls,
         store: Any,
-        params: dict,
+        p: PseudoConfig,
         pseudo_path: str | os.PathLike | None = None,
         enhancer: Any = None,
         fold: int | None = None,
     ) -> Labeler:
-        """A labeler with params.yaml's ``pseudo`` settings (recipe, threshold, dino mass/heads, centring),
-        validated by `fscs.config.params.PseudoConfig` (its defaults for absent keys)."""
-        p = validate_section("pseudo", params.get("pseudo"))
+        """A labeler with params.yaml's validated ``pseudo`` settings (recipe, threshold, dino mass/heads,
+        centring)."""
         return cls(
             store,
             pseudo_path=pseudo_path,

@@ -137,8 +137,7 @@ def train_enhancer(
     """Train a fresh enhancer on (N, H, gh, gw) cosine maps and (N, L, L) uint8 targets {0, 1, 255}.
 
     Returns the model (eval mode, on ``device``: default `fscs.core.device.resolve_device`) and the mean loss
-    of
-    each block of 50 steps. Seeded and deterministic (the batch order and flips are drawn on the CPU).
+    of each block of 50 steps. Seeded and deterministic (the batch order and flips are drawn on the CPU).
     """
     device = resolve_device() if device is None else device
     cfg = {**DEFAULT_CONFIG, **(config or {})}
@@ -231,6 +230,19 @@ def save_enhancer(path: str | os.PathLike, models: dict[str, Enhancer], config: 
     save_torch({"state_dict": state, "config": config}, path)
 
 
+def fold_entry(names: Any, fold: int | str | None, missing: str) -> str:
+    """Which per-fold entry (``fold<f>``) of a checkpoint or file serves ``fold``: the fold's own, else the
+    overall ``all``, else the only one when no fold is asked; FscsError ``"{missing} for fold ..."``."""
+    names = sorted(names)
+    if fold is not None and f"fold{fold}" in names:
+        return f"fold{fold}"
+    if "all" in names:
+        return "all"
+    if fold is None and len(names) == 1:
+        return names[0]
+    raise FscsError(f"{missing} for fold {fold!r} (holds {names})")
+
+
 def load_enhancer(path: str | os.PathLike, fold: int | str | None = None) -> Enhancer:
     """Load one enhancer from a checkpoint (weights_only=True): the fold's when it holds one per fold."""
     if not os.path.isfile(path):
@@ -239,15 +251,7 @@ def load_enhancer(path: str | os.PathLike, fold: int | str | None = None) -> Enh
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt:
         raise FscsError(f"{path}: not an enhancer checkpoint (needs 'state_dict' and 'config')")
     states, cfg = ckpt["state_dict"], ckpt["config"]
-    names = sorted(states)
-    if fold is not None and f"fold{fold}" in states:
-        name = f"fold{fold}"
-    elif "all" in states:
-        name = "all"
-    elif fold is None and len(names) == 1:
-        name = names[0]
-    else:
-        raise FscsError(f"{path}: no enhancer for fold {fold!r} (holds {names})")
+    name = fold_entry(states, fold, f"{path}: no enhancer")
     model = Enhancer(
         int(cfg.get("in_channels", 6)),
         int(cfg.get("width", 128)),
@@ -304,13 +308,5 @@ def read_enhanced(path: str | os.PathLike, fold: int | str | None = None) -> tup
     with h5py.File(path, "r") as f:
         if "enhanced" not in f:
             raise FscsError(f"{path}: no 'enhanced' group (not an enhanced pseudo-label file)")
-        names = sorted(f["enhanced"])
-        if fold is not None and f"fold{fold}" in names:
-            name = f"fold{fold}"
-        elif "all" in names:
-            name = "all"
-        elif fold is None and len(names) == 1:
-            name = names[0]
-        else:
-            raise FscsError(f"{path}: no enhanced maps for fold {fold!r} (holds {names})")
+        name = fold_entry(f["enhanced"], fold, f"{path}: no enhanced maps")
         return _ids(f["image_ids"]), f["enhanced"][name][()]

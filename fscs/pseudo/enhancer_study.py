@@ -2,13 +2,12 @@
 
 For each labelled fraction (``mixed.fraction`` and ``mixed.sweep``) a freshly drawn subset
 (``fscs.pseudo.labelled``) and freshly trained enhancer(s) (``fscs.pseudo.enhancer``). Pseudo-label mIoU
-before (raw
-``cst`` maps at ``pseudo.cst_threshold``) and after (enhanced, at the enhancer's calibrated threshold) on the
-training-split images OUTSIDE the labelled subset, for self maps (image's labels) and pair maps (seeded
-(support, query, class) pairs as in `fscs.pseudo.quality`), void ignored, at original image size. Per fold,
-mIoU is over the fold's training classes (the headline: what the fold's training uses), and separately over
-its object / stuff training classes and its test classes (classes the enhancer never saw a mask of).
-``after_oracle`` (best grid threshold on the held-out GT) is a diagnostic only.
+before (raw ``cst`` maps at ``pseudo.cst_threshold``) and after (enhanced, at the enhancer's calibrated
+threshold) on the training-split images OUTSIDE the labelled subset, for self maps (image's labels) and pair
+maps (seeded (support, query, class) pairs as in `fscs.pseudo.quality`), void ignored, at original image size.
+Per fold, mIoU is over the fold's training classes (the headline: what the fold's training uses), and
+separately over its object / stuff training classes and its test classes (classes the enhancer never saw a
+mask of). ``after_oracle`` (best grid threshold on the held-out GT) is a diagnostic only.
 
 ``per_fold``: one enhancer per fold, trained on masks of the fold's TRAINING classes only, so no mask of a
 class a fold tests on is ever used; the test split is never used either way. Measured choices (per fold,

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from fscs.config.params import checkpoint_label_size
+from fscs.config.checkpoint import checkpoint_label_size
+from fscs.config.params import PseudoConfig
 from fscs.core.overlay import overlay, save_grid
 from fscs.data.images import VOID, gt_mask, load_rgb
 from fscs.evaluation.episodes import decide
@@ -29,7 +29,7 @@ def prediction_grid(
     features_path: str | os.PathLike,
     supervisions: list[str],
     fold: int,
-    params: dict[str, Any],
+    pseudo: PseudoConfig,
     out_dir: str | os.PathLike,
     n_episodes: int = 6,
 ) -> list[str]:
@@ -78,7 +78,7 @@ def prediction_grid(
             label_size = checkpoint_label_size(ckpt, checkpoint)
             targets = targets_for(
                 supervision,
-                params,
+                pseudo,
                 store,
                 index,
                 label_size,
@@ -88,9 +88,7 @@ def prediction_grid(
                 enhancer=str(Path(models_dir).parent / "enhancer.pt"),
                 class_names=class_names(read_folds(Path(episodes_dir) / "folds.json")),
             )
-            predictor = CSTPredictor(
-                model, tokens, targets.test_support_mask, targets.test_mask_depends_on_class
-            )
+            predictor = CSTPredictor.for_targets(model, tokens, targets, batch_size=32, workers=1)
             for r, row in enumerate(chosen.itertuples(index=False)):
                 query = index.loc[row.query_id]
                 presence, fg = predictor.predict(row.query_id, row.support_classes, row.support_ids)

@@ -226,7 +226,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise FscsError(f"{p}: checkpoint not found; run the train stage first")
-    from fscs.config.params import validate_checkpoint_config  # pydantic: only where a checkpoint is read
+    from fscs.config.checkpoint import validate_checkpoint_config  # pydantic: only where a checkpoint is read
     from fscs.core.io import load_torch
 
     ckpt = load_torch(p, "CST checkpoint")
