@@ -15,7 +15,7 @@ COMMANDS = {
         "fscs.config.overrides",
         "params.yaml with a settings file's overrides merged on top (configs/)",
     ),
-    "predict": ("fscs.predict.run", "few-shot classify and segment query images from support images"),
+    "predict": ("fscs.predict.cli", "few-shot classify and segment query images from support images"),
     "kernel": ("fscs.learn.model.fused_attention", "build the fused CPU attention kernel and check it"),
     "demo": ("fscs.demo", "serve a local page to try a trained checkpoint on your own images"),
 }

@@ -11,7 +11,7 @@ from PIL import Image
 
 from fscs.cli import main as cli_main
 from fscs.core.errors import FscsError
-from fscs.predict.run import parse_support
+from fscs.predict.inputs import parse_support
 
 ROOT = Path(__file__).resolve().parent.parent
 INPUT = 64
@@ -190,7 +190,7 @@ CKPT = ROOT / "models" / "cst" / "pixel" / "fold0.pt"
 def test_real_checkpoint_on_msrc_matches_the_evaluation_path(tmp_path):
     """`fscs predict` on MSRC photos (backbone run on the images) gives the evaluation path's answers
     (stored float16 tokens, GT support masks): same presence decisions, nearly the same pixels."""
-    from fscs.config.dicts import load_params
+    from fscs.config.params import load_config
     from fscs.data.images import load_mask
     from fscs.data.index import read_index
     from fscs.evaluation.episodes import decide
@@ -222,7 +222,7 @@ def test_real_checkpoint_on_msrc_matches_the_evaluation_path(tmp_path):
     with FeatureStore(features) as store:
         model, ckpt = load_checkpoint(CKPT, store=store)
         size = int(ckpt["config"]["label_size"])
-        targets = targets_for("pixel", load_params(ROOT / "params.yaml"), store, index, size, fold=0)
+        targets = targets_for("pixel", load_config(ROOT / "params.yaml").pseudo, store, index, size, fold=0)
         reference = CSTPredictor(model, TokenBank(store, sup + queries), targets.test_support_mask)
         for q in queries:
             doc = json.loads((out / f"{q}.json").read_text())

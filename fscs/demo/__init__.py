@@ -6,9 +6,9 @@ The page lists the checkpoints the pipeline wrote (``models/cst/<setting>/fold<f
 fold was trained on, takes 1 or 2 classes of 1-5 support images each (with an optional mask: an uploaded PNG
 or a brush on the image; a class can be a stuff class) and one query, and shows per class the presence
 probability and decision, the query overlay in the VOC palette with a legend, the mask every support was
-taught with, and the time taken. It runs `fscs.predict.run.predict_episode`, the code of `fscs predict`; the
-model and backbone load once per process. Nothing leaves the machine (no analytics, no fonts or scripts from
-a CDN) and nothing in the workspace is written. Gradio is imported only by this command.
+taught with, and the time taken. It runs `fscs.predict.episode.predict_episode`, the code of `fscs predict`;
+the model and backbone load once per process. Nothing leaves the machine (no analytics, no fonts or scripts
+from a CDN) and nothing in the workspace is written. Gradio is imported only by this command.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fscs.demo import MAX_UPLOAD
 from fscs.demo.handlers import MAX_CLASSES, MAX_SHOTS, ClassInput, Models, SupportInput, answer, brush_mask
@@ -16,6 +16,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import gradio as gr  # noqa: E402
+
+if TYPE_CHECKING:
+    from fscs.config.params import Config
 
 #: System fonts only: Gradio's default theme would fetch its fonts from Google.
 SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]
@@ -46,11 +49,11 @@ def _slot_inputs(values: list[Any]) -> list[ClassInput]:
     return classes
 
 
-def build(workspace: str | os.PathLike = ".", params: dict[str, Any] | None = None) -> gr.Blocks:
+def build(workspace: str | os.PathLike = ".", config: Config | None = None) -> gr.Blocks:
     """The page for a workspace's checkpoints; the model of each loads once, on its first request."""
     checkpoints = find_checkpoints(workspace)
     by_label: dict[str, CheckpointInfo] = {c.label: c for c in checkpoints}
-    models = Models(params)
+    models = Models(config)
     examples = find_examples(workspace, checkpoints)
 
     def run(checkpoint_label: str | None, query: str | None, *values: Any):
@@ -159,9 +162,9 @@ def theme() -> gr.themes.Base:
 
 def serve(workspace: str, host: str, port: int, params_path: str | None, share: bool = False) -> None:
     """Serve the page until interrupted (bound to ``host``; no public link unless ``share``)."""
-    from fscs.predict.run import read_params
+    from fscs.predict.inputs import read_config
 
-    page = build(workspace, read_params(params_path))
+    page = build(workspace, read_config(params_path))
     page.queue(default_concurrency_limit=1)  # one episode at a time: the CPU threads are shared
     page.launch(
         server_name=host,

@@ -1,5 +1,5 @@
-"""The demo page's request handling, without Gradio: page inputs -> `fscs.predict.run.predict_episode` -> a
-reply.
+"""The demo page's request handling, without Gradio: page inputs -> `fscs.predict.episode.predict_episode` ->
+a reply.
 
 Every problem with the inputs becomes a message on the page (the reply's ``error``), never an exception: the
 server stays up and no traceback reaches the page.
@@ -13,11 +13,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fscs.core.errors import FscsError
+
+if TYPE_CHECKING:
+    from fscs.config.params import Config
 
 log = logging.getLogger(__name__)
 
@@ -55,20 +58,21 @@ class Reply:
 
 
 class Models:
-    """One `fscs.predict.run.Predictor` (CST model and backbone) per checkpoint, built once per process."""
+    """One `fscs.predict.predictor.Predictor` (CST model and backbone) per checkpoint, built once per
+    process."""
 
-    def __init__(self, params: dict[str, Any] | None = None):
-        self.params = dict(params or {})
+    def __init__(self, config: Config | None = None):
+        self.config = config
         self._loaded: dict[str, Any] = {}
         self._lock = threading.Lock()
 
     def get(self, checkpoint: str | Path) -> Any:
-        from fscs.predict.run import Predictor
+        from fscs.predict.predictor import Predictor
 
         key = str(checkpoint)
         with self._lock:
             if key not in self._loaded:
-                self._loaded[key] = Predictor(key, self.params)
+                self._loaded[key] = Predictor(key, self.config)
             return self._loaded[key]
 
 
@@ -88,11 +92,11 @@ def brush_mask(editor: Any) -> np.ndarray | None:
 def _support_mask(s: SupportInput, image: np.ndarray, where: str, notes: list[str]) -> tuple[Any, str]:
     """(foreground (H, W) bool or None, where it came from) for one support; FscsError for a bad mask."""
     from fscs.core.resample import nearest
-    from fscs.predict.run import _load_mask_fg
+    from fscs.predict.inputs import load_mask_fg
 
     h, w = image.shape[:2]
     if s.mask:
-        fg = _load_mask_fg(s.mask, (h, w))  # a mask of another size is refused, as by `fscs predict`
+        fg = load_mask_fg(s.mask, (h, w))  # a mask of another size is refused, as by `fscs predict`
         if not fg.any():
             raise FscsError(
                 f"{where}: the mask PNG has no foreground pixels; upload a mask with the class in it, paint "
@@ -112,7 +116,7 @@ def _support_mask(s: SupportInput, image: np.ndarray, where: str, notes: list[st
 
 def _read_supports(classes: list[ClassInput], notes: list[str]) -> list[Any]:
     from fscs.data.images import load_rgb
-    from fscs.predict.run import Support
+    from fscs.predict.episode import Support
 
     used = [c for c in classes if c.used]
     if not used:
@@ -187,7 +191,7 @@ def answer(
 ) -> Reply:
     """Run one episode for the page. Never raises: a problem is the reply's ``error``."""
     from fscs.data.images import load_rgb
-    from fscs.predict.run import predict_episode
+    from fscs.predict.episode import predict_episode
 
     notes: list[str] = []
     try:

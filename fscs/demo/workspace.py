@@ -39,13 +39,13 @@ class Example:
 
 
 def _dataset(workspace: Path) -> str | None:
-    from fscs.config.params import read_params
+    from fscs.config.params import load_config
 
     try:
-        params = read_params(workspace / "params.yaml")
+        config = load_config(workspace / "params.yaml")
     except FscsError:
         return None
-    return (params.get("dataset") or {}).get("name")
+    return config.dataset.name if config.dataset is not None else None
 
 
 def _folds(workspace: Path) -> dict | None:

@@ -49,9 +49,14 @@ class EpisodeResult:
 
 
 def _taught(
-    supports: list[Support], masks: list[np.ndarray], complemented: list[bool], classes: list[str], alpha: float
+    supports: list[Support],
+    masks: list[np.ndarray],
+    complemented: list[bool],
+    classes: list[str],
+    alpha: float,
 ) -> list[SupportResult]:
-    """Per support the mask its class was taught with (given or pseudo), at the image's size, as an overlay."""
+    """Per support the mask its class was taught with (given or pseudo), at the image's size, as an
+    overlay."""
     from fscs.core.overlay import overlay
     from fscs.core.resample import nearest_torch
 

@@ -143,7 +143,9 @@ class Predictor:
         from fscs.core.resample import nearest_torch
         from fscs.pseudo.attention import Labeler
 
-        labeler = Labeler.from_config(MemoryStore(encs, self.backbone), validate_section("pseudo", self.pseudo))
+        labeler = Labeler.from_config(
+            MemoryStore(encs, self.backbone), validate_section("pseudo", self.pseudo)
+        )
         masks = []
         for i, (fg, is_stuff) in enumerate(zip(fgs, stuff, strict=True)):
             if fg is not None:
