@@ -20,6 +20,7 @@ import pandas as pd
 from experiments.holdout import draw_held_out, held_out_classes, kept_classes
 from fscs.config.params import load_config
 from fscs.config.paths import pipeline_paths
+from fscs.core.memory import budget_bytes
 from fscs.data.folds import class_names, read_folds, training_classes
 from fscs.data.index import read_index
 from fscs.evaluation.baselines import run_baselines
@@ -70,7 +71,7 @@ def main() -> None:
                 layer=cfg.layer,
                 gate=cfg.gate,
                 stats=list(cfg.presence_stats),
-                cache_size=cfg.cache_images,
+                token_bytes=budget_bytes(config.memory.tokens_mb, "tokens"),
                 progress=False,
                 complement=complement_classes(config.pseudo, class_names(folds)),
             )

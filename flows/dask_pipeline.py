@@ -35,6 +35,7 @@ from flows.pipeline import study_targets
 from flows.serve import API_URL
 from flows.workspace import Remote, StageJob, StageResult, pack_code, read_tree, run_stage
 from fscs.config.params import load_config
+from fscs.core.errors import FscsError
 from fscs.data.get import local_copy, source_variable
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,10 +165,16 @@ def _submit(job: StageJob, gpu: bool, cpu_workers: list[str]):
         return run_on_worker.submit(plan.name, job)
 
 
-def local_cluster(workers: int, gpu_workers: int) -> SpecCluster:
-    """`workers` one-thread worker processes on this machine; the first `gpu_workers` offer GPU=1 (and see
-    only their own CUDA device when there is one)."""
+def worker_specs(workers: int, gpu_workers: int, share_gpus: bool = False) -> dict[str, dict]:
+    """The Nanny specs of `local_cluster`: the first `gpu_workers` offer GPU=1 and see only their own CUDA
+    device (``CUDA_VISIBLE_DEVICES = i % #GPUs``). More GPU workers than visible GPUs would put two workers
+    on one card unknowingly, so that is refused unless `share_gpus`; with no CUDA only the resource is set."""
     cuda = torch.cuda.device_count()
+    if cuda and gpu_workers > cuda and not share_gpus:
+        raise FscsError(
+            f"{gpu_workers} GPU workers but only {cuda} visible GPU(s): workers would share a card; "
+            f"pass --gpu-workers {cuda} or fewer, or --share-gpus to share them on purpose"
+        )
     specs = {}
     for i in range(workers):
         options: dict = {"nthreads": 1, "name": f"gpu-{i}" if i < gpu_workers else f"cpu-{i}"}
@@ -176,6 +183,13 @@ def local_cluster(workers: int, gpu_workers: int) -> SpecCluster:
             if cuda:
                 options["env"] = {"CUDA_VISIBLE_DEVICES": str(i % cuda)}
         specs[options["name"]] = {"cls": Nanny, "options": options}
+    return specs
+
+
+def local_cluster(workers: int, gpu_workers: int, share_gpus: bool = False) -> SpecCluster:
+    """`workers` one-thread worker processes on this machine, the first `gpu_workers` of them GPU workers
+    (see `worker_specs`, which refuses more GPU workers than GPUs unless `share_gpus`)."""
+    specs = worker_specs(workers, gpu_workers, share_gpus)
     scheduler = {"cls": Scheduler, "options": {"dashboard_address": ":0", "host": "127.0.0.1"}}
     return SpecCluster(workers=specs, scheduler=scheduler)
 
@@ -202,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", help="scheduler of an existing Dask cluster (default: a local one)")
     parser.add_argument("--workers", type=int, default=2, help="local cluster: worker processes")
     parser.add_argument("--gpu-workers", type=int, help="workers with GPU=1 (default: #CUDA)")
+    parser.add_argument(
+        "--share-gpus", action="store_true", help="allow more GPU workers than GPUs (they share cards)"
+    )
     parser.add_argument("--remote", help="DVC remote URL (default: the project's default remote)")
     parser.add_argument("--remote-option", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--supervisions", nargs="*")
@@ -222,12 +239,12 @@ def main(argv: list[str] | None = None) -> int:
             os.environ["PREFECT_API_URL"] = server.api_url
     cluster = None
     address = args.address
-    if not address:
-        gpu_workers = args.gpu_workers if args.gpu_workers is not None else torch.cuda.device_count()
-        cluster = local_cluster(args.workers, min(gpu_workers, args.workers))
-        address = cluster.scheduler_address
-    start = time.monotonic()
-    try:
+    try:  # the cluster inside: a refused GPU worker count still stops the Prefect server
+        if not address:
+            gpu_workers = args.gpu_workers if args.gpu_workers is not None else torch.cuda.device_count()
+            cluster = local_cluster(args.workers, min(gpu_workers, args.workers), share_gpus=args.share_gpus)
+            address = cluster.scheduler_address
+        start = time.monotonic()
         runner = fscs_pipeline_dask.with_options(task_runner=DaskTaskRunner(address=address))
         gpu, cpu_workers = worker_roles(address)
         done = runner(

@@ -7,8 +7,9 @@
 Baselines (``fscs.evaluation.baselines``): ``attention`` (raw support-CLS attention on the query),
 ``prototype`` (masked-prototype matcher with the support's self pseudo-mask) and ``prototype_gt`` (the same
 with the GT support mask). Thresholds are calibrated on ``<episodes>/val.parquet`` (training split and
-classes) only. Params: ``evaluate.void`` and ``evaluate.baselines`` (names, layer, presence_stats, gate,
-cache_images); ``pseudo`` for the support pseudo-masks; ``backbone`` to check the feature store.
+classes) only. Params: ``evaluate.void`` and ``evaluate.baselines`` (names, layer, presence_stats, gate);
+``pseudo`` for the support pseudo-masks; ``backbone`` to check the feature store; ``memory.tokens_mb`` bounds
+the token cache (not a DVC param: it changes no number).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 
 from fscs.config.params import load_config
 from fscs.core.io import write_json
+from fscs.core.memory import budget_bytes
 from fscs.data.folds import class_names, read_folds
 from fscs.data.index import read_index
 from fscs.evaluation.baselines import run_baselines
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
             layer=cfg.layer,
             gate=cfg.gate,
             stats=list(cfg.presence_stats),
-            cache_size=cfg.cache_images,
+            token_bytes=budget_bytes(config.memory.tokens_mb, "tokens"),
             progress=not args.quiet,
             complement=complement_classes(config.pseudo, class_names(folds)),
         )

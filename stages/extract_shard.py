@@ -55,8 +55,9 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     backbone = backbone_from_config(config.need("backbone"), device)
     load_s = time.perf_counter() - t0
+    storage = config.need("backbone").storage
     stats = extract_to_store(
-        backbone, ids, paths, args.out, layers=layers, batch_size=batch_size, check=False
+        backbone, ids, paths, args.out, layers=layers, batch_size=batch_size, check=False, storage=storage
     )
     report = {
         **stats,
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
         "torch": torch.__version__,
         "device": describe(device),
         "precision": backbone.precision,
+        "storage": storage,
     }
     write_json(args.report, report)
     rate = f"{stats['images_per_s']:.2f} img/s" if stats["images_per_s"] else "nothing to compute"

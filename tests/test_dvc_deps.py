@@ -9,6 +9,8 @@ takes the attribute ``name`` of something whose name contains ``params``, ``conf
 names come from
 params.yaml. Both directions are checked: an undeclared file or section serves stale results, a declared one
 that nothing reads re-runs the stage for nothing. A declared folder must hold only files the stage imports.
+The ``memory`` section is the one exception: a budget decides what a stage keeps in memory, never a value
+(`tests/test_memory_budget.py`), so it is not a DVC param and changing it re-runs nothing.
 Every path argument of the command (``--flag a/b``) must be a dep or an out, and a stage that can open
 dataset images or masks (``fscs/data/images.py`` in its closure) must depend on ``${dataset.root}``: the
 index holds their paths, so it can stay byte-identical while a mask changes.
@@ -30,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("fscs", "stages")
 RECEIVERS = ("params", "config", "cfg")
 READER, DATASET = "fscs/data/images.py", "${dataset.root}"  # the module that opens images and masks
+NOT_PARAMS = frozenset({"memory"})  # sections that change no output (see the module doc)
 
 
 def module_file(module: str) -> Path | None:
@@ -156,7 +159,7 @@ def load_stages() -> dict[str, dict]:
 
 
 def params_sections() -> frozenset[str]:
-    return frozenset(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    return frozenset(yaml.safe_load((ROOT / "params.yaml").read_text())) - NOT_PARAMS
 
 
 def _declared_params(stage: dict) -> set[str]:

@@ -195,7 +195,7 @@ def make_predictor(model: CST, store: FakeStore) -> CSTPredictor:
         m[k : k + 8, 2:10] = True
         return m
 
-    return CSTPredictor(model, TokenBank(store, list(store.data)), support_mask, mask_depends_on_class=False)
+    return CSTPredictor(model, TokenBank(store), support_mask, mask_depends_on_class=False)
 
 
 def test_predictor_k_shot_averages_over_shots():
@@ -278,7 +278,7 @@ def test_prefetch_workers_give_the_single_threaded_numbers_and_restore_torch_thr
         return m
 
     def scores(workers: int) -> dict:
-        pred = CSTPredictor(model, TokenBank(store, ids), support_mask, batch_size=2, workers=workers)
+        pred = CSTPredictor(model, TokenBank(store), support_mask, batch_size=2, workers=workers)
         assert pred.prefetch(episodes, progress=False) == 24 == pred.pairs_computed
         return dict(pred._cache)
 
@@ -319,7 +319,7 @@ def test_prefetch_workers_stop_at_the_first_error():
         time.sleep(0.05)
         return np.ones((16, 16), dtype=bool)
 
-    pred = CSTPredictor(CST(tiny_config()), TokenBank(store, ids), support_mask, batch_size=1, workers=2)
+    pred = CSTPredictor(CST(tiny_config()), TokenBank(store), support_mask, batch_size=1, workers=2)
     with pytest.raises(FscsError, match=f"{ids[1]}: mask unreadable"):
         pred.prefetch(episodes, progress=False)
     assert len(calls) <= 6  # of 8 batches (one query each), sorted: the failing one comes first

@@ -223,7 +223,7 @@ def test_real_checkpoint_on_msrc_matches_the_evaluation_path(tmp_path):
         model, ckpt = load_checkpoint(CKPT, store=store)
         size = int(ckpt["config"]["label_size"])
         targets = targets_for("pixel", load_config(ROOT / "params.yaml").pseudo, store, index, size, fold=0)
-        reference = CSTPredictor(model, TokenBank(store, sup + queries), targets.test_support_mask)
+        reference = CSTPredictor(model, TokenBank(store), targets.test_support_mask)
         for q in queries:
             doc = json.loads((out / f"{q}.json").read_text())
             presence, fg = reference.predict(q, [cls], [sup])

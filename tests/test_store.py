@@ -187,6 +187,7 @@ def test_expected_attrs_from_params():
         "normalization": NORMALIZATION,
         "code_version": STORE_VERSION,
         "precision": "fp32",
+        "storage": "fp16",
     }
     assert (
         expected_attrs(validate_section("backbone", {"name": "path:/x.pt", "arch": "vit_small_patch16_224"}))[

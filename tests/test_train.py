@@ -101,7 +101,7 @@ def run_train(index, store, val, model: dict | None = None, **cfg):
     targets = Targets("pixel", index, SIZE)
     return train(
         config=config,
-        tokens=TokenBank(store, list(index.index)),
+        tokens=TokenBank(store),
         model_config=model_config(**(model or {})),
         targets=targets,
         index=index,
@@ -227,7 +227,7 @@ def test_tiny_model_overfits_toy_episodes(tmp_path):
     assert losses[-1] < losses[0] / 5
     # the toy masks are recovered: IoU of (fg prob >= 0.5) with the GT object, class-present pairs
     targets = Targets("pixel", index, SIZE)
-    pred = CSTPredictor(res.model, TokenBank(store, list(index.index)), targets.test_support_mask)
+    pred = CSTPredictor(res.model, TokenBank(store), targets.test_support_mask)
     inter = union = 0
     correct = 0
     for row in val.itertuples():
@@ -595,7 +595,7 @@ def test_a_few_dozen_steps_move_predictions_off_all_background(tmp_path, prior):
     assert res.best_val_miou == best["val_miou_cal"]
     # through the predictor (thresholds applied) the masks are no longer all background
     targets = Targets("pixel", index, SIZE)
-    pred = CSTPredictor(res.model, TokenBank(store, list(index.index)), targets.test_support_mask)
+    pred = CSTPredictor(res.model, TokenBank(store), targets.test_support_mask)
     row = next(r for r in val_frame(index).itertuples() if r.labels[0])
     presence, fg = pred.predict(row.query_id, row.support_classes, row.support_ids)
     assert presence[0] > 0.5 and 0.05 < (fg >= 0.5).mean() < 0.95

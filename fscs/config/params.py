@@ -92,6 +92,8 @@ class BackboneConfig(Section):
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast around the ViT forward (fscs.core.device)
     threads: Count = 0  # 0: all available cores
     arch: str | None = None  # timm architecture of a path: checkpoint
+    # stored type of tokens / q / k: fp16 (default) | bf16 | int8 (per-token scale); fscs.features.store
+    storage: Literal["fp16", "bf16", "int8"] = "fp16"
     # extraction shards as a list (dvc.yaml's matrix needs one; N = its length), exactly 0..N-1
     shards: Annotated[list[Count], Field(min_length=1)] = [0]
 
@@ -179,12 +181,22 @@ class BaselinesConfig(Section):
         "top10",
     ]
     gate: bool = True
-    cache_images: PositiveInt = 2048
 
 
 class EvaluateConfig(Section):
     void: Literal["ignore", "background"] = "ignore"
     baselines: BaselinesConfig = BaselinesConfig()
+
+
+Budget = Literal["auto"] | Annotated[int, Field(ge=1)]
+
+
+class MemoryConfig(Section):
+    """What a stage may hold in memory (MiB; ``auto``: sized for the machine, `fscs.core.memory`). A budget
+    decides what is kept, never a value (`tests/test_memory_budget.py`), so it is not a DVC param."""
+
+    tokens_mb: Budget = "auto"  # host cache of stored tokens (train, validation, evaluate, baselines, report)
+    prepared_mb: Budget = "auto"  # prepared CST features, on the model's device
 
 
 class StudyConfig(Section):
@@ -362,6 +374,7 @@ class Config(BaseModel):
     train: Annotated[Any, BeforeValidator(_train_config)] = Field(default_factory=lambda: _train_config({}))
     evaluate: EvaluateConfig = EvaluateConfig()
     study: StudyConfig = StudyConfig()
+    memory: MemoryConfig = MemoryConfig()
 
     def need(self, name: str) -> Any:
         """The section ``name``, or FscsError when the params file lacks a required one."""

@@ -8,6 +8,7 @@ results stay bit-identical; on CUDA they agree with them up to float rounding (`
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -19,17 +20,35 @@ def stand_in(t: torch.Tensor) -> bool:
     return t.is_cuda
 
 
+#: (n_in, n_out, scale, device, dtype) matrices kept: a training run uses two sizes per axis (the forward's
+#: and the loss's upsampling), so a few dozen cover several models and devices in one process
+MATRIX_CACHE = 32
+
+
 def _bilinear_matrix(n_in: int, n_out: int, scale: float, like: torch.Tensor) -> torch.Tensor:
-    """(n_out, n_in) weights of 1-D linear resampling, ``align_corners=False`` (torch's source index rule)."""
-    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * scale - 0.5).clamp(min=0.0)
-    i0 = src.floor().long().clamp(max=n_in - 1)
-    i1 = (i0 + 1).clamp(max=n_in - 1)
-    w1 = src - i0
-    a = torch.zeros(n_out, n_in, dtype=torch.float64)
-    rows = torch.arange(n_out)
-    a.index_put_((rows, i0), 1.0 - w1, accumulate=True)
-    a.index_put_((rows, i1), w1, accumulate=True)
-    return a.to(like.device, like.dtype)
+    """(n_out, n_in) weights of 1-D linear resampling, ``align_corners=False`` (torch's source index rule),
+    on ``like``'s device and dtype; built once per shape there (`_cached_matrix`), not copied every call."""
+    return _cached_matrix(int(n_in), int(n_out), float(scale), like.device, like.dtype)
+
+
+@functools.lru_cache(maxsize=MATRIX_CACHE)
+def _cached_matrix(
+    n_in: int, n_out: int, scale: float, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """The matrix of `_bilinear_matrix`, computed in float64 on the CPU, then moved; callers never write it.
+
+    Built outside inference mode even when first asked for inside it: an inference tensor could not be used
+    later in a training step's autograd graph."""
+    with torch.inference_mode(False):
+        src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * scale - 0.5).clamp(min=0.0)
+        i0 = src.floor().long().clamp(max=n_in - 1)
+        i1 = (i0 + 1).clamp(max=n_in - 1)
+        w1 = src - i0
+        a = torch.zeros(n_out, n_in, dtype=torch.float64)
+        rows = torch.arange(n_out)
+        a.index_put_((rows, i0), 1.0 - w1, accumulate=True)
+        a.index_put_((rows, i1), w1, accumulate=True)
+        return a.to(device, dtype)
 
 
 def interpolate_bilinear(

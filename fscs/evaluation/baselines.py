@@ -51,6 +51,7 @@ from fscs.pseudo.attention import cst_foreground, head_cosine
 
 BASELINES = ("attention", "prototype", "prototype_gt")
 STATS = ("max", "mean", "top10")
+CACHED_SMALL = 2048  # entries of the per-image caches of small arrays (CLS queries, support weights)
 #: supervision each baseline corresponds to (what it may use of the support)
 SUPERVISION = {"attention": "image", "prototype": "image", "prototype_gt": "pixel"}
 POOLED = "all"
@@ -201,7 +202,6 @@ class AttentionBaseline(MapBaseline):
         self,
         store: Any,
         center_keys: bool = False,
-        cache_size: int = 2048,
         complement: set[int] | None = None,
         **kw: Any,
     ):
@@ -210,8 +210,8 @@ class AttentionBaseline(MapBaseline):
         self.center_keys = bool(center_keys)
         self.complement = set(complement or ())
         self.grid = tuple(int(g) for g in store.grid)
-        self._q = LRUCache(cache_size)
-        self._k = LRUCache(min(cache_size, 64))  # (H, P, d) keys are large; queries rarely repeat
+        self._q = LRUCache(CACHED_SMALL)  # (H, d) CLS queries
+        self._k = LRUCache(64)  # (H, P, d) keys are large (3.8 MB at 50x50 tokens); queries rarely repeat
 
     def raw_map(self, query_id: str, class_id: int, support_ids: Sequence[str]) -> np.ndarray:
         keys = self._k.get_or(query_id, lambda: np.asarray(self.store.patch_keys(query_id), dtype=np.float32))
@@ -239,7 +239,6 @@ class PrototypeBaseline(MapBaseline):
         index: pd.DataFrame | None = None,
         support_mask: str = "pseudo",
         layer: int = -1,
-        cache_size: int = 2048,
         token_cache: LRUCache | None = None,
         complement: set[int] | None = None,
         **kw: Any,
@@ -261,8 +260,8 @@ class PrototypeBaseline(MapBaseline):
         self.support_mask = support_mask
         self.grid = tuple(int(g) for g in store.grid)
         self.layer_pos = layer_position(store, layer)
-        self._tok = token_cache if token_cache is not None else LRUCache(cache_size)
-        self._w = LRUCache(cache_size)
+        self._tok = token_cache if token_cache is not None else LRUCache(max_bytes=None)
+        self._w = LRUCache(CACHED_SMALL)  # (P,) support weights
 
     def patch_tokens(self, image_id: str) -> np.ndarray:
         """(P, D) float32 unit-norm patch tokens of the chosen block (cached)."""
@@ -344,7 +343,6 @@ def build(
     layer: int = -1,
     gate: bool = True,
     stats: Sequence[str] = STATS,
-    cache_size: int = 2048,
     token_cache: LRUCache | None = None,
     complement: set[int] | None = None,
 ) -> MapBaseline:
@@ -354,9 +352,7 @@ def build(
     """
     if name == "attention":
         center = bool(getattr(labeler, "center_keys", False))
-        return AttentionBaseline(
-            store, center_keys=center, cache_size=cache_size, complement=complement, gate=gate, stats=stats
-        )
+        return AttentionBaseline(store, center_keys=center, complement=complement, gate=gate, stats=stats)
     if name in ("prototype", "prototype_gt"):
         return PrototypeBaseline(
             store,
@@ -364,7 +360,6 @@ def build(
             index=index,
             support_mask="pseudo" if name == "prototype" else "gt",
             layer=layer,
-            cache_size=cache_size,
             token_cache=token_cache,
             complement=complement,
             gate=gate,
@@ -386,7 +381,7 @@ def run_baselines(
     layer: int = -1,
     gate: bool = True,
     stats: Sequence[str] = STATS,
-    cache_size: int = 2048,
+    token_bytes: int | None = None,
     progress: bool = True,
     complement: set[int] | None = None,
 ) -> dict[str, Any]:
@@ -394,7 +389,8 @@ def run_baselines(
 
     Returns the baselines file: ``{"fold", "void", "baselines": {name: {"1way1shot": {"er", "miou",
     "fbiou", "episodes"}, ...}}, "per_class_iou": {name: {setting: {"<id>": iou}}},
-    "calibration": {name: {"supervision", "rules": {setting: rule}}}}``.
+    "calibration": {name: {"supervision", "rules": {setting: rule}}}}``. ``token_bytes``: the budget of the
+    patch tokens the prototype baselines share (None: keep all).
     """
     from fscs.evaluation.episodes import evaluation_json, run_episodes
 
@@ -417,7 +413,7 @@ def run_baselines(
         setting_key(w, k) for w, k in zip(test_episodes["way"], test_episodes["shot"], strict=True)
     }
     pooled = not test_settings <= val_settings  # a fallback rule is needed only for settings val lacks
-    shared = LRUCache(cache_size)  # the prototype baselines read the same tokens
+    shared = LRUCache(max_bytes=token_bytes)  # the prototype baselines read the same tokens
     for name in names:
         baseline = build(
             name,
@@ -427,7 +423,6 @@ def run_baselines(
             layer=layer,
             gate=gate,
             stats=stats,
-            cache_size=cache_size,
             token_cache=shared,
             complement=complement,
         )

@@ -26,6 +26,7 @@ def evaluate_checkpoint(
 
     from fscs.core.allocator import keep_freed_memory
     from fscs.core.device import describe, resolve_device
+    from fscs.core.memory import budget_bytes, describe_budget
     from fscs.data.episodes import read_episodes
     from fscs.data.folds import class_names, fold_classes, read_folds
     from fscs.data.index import read_index
@@ -75,15 +76,15 @@ def evaluate_checkpoint(
         )
         ids = [str(i) for i in episodes["query_id"]]
         ids += [str(s) for ss in episodes["support_ids"] for shots in ss for s in shots]
-        missing = sorted({i for i in ids if i not in store})
-        if missing:
-            raise FscsError(
-                f"{paths['features']}: {len(missing)} episode images are not in the store "
-                f"(first: {missing[0]!r})"
-            )
-        tokens = TokenBank(store, ids, progress=None)
+        budget = {
+            "tokens": budget_bytes(config.memory.tokens_mb, "tokens"),
+            "prepared": budget_bytes(config.memory.prepared_mb, "prepared", device),
+        }
+        tokens = TokenBank(store, budget["tokens"])
+        tokens.require(ids, "episode images")
         batch = batch_size or config.train.eval_batch_size
-        predictor = CSTPredictor.for_targets(model, tokens, targets, batch, scoring_workers(model, threads))
+        workers = scoring_workers(model, threads)
+        predictor = CSTPredictor.for_targets(model, tokens, targets, batch, workers, budget["prepared"])
         pairs = predictor.prefetch(episodes, progress=None)
         classes = fold_classes(folds, fold, "test")
         results = run_episodes(episodes, predictor, index, classes, void=void, progress=None)
@@ -94,5 +95,9 @@ def evaluate_checkpoint(
         "seconds": round(seconds, 1),
         "checkpoint_epoch": ckpt.get("epoch"),
         "device": describe(device),
+        "memory": {
+            "tokens": describe_budget(config.memory.tokens_mb, budget["tokens"]),
+            "prepared": describe_budget(config.memory.prepared_mb, budget["prepared"]),
+        },
     }
     return doc

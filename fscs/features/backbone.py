@@ -95,6 +95,19 @@ class Features:
         out = [c.reshape(t.shape) for c, t in zip(flat.split(sizes, dim=1), parts, strict=True)]
         return Features(*out)
 
+    def to_host(self) -> tuple[Features, torch.cuda.Event | None]:
+        """The batch on the CPU without waiting for it: from CUDA, non-blocking copies into pinned memory and
+        the event recorded after them (synchronize it before reading the copies); elsewhere `cpu` and None."""
+        if self.tokens.device.type != "cuda":
+            return self.cpu(), None
+        parts = (self.tokens, self.cls_query, self.patch_keys)
+        host = [
+            torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in parts
+        ]
+        copied = torch.cuda.Event()
+        copied.record()
+        return Features(*host), copied
+
 
 def preprocess(image: np.ndarray, size: int) -> torch.Tensor:
     """RGB uint8 (H, W, 3) -> (3, S, S) float32: bilinear antialiased resize to SxS, ImageNet mean/std."""

@@ -2,10 +2,11 @@
 
 A shard is the ordinary extraction (`fscs.features.extraction.extract_to_store`) over a contiguous row range
 of the index, written to its own complete store. `join_shards` builds the store every later stage opens: a
-small HDF5 file whose ``tokens``, ``cls_query``, ``patch_keys`` and ``done`` are h5py virtual datasets mapping
-each shard's rows in order, with ``image_ids`` copied and the shards' provenance attributes. Source names are
-relative to the joined file's folder (HDF5 looks there first, whatever the cwd), so the files stay valid
-wherever DVC checks them out together. The join records each shard's file, row count and image-id digest
+small HDF5 file whose ``tokens``, ``cls_query``, ``patch_keys``, ``digests`` and ``done`` (and an int8 store's
+scales) are h5py virtual datasets mapping each shard's rows in order, with ``image_ids`` copied and the
+shards' provenance attributes (``storage`` among them, so the joined store decodes as its shards do). Source
+names are relative to the joined file's folder (HDF5 looks there first, whatever the cwd), so the files stay
+valid wherever DVC checks them out together. The join records each shard's file, row count and image-id digest
 (`fscs.features.store.SHARD_ATTRS`); `fscs.features.store.FeatureStore` checks them on open, since a virtual
 dataset reads a missing source as fill values rather than failing.
 """
@@ -22,7 +23,7 @@ import numpy as np
 
 from fscs.core.errors import FscsError
 from fscs.core.io import atomic_path
-from fscs.features.store import DATASETS, SHARD_ATTRS, FeatureStore, ids_digest
+from fscs.features.store import SHARD_ATTRS, FeatureStore, ids_digest, stored_datasets
 
 #: Attributes that differ from shard to shard by design; every other attribute must agree.
 PER_SHARD = ("image_ids_sha256", "complete")
@@ -95,7 +96,8 @@ def _write_joined(tmp: Path, folder: Path, stores: list[FeatureStore], image_ids
     names = [os.path.relpath(s.path, folder) for s in stores]
     with h5py.File(tmp, "w") as f, h5py.File(stores[0].path, "r") as first:
         f.create_dataset("image_ids", data=np.array(image_ids, dtype=object), dtype=h5py.string_dtype())
-        shapes = {d: (first[d].shape[1:], first[d].dtype) for d in DATASETS if d != "image_ids"}
+        virtual = [d for d in stored_datasets(stores[0].storage) if d != "image_ids"]
+        shapes = {d: (first[d].shape[1:], first[d].dtype) for d in virtual}
         for name, (shape, dtype) in shapes.items():
             layout = h5py.VirtualLayout(shape=(len(image_ids), *shape), dtype=dtype)
             start = 0

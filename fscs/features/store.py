@@ -1,4 +1,4 @@
-"""The HDF5 feature store: per-image backbone tokens and last-block attention q/k, float16.
+"""The HDF5 feature store: per-image backbone tokens and last-block attention q/k, float16 when read.
 
 Layout (row r = one image, one image per HDF5 chunk so a read touches only that image):
 
@@ -9,22 +9,33 @@ Layout (row r = one image, one image per HDF5 chunk so a read touches only that 
 - ``digests`` (N, 3) uint32: each row's CRC-32 of ``tokens``, ``cls_query`` and ``patch_keys`` (`row_digest`)
 - ``done`` (N,) bool: row r has been written
 
+Storage (attribute ``storage``, params ``backbone.storage``; absent in stores written before it: ``fp16``)
+sets how ``tokens``, ``cls_query`` and ``patch_keys`` are held on disk; reads return float16 whatever it is:
+
+- ``fp16``: float16, as above.
+- ``bf16``: the raw uint16 bits of bfloat16 (h5py has no bfloat16), rounded to nearest even from the written
+  values: relative error at most 2^-8, the bytes of fp16 (a smaller store only where fp16 would not do).
+- ``int8``: int8 codes round(x / s) in [-127, 127] with a symmetric scale s per vector over the last axis
+  (per token, per head's query, per head and patch key) in ``<name>_scale`` (float16, rounded up so no code
+  clips): absolute error at most s / 2, about half the bytes of fp16.
+
 Attributes: ``backbone``, ``arch``, ``weights_sha256``, ``source``, ``input_size``, ``patch_size``,
 ``grid`` [gh, gw], ``layers`` (resolved block indices), ``depth``, ``num_heads``, ``embed_dim``,
 ``normalization``, ``code_version``, ``fused`` (which CPU path computed it, see fscs.features.backbone),
-``precision`` (``fp32`` | ``bf16``), ``device`` (where it was computed; recorded, never compared) and
-``complete`` (True only after the last write) and ``image_ids_sha256``.
+``precision`` (``fp32`` | ``bf16``), ``storage`` (above), ``device`` (where it was computed; recorded, never
+compared) and ``complete`` (True only after the last write) and ``image_ids_sha256``.
 
-Integrity: every row of ``tokens``, ``cls_query``, ``patch_keys`` (and ``digests``, ``done``) carries HDF5's
-Fletcher32 checksum, verified by HDF5 on each read. Fletcher32 accepts a chunk zeroed together with its
-checksum (the checksum of zeros is zero), so each row also has a CRC-32 of its bytes seeded with the dataset
-name and image id, written with the row and compared on every read: zeros never match it, nor does another
-image's row. A damaged row is refused with the file, the dataset and the rows named. ``image_ids``
-(variable-length strings, which HDF5 cannot filter) is checked against its SHA-256 on open.
+Integrity: every row of ``tokens``, ``cls_query``, ``patch_keys`` (their scales, ``digests``, ``done``)
+carries HDF5's Fletcher32 checksum, verified by HDF5 on each read. Fletcher32 accepts a chunk zeroed together
+with its checksum (the checksum of zeros is zero), so each row also has a CRC-32 of the bytes stored for it
+(codes, then scales) seeded with the dataset name and image id, written with the row and compared on every
+read: zeros never match it, nor does another image's row. A damaged row is refused with the file, the
+dataset and the rows named. ``image_ids`` (variable-length strings, which HDF5 cannot filter) is checked
+against its SHA-256 on open.
 `FeatureStore` compares ``backbone``, ``arch``,
-``input_size``, ``layers`` ("all" means every block of ``depth``), ``normalization``, ``code_version`` and
-``precision`` (absent in stores written before it: those are ``fp32``) with what the params ask for
-(`expected_attrs`), plus any other key given in ``expect``.
+``input_size``, ``layers`` ("all" means every block of ``depth``), ``normalization``, ``code_version``,
+``precision`` (absent in stores written before it: those are ``fp32``) and ``storage`` with what the params
+ask for (`expected_attrs`), plus any other key given in ``expect``.
 
 Writing goes to ``<path>.partial``; rows are flushed batch by batch with their ``done`` flags, and only when
 every row is done is ``complete`` set and the file renamed to ``<path>``. A re-run after a crash resumes the
@@ -70,11 +81,91 @@ NORMALIZATION = (
 
 DATASETS = ("image_ids", "tokens", "cls_query", "patch_keys", "digests", "done")
 
+#: How `DIGESTED` datasets are held on disk (params ``backbone.storage``), with the dtype of their codes.
+STORAGES = {"fp16": np.float16, "bf16": np.uint16, "int8": np.int8}
+
+#: Name of the per-vector scale dataset beside each `DIGESTED` dataset of an ``int8`` store.
+SCALES = {name: f"{name}_scale" for name in DIGESTED}
+
 # Attributes compared between a store and what the params ask for, in this order.
-_COMPARED = ("backbone", "arch", "input_size", "layers", "normalization", "code_version", "precision")
+_COMPARED = (
+    "backbone",
+    "arch",
+    "input_size",
+    "layers",
+    "normalization",
+    "code_version",
+    "precision",
+    "storage",
+)
 
 # Compared attributes that stores written before them lack, with the value those stores have.
-_BEFORE = {"precision": "fp32"}
+_BEFORE = {"precision": "fp32", "storage": "fp16"}
+
+
+def storage_of(attrs: dict[str, Any], where: str) -> str:
+    """The ``storage`` attribute of a store (``fp16`` when absent), refused when this code cannot read it."""
+    storage = attrs.get("storage", _BEFORE["storage"])
+    if storage not in STORAGES:
+        raise FscsError(
+            f"{where}: unknown storage {storage!r} (this fscs reads {list(STORAGES)}); "
+            "re-run `dvc repro extract`"
+        )
+    return storage
+
+
+def stored_datasets(storage: str) -> tuple[str, ...]:
+    """Every dataset a store of ``storage`` holds: `DATASETS`, plus the scales of an ``int8`` store."""
+    return DATASETS + (tuple(SCALES.values()) if storage == "int8" else ())
+
+
+def checksummed(storage: str) -> tuple[str, ...]:
+    """The datasets of a store of ``storage`` written with Fletcher32: `CHECKSUMMED`, plus int8's scales."""
+    return CHECKSUMMED + (tuple(SCALES.values()) if storage == "int8" else ())
+
+
+def parts(name: str, storage: str) -> tuple[str, ...]:
+    """The datasets holding `DIGESTED` dataset ``name`` in a store of ``storage``: its codes (and scale)."""
+    return (name, SCALES[name]) if storage == "int8" else (name,)
+
+
+def encode(storage: str, x: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Values -> the arrays stored for them (`parts` order): float16; bfloat16 bits (round to nearest even);
+    int8 codes and their float16 scale per vector over the last axis."""
+    if storage == "fp16":
+        return (np.ascontiguousarray(x, dtype=np.float16),)
+    x32 = np.ascontiguousarray(x, dtype=np.float32)
+    if storage == "bf16":
+        u = x32.view(np.uint32)
+        bits = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+        return (np.where(np.isnan(x32), np.uint16(0x7FC0), bits),)
+    want = np.abs(x32).max(axis=-1) / np.float32(127)
+    scale = want.astype(np.float16)
+    scale = np.where(scale.astype(np.float32) < want, np.nextafter(scale, np.float16(np.inf)), scale)
+    div = np.where(scale > 0, scale, np.float16(1)).astype(np.float32)[..., None]
+    codes = np.clip(np.rint(x32 / div), -127, 127).astype(np.int8)
+    return codes, scale
+
+
+def decode(storage: str, stored: Sequence[np.ndarray]) -> np.ndarray:
+    """The arrays `encode` stored -> float16 values (same shape as the codes)."""
+    if storage == "fp16":
+        return stored[0]
+    if storage == "bf16":
+        return (stored[0].astype(np.uint32) << 16).view(np.float32).astype(np.float16)
+    codes, scale = stored
+    return (codes.astype(np.float32) * scale.astype(np.float32)[..., None]).astype(np.float16)
+
+
+def row_bytes(shapes: dict[str, tuple[int, ...]], storage: str = "fp16") -> int:
+    """Bytes one image row takes on disk: the stored data of `DIGESTED` datasets (int8: and their float16
+    scales, one per vector over the last axis), their digests, the done flag and the rows' chunk checksums."""
+    width = np.dtype(STORAGES[storage]).itemsize
+    data = sum(width * int(np.prod(shapes[name])) for name in DIGESTED)
+    if storage == "int8":
+        data += sum(2 * int(np.prod(shapes[name][:-1])) for name in DIGESTED)
+    chunks = sum(len(parts(name, storage)) for name in DIGESTED)
+    return data + 4 * len(DIGESTED) + 1 + 4 * chunks
 
 
 def _plain(value: Any) -> Any:
@@ -118,6 +209,7 @@ def expected_attrs(bb: BackboneConfig) -> dict[str, Any]:
         "normalization": NORMALIZATION,
         "code_version": STORE_VERSION,
         "precision": bb.precision,
+        "storage": bb.storage,
     }
 
 
@@ -170,7 +262,8 @@ class FeatureStore:
             self.attrs = {k: _plain(v) for k, v in self._f.attrs.items()}
             if not self.attrs.get("complete", False):
                 raise FscsError(f"{self.path}: feature store is incomplete; re-run `dvc repro extract`")
-            missing = [d for d in DATASETS if d not in self._f]
+            self.storage = storage_of(self.attrs, str(self.path))
+            missing = [d for d in stored_datasets(self.storage) if d not in self._f]
             if missing:
                 raise FscsError(
                     f"{self.path}: feature store lacks datasets {missing}; re-run `dvc repro extract`"
@@ -178,7 +271,7 @@ class FeatureStore:
             sharded = self._f["tokens"].is_virtual  # joined from shard files (fscs.features.shards)
             if sharded:
                 check_shards(self.path, self.attrs)  # their checksums, rows and completeness
-            unchecked = [d for d in CHECKSUMMED if not (sharded or self._f[d].fletcher32)]
+            unchecked = [d for d in checksummed(self.storage) if not (sharded or self._f[d].fletcher32)]
             if unchecked:
                 raise FscsError(
                     f"{self.path}: feature store written without checksums ({', '.join(unchecked)}; an older "
@@ -232,23 +325,25 @@ class FeatureStore:
 
     # ---- per-image reads -----------------------------------------------------------------------------
     def _read(self, name: str, rows: int | slice) -> np.ndarray:
-        """``name[rows]``, refusing a row that fails its Fletcher32 checksum or (for `DIGESTED` datasets) its
-        CRC-32, naming the file, the dataset and every damaged row (found by reading the dataset once, on
-        this error path only)."""
+        """``name[rows]`` (`DIGESTED` datasets decoded to float16), refusing a row that fails its Fletcher32
+        checksum or (for `DIGESTED` datasets) its CRC-32, naming the file, the dataset and every damaged row
+        (found by reading the dataset once, on this error path only)."""
+        stored = parts(name, self.storage) if name in DIGESTED else (name,)
         try:
-            data = self._f[name][rows]
+            data = [self._f[d][rows] for d in stored]
         except OSError as exc:
             self._refuse_damaged(name, [] if isinstance(rows, slice) else [rows], str(exc))
-        if name in DIGESTED:
-            first = (rows.start or 0) if isinstance(rows, slice) else rows
-            block = data if isinstance(rows, slice) else data[None]
-            if any(not self._digest_ok(name, first + i, row) for i, row in enumerate(block)):
-                self._refuse_damaged(name, [], "CRC-32 mismatch")
-        return data
+        if name not in DIGESTED:
+            return data[0]
+        first = (rows.start or 0) if isinstance(rows, slice) else rows
+        blocks = data if isinstance(rows, slice) else [d[None] for d in data]
+        if any(not self._digest_ok(name, first + i, row) for i, row in enumerate(zip(*blocks, strict=True))):
+            self._refuse_damaged(name, [], "CRC-32 mismatch")
+        return decode(self.storage, data)
 
-    def _digest_ok(self, name: str, row: int, data: np.ndarray) -> bool:
+    def _digest_ok(self, name: str, row: int, stored: Sequence[np.ndarray]) -> bool:
         want = int(self._digests[row, DIGESTED.index(name)])
-        return row_digest(name, self.image_ids[row], data) == want
+        return row_digest(name, self.image_ids[row], *stored) == want
 
     def _refuse_damaged(self, name: str, fallback: list[int], why: str) -> NoReturn:
         bad = self.damaged_rows(name) or fallback
@@ -260,11 +355,13 @@ class FeatureStore:
         ) from None
 
     def damaged_rows(self, name: str) -> list[int]:
-        """The rows of dataset ``name`` failing their Fletcher32 checksum or CRC-32 (reads each row once)."""
+        """The rows of dataset ``name`` failing their Fletcher32 checksum or CRC-32 (reads each row once; an
+        int8 store's codes and scales together)."""
+        stored = parts(name, self.storage) if name in DIGESTED else (name,)
         bad = []
         for r in range(self._f[name].shape[0]):
             try:
-                data = self._f[name][r]
+                data = [self._f[d][r] for d in stored]
             except OSError:
                 bad.append(r)
                 continue
@@ -337,15 +434,18 @@ def check_shards(path: Path, attrs: dict[str, Any]) -> None:
         try:
             with h5py.File(shard, "r") as f:
                 have = {k: _plain(v) for k, v in f.attrs.items()}
-                lengths = {d: f[d].shape[0] for d in DATASETS if d in f}
-                unchecked = [d for d in CHECKSUMMED if d not in f or not f[d].fletcher32]
+                storage = storage_of(have, str(shard))
+                lengths = {d: f[d].shape[0] for d in stored_datasets(storage) if d in f}
+                unchecked = [d for d in checksummed(storage) if d not in f or not f[d].fletcher32]
         except OSError as exc:
             raise FscsError(f"{shard}: shard is not a readable HDF5 file ({exc}){fix}") from None
         if not have.get("complete", False):
             raise FscsError(f"{shard}: shard is incomplete{fix}")
+        if storage != storage_of(attrs, str(path)):
+            raise FscsError(f"{shard}: shard's storage {storage!r} is not the joined store's{fix}")
         if unchecked:
             raise FscsError(f"{shard}: shard lacks checksummed datasets {unchecked}{fix}")
-        if set(lengths) != set(DATASETS) or set(lengths.values()) != {n}:
+        if set(lengths) != set(stored_datasets(storage)) or set(lengths.values()) != {n}:
             raise FscsError(f"{shard}: shard holds {lengths} rows, the join recorded {n}{fix}")
         if have.get("image_ids_sha256") != digest:
             raise FscsError(f"{shard}: shard holds other images than the join recorded{fix}")
@@ -359,8 +459,9 @@ def partial_path(path: str | os.PathLike) -> Path:
 class StoreWriter:
     """Writes a store to ``<path>.partial`` batch by batch; `finalize` marks it complete and renames it.
 
-    ``attrs`` must hold every provenance attribute (see module doc) except ``complete``; ``shapes`` gives the
-    per-image shapes of ``tokens`` (L, 1+P, D), ``cls_query`` (H, d) and ``patch_keys`` (H, P, d).
+    ``attrs`` must hold every provenance attribute (see module doc) except ``complete`` and ``storage``;
+    ``shapes`` gives the per-image shapes of ``tokens`` (L, 1+P, D), ``cls_query`` (H, d) and ``patch_keys``
+    (H, P, d); ``storage`` (one of `STORAGES`, recorded as the ``storage`` attribute) how they are stored.
     If a partial file for the same attributes and image list exists and opens, it is resumed.
     """
 
@@ -370,13 +471,21 @@ class StoreWriter:
         image_ids: Sequence[str],
         attrs: dict[str, Any],
         shapes: dict[str, tuple[int, ...]],
+        storage: str = "fp16",
     ):
         self.path = Path(path)
         self.partial = partial_path(self.path)
         self.image_ids = [str(i) for i in image_ids]
         if len(set(self.image_ids)) != len(self.image_ids):
             raise FscsError(f"{self.path}: duplicate image ids in the image list")
-        self.attrs = dict(attrs)
+        if storage not in STORAGES:
+            raise FscsError(f"{self.path}: backbone.storage must be one of {list(STORAGES)}, got {storage!r}")
+        if attrs.get("storage", storage) != storage:
+            raise FscsError(
+                f"{self.path}: attrs say storage {attrs['storage']!r}, the writer was given {storage!r}"
+            )
+        self.storage = storage
+        self.attrs = {**attrs, "storage": storage}
         self.attrs.pop("complete", None)
         self.shapes = {k: tuple(int(s) for s in v) for k, v in shapes.items()}
         self.resumed = False
@@ -395,12 +504,11 @@ class StoreWriter:
         self._reserve_space()  # with the file closed: HDF5 must see the reserved size when it opens it
         self._f = h5py.File(self.partial, "r+")
         # held open: h5py reports a failed write of a dataset it closes only as an ignored warning
-        self._ds = {name: self._f[name] for name in (*DIGESTED, "digests", "done")}
+        self._ds = {name: self._f[name] for name in checksummed(self.storage)}
 
     def row_bytes(self) -> int:
-        """Bytes one image row takes on disk: float16 data, its digests, done flag and chunk checksums."""
-        data = sum(2 * int(np.prod(self.shapes[name])) for name in DIGESTED)
-        return data + 4 * len(DIGESTED) + 1 + 4 * len(DIGESTED)
+        """Bytes one image row takes on disk (`row_bytes` of this store's shapes and storage)."""
+        return row_bytes(self.shapes, self.storage)
 
     def _bytes_for(self, rows: int) -> int:
         """Disk ``rows`` rows take, with 2% + 256 bytes a row + 64 KiB for HDF5's chunk index."""
@@ -472,7 +580,7 @@ class StoreWriter:
         try:
             have = {k: _plain(v) for k, v in f.attrs.items()}
             ok = all(k in have and _plain(have[k]) == _plain(_to_attr(v)) for k, v in self.attrs.items())
-            ok = ok and all(d in f for d in DATASETS) and not have.get("complete", False)
+            ok = ok and all(d in f for d in stored_datasets(self.storage)) and not have.get("complete", False)
             ok = ok and [_plain(s) for s in f["image_ids"][:]] == self.image_ids
             ok = ok and f["done"][:].shape == (len(self.image_ids),)  # reading verifies its checksum
             n = len(self.image_ids)
@@ -495,11 +603,16 @@ class StoreWriter:
             f.create_dataset(
                 "image_ids", data=np.array(self.image_ids, dtype=object), dtype=h5py.string_dtype()
             )
-            for name in ("tokens", "cls_query", "patch_keys"):
+            for name in DIGESTED:
                 shape = self.shapes[name]
                 f.create_dataset(
-                    name, shape=(n, *shape), dtype=np.float16, chunks=(1, *shape), fletcher32=True
+                    name, shape=(n, *shape), dtype=STORAGES[self.storage], chunks=(1, *shape), fletcher32=True
                 )
+                if self.storage == "int8":
+                    per = shape[:-1]
+                    f.create_dataset(
+                        SCALES[name], shape=(n, *per), dtype=np.float16, chunks=(1, *per), fletcher32=True
+                    )
             f.create_dataset("digests", shape=(n, len(DIGESTED)), dtype=np.uint32, fletcher32=True)
             f.create_dataset("done", shape=(n,), dtype=bool, fillvalue=False, fletcher32=True)
             for k, v in self.attrs.items():
@@ -521,16 +634,18 @@ class StoreWriter:
     def write(
         self, rows: Sequence[int], tokens: np.ndarray, cls_query: np.ndarray, patch_keys: np.ndarray
     ) -> None:
-        """Write rows (ascending or not) and mark them done; flushed to disk before returning."""
+        """Write rows (ascending or not) in this store's storage and mark them done; flushed to disk before
+        returning."""
         rows = [int(r) for r in rows]
         try:
             with h5_errors_raised():
                 for i, r in enumerate(rows):
                     digests = []
                     for name, batch in zip(DIGESTED, (tokens, cls_query, patch_keys), strict=True):
-                        row = np.ascontiguousarray(batch[i], dtype=np.float16)
-                        self._ds[name][r] = row
-                        digests.append(row_digest(name, self.image_ids[r], row))
+                        stored = encode(self.storage, batch[i])
+                        for part, data in zip(parts(name, self.storage), stored, strict=True):
+                            self._ds[part][r] = data
+                        digests.append(row_digest(name, self.image_ids[r], *stored))
                     self._ds["digests"][r] = np.asarray(digests, dtype=np.uint32)
                 self._f.flush()  # data before done flags: a done row always has its data on disk
                 for r in rows:
@@ -579,11 +694,14 @@ def _to_attr(v: Any) -> Any:
     return v
 
 
-def row_digest(name: str, image_id: str, row: np.ndarray) -> int:
-    """CRC-32 of one image's row of dataset ``name``, seeded with the dataset and the image id: an all-zero
-    row (or digest) never matches, and neither does another dataset's or image's row."""
-    seed = zlib.crc32(f"{name}\0{image_id}".encode())
-    return zlib.crc32(np.ascontiguousarray(row).view(np.uint8).data, seed)
+def row_digest(name: str, image_id: str, *stored: np.ndarray) -> int:
+    """CRC-32 of the bytes stored for one image's row of dataset ``name`` (its codes, then any scales),
+    seeded with the dataset and the image id: an all-zero row (or digest) never matches, and neither does
+    another dataset's or image's row."""
+    crc = zlib.crc32(f"{name}\0{image_id}".encode())
+    for data in stored:
+        crc = zlib.crc32(np.ascontiguousarray(data).view(np.uint8).data, crc)
+    return crc
 
 
 def ids_digest(image_ids: Sequence[str]) -> str:

@@ -1,5 +1,5 @@
 """One cell of the study (supervision x fold) ready to train: its index, classes, validation episodes, targets
-and the tokens of every image its episodes can touch, loaded from the pipeline's files once.
+and a token bank over the store (read on demand under ``memory.tokens_mb``), loaded from the pipeline's files.
 
 The train stage and `experiments.learner_sweep` share it (`fscs.learn.train.train_cell` trains it), so a
 sweep measures exactly what the stage trains.
@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from fscs.config.params import Config, TrainConfig
+from fscs.config.params import Config, MemoryConfig, TrainConfig
 from fscs.core.errors import FscsError
+from fscs.core.memory import budget_bytes
 from fscs.data.episodes import read_episodes
 from fscs.data.folds import class_names, read_folds, training_classes
 from fscs.data.index import read_index
@@ -35,6 +36,7 @@ class Cell:
     targets: Targets
     tokens: TokenBank
     void: str
+    memory: MemoryConfig = MemoryConfig()  # the budgets training runs under
     val_classes: list[int] | None = None  # classes of `val` if not `train_classes` (held-out validation)
 
     def model_config(self, cfg: TrainConfig) -> CSTConfig:
@@ -88,16 +90,21 @@ def load_cell(config: Config, supervision: str, fold: int, paths: dict[str, str 
         ids += [str(i) for i in val["query_id"]] + [
             str(s) for ss in val["support_ids"] for sh in ss for s in sh
         ]
-        missing = sorted({i for i in ids if i not in store})
-        if missing:
-            raise FscsError(
-                f"{p['features']}: {len(missing)} training images are not in the store "
-                f"(first: {missing[0]!r}); re-run `dvc repro extract`"
-            )
-        tokens = TokenBank(store, ids, progress=None)
+        tokens = TokenBank(store, budget_bytes(config.memory.tokens_mb, "tokens"))
+        tokens.require(ids, "training images", "re-run `dvc repro extract`")
     except BaseException:
         store.close()  # the cell owns the open store only once it is returned
         raise
     return Cell(
-        supervision, fold, index, split, train_classes, val, store, targets, tokens, config.evaluate.void
+        supervision,
+        fold,
+        index,
+        split,
+        train_classes,
+        val,
+        store,
+        targets,
+        tokens,
+        config.evaluate.void,
+        config.memory,
     )

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from fscs.core.errors import FscsError
 from fscs.core.lru import LRUCache
 from fscs.learn.calibration import log_odds, shift, sigmoid
 from fscs.learn.model.cst import CST
@@ -66,83 +67,94 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 class TokenBank:
-    """Backbone tokens of a set of images held in RAM (float16), read from a FeatureStore once."""
+    """Backbone tokens (float16) read from a FeatureStore on demand and kept under a byte budget.
 
-    def __init__(self, store: Any, image_ids: Iterable[str] = (), progress: bool | None = None):
+    ``budget_bytes`` (None: keep every image read) bounds the RAM the tokens take, whatever the dataset's
+    size; an evicted image is read again when asked for, so the budget decides what is re-read, never a
+    value. Scoring workers share one bank (a lock guards the store and the cache)."""
+
+    def __init__(self, store: Any, budget_bytes: int | None = None):
         self.store = store
-        ids = list(dict.fromkeys(str(i) for i in image_ids))
-        self._row: dict[str, int] = {}
-        self._data: torch.Tensor | None = None
-        self._extra = LRUCache(512)  # images outside the preloaded set, read from the store on demand
-        self._lock = threading.Lock()  # scoring workers share the bank (the store and `_extra` are not safe)
-        if ids:
-            first = np.asarray(store.tokens(ids[0]))
-            data = torch.empty((len(ids), *first.shape), dtype=torch.float16)
-            for r, image_id in enumerate(
-                tqdm(ids, desc="loading tokens", disable=None if progress else True)
-            ):
-                data[r] = torch.from_numpy(np.asarray(store.tokens(image_id), dtype=np.float16))
-                self._row[image_id] = r
-            self._data = data
+        self._cache = LRUCache(max_bytes=budget_bytes)
+        self._lock = threading.Lock()
+        self.reads = 0  # rows read from the store (more than the images asked for once the budget is full)
 
-    def __contains__(self, image_id: str) -> bool:
-        return image_id in self._row or image_id in self._extra
+    @property
+    def peak_bytes(self) -> int:
+        """The most bytes of tokens held at once."""
+        return self._cache.peak_bytes
 
-    def get(self, image_ids: Sequence[str]) -> torch.Tensor:
-        """(B, L, 1+P, D) float16 tokens of the images, in order (read from the store if not preloaded)."""
+    def require(self, image_ids: Iterable[str], what: str, hint: str = "") -> None:
+        """FscsError naming the store file when any of ``image_ids`` (``what``, e.g. "training images") is
+        not in the store; ``hint`` says how to fix it."""
+        missing = sorted({str(i) for i in image_ids if str(i) not in self.store})
+        if missing:
+            where = getattr(self.store, "path", "the feature store")
+            raise FscsError(
+                f"{where}: {len(missing)} {what} are not in the store (first: {missing[0]!r})"
+                + (f"; {hint}" if hint else "")
+            )
+
+    def get(self, image_ids: Sequence[str], pin: bool = False) -> torch.Tensor:
+        """(B, L, 1+P, D) float16 tokens of the images, in order; ``pin``: in page-locked memory, for an
+        asynchronous copy to a CUDA device."""
         with self._lock:
-            return self._get(image_ids)
-
-    def _get(self, image_ids: Sequence[str]) -> torch.Tensor:
-        rows = [self._row.get(i, -1) for i in image_ids]
-        if self._data is not None and all(r >= 0 for r in rows):
-            return self._data[torch.tensor(rows, dtype=torch.long)]
-        out = []
-        for image_id, r in zip(image_ids, rows, strict=True):
-            if r >= 0:
-                out.append(self._data[r])
-                continue
-            out.append(self._extra.get_or(image_id, partial(self._read, image_id)))
-        return torch.stack(out)
+            rows = [self._cache.get_or(i, partial(self._read, i)) for i in image_ids]
+        if not pin:
+            return torch.stack(rows)
+        out = torch.empty((len(rows), *rows[0].shape), dtype=rows[0].dtype, pin_memory=True)
+        return torch.stack(rows, out=out)
 
     def _read(self, image_id: str) -> torch.Tensor:
+        self.reads += 1
         return torch.from_numpy(np.asarray(self.store.tokens(image_id), dtype=np.float16))
 
 
 class PreparedBank:
-    """Each image's prepared (normalised, per-head; support also downsampled) features, computed once.
+    """Each image's prepared (normalised, per-head; support also downsampled) features, kept under a budget.
 
     Preparing has no trainable parameters, so re-preparing the same tokens every batch (fp16 -> fp32 copies
-    of every layer, the support interpolation) only costs time: about a third of a training step. With
-    ``budget_mb`` ({kind: MiB}) each kind keeps what fits in that budget, least recently used going first."""
+    of every layer, the support interpolation) only costs time: about a third of a training step. An image's
+    prepared features do not depend on the batch it was prepared in (`tests/test_memory_budget.py`), so
+    ``budget_bytes`` (None: keep all), shared by the three kinds with the least recently used going first,
+    decides what is prepared again, never a value. The features live on the model's device."""
 
-    def __init__(self, model: CST, tokens: TokenBank, budget_mb: dict[str, float] | None = None):
+    def __init__(self, model: CST, tokens: TokenBank, budget_bytes: int | None = None):
         self.model = model
         self.tokens = tokens
-        self.budget_mb = budget_mb
-        self._cache = {"query": LRUCache(), "support": LRUCache(), "prior": LRUCache()}
+        self.device = next(model.parameters()).device
+        self._cache = LRUCache(max_bytes=budget_bytes)
         self._prepare = {
             "query": model.prepare_query,
             "support": model.prepare_support,
             "prior": model.prepare_prior,
         }
 
+    @property
+    def peak_bytes(self) -> int:
+        """The most bytes of prepared features held at once."""
+        return self._cache.peak_bytes
+
     def get(self, kind: str, image_ids: Sequence[str]) -> torch.Tensor:
         """Prepared query (B, C, Pq, d), support (B, C, 1+S*S, d) or prior (B, P, D) features, float32."""
-        cache = self._cache[kind]
-        todo = [i for i in dict.fromkeys(image_ids) if i not in cache]
+        keys = [(kind, i) for i in image_ids]
+        todo = [i for i in dict.fromkeys(image_ids) if (kind, i) not in self._cache]
+        got: dict[str, torch.Tensor] = {}
         if todo:
             with torch.no_grad():
-                raw = self.tokens.get(todo).to(next(self.model.parameters()).device, non_blocking=True)
+                cuda = self.device.type == "cuda"
+                raw = self.tokens.get(todo, pin=cuda).to(self.device, non_blocking=cuda)
                 prep = self._prepare[kind](raw)
             for i, image_id in enumerate(todo):
-                cache[image_id] = prep[i].clone()
-        for image_id in image_ids:
-            cache.move_to_end(image_id)
-        out = torch.stack([cache[i] for i in image_ids])
-        if self.budget_mb is not None:
-            cache.maxsize = max(1, int(self.budget_mb[kind] * 2**20 // (out[0].numel() * out.element_size())))
-            cache.trim()
+                got[image_id] = prep[i].clone()
+        out = torch.stack(
+            [got[i] if i in got else self._cache[k] for i, k in zip(image_ids, keys, strict=True)]
+        )
+        for image_id, value in got.items():
+            self._cache[(kind, image_id)] = value
+        for k in keys:
+            self._cache.move_to_end(k)
+        self._cache.trim()
         return out
 
     def priors(
@@ -168,7 +180,8 @@ class CSTPredictor:
     model: a `CST` (put in eval mode here); tokens: a `TokenBank` (or a FeatureStore, wrapped);
     support_mask: ``(image_id, class_id) -> bool mask``; mask_depends_on_class: whether that mask changes
     with the class (GT masks) or not (pseudo-masks), which decides the cache key; workers: single-threaded
-    scoring threads `prefetch` uses on the CPU (1: the calling thread, with torch's thread setting).
+    scoring threads `prefetch` uses on the CPU (1: the calling thread, with torch's thread setting);
+    prepared_bytes: the budget of prepared features, shared by the workers (None: keep all).
     """
 
     def __init__(
@@ -180,6 +193,7 @@ class CSTPredictor:
         batch_size: int = 32,
         cache_size: int = 100_000,
         workers: int = 1,
+        prepared_bytes: int | None = None,
     ):
         self.model = model.eval()
         self.device = next(model.parameters()).device
@@ -188,6 +202,7 @@ class CSTPredictor:
         self.mask_depends_on_class = bool(mask_depends_on_class)
         self.batch_size = int(batch_size)
         self.workers = max(1, int(workers))
+        self.prepared_bytes = prepared_bytes
         self._mask_lock = threading.Lock()  # support masks come from shared caches (and files)
         self._cache = LRUCache(int(cache_size))  # pair results; `prefetch` may raise the bound
         self.pairs_computed = 0
@@ -195,7 +210,13 @@ class CSTPredictor:
 
     @classmethod
     def for_targets(
-        cls, model: CST, tokens: Any, targets: Any, batch_size: int, workers: int
+        cls,
+        model: CST,
+        tokens: Any,
+        targets: Any,
+        batch_size: int,
+        workers: int,
+        prepared_bytes: int | None = None,
     ) -> CSTPredictor:
         """The predictor with a setting's test-time support masks (`fscs.learn.targets.Targets`): what
         validation, evaluation and the report's figures run."""
@@ -206,12 +227,13 @@ class CSTPredictor:
             targets.test_mask_depends_on_class,
             batch_size=batch_size,
             workers=workers,
+            prepared_bytes=prepared_bytes,
         )
 
     def _bank(self) -> PreparedBank:
-        return PreparedBank(
-            self.model, self.tokens, budget_mb={"query": 256.0, "support": 1024.0, "prior": 512.0}
-        )
+        """A prepared-feature cache for one scoring thread: its share of the budget."""
+        budget = None if self.prepared_bytes is None else max(1, self.prepared_bytes // self.workers)
+        return PreparedBank(self.model, self.tokens, budget)
 
     def _key(self, query_id: str, support_id: str, class_id: int) -> tuple:
         return (query_id, support_id, int(class_id) if self.mask_depends_on_class else None)

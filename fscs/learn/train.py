@@ -36,6 +36,7 @@ from tqdm import tqdm
 from fscs.core.deterministic import cross_entropy, interpolate_bilinear
 from fscs.core.device import describe, resolve_device
 from fscs.core.errors import FscsError
+from fscs.core.memory import budget_bytes
 from fscs.core.resample import bilinear
 from fscs.data.images import VOID
 from fscs.learn.calibration import Records, calibrate
@@ -46,6 +47,9 @@ from fscs.learn.targets import Targets
 if TYPE_CHECKING:  # the params layer needs pydantic; the loop (and the GPU smoke) does not
     from fscs.config.params import TrainConfig
     from fscs.learn.cell import Cell
+
+#: training steps between host reads of the loss (finiteness check, progress bar); also at each epoch's end
+LOG_EVERY = 10
 
 CURVE_COLUMNS = (
     "epoch",
@@ -201,14 +205,16 @@ def validate(
     void: str,
     batch_size: int,
     workers: int = 1,
+    prepared_bytes: int | None = None,
 ) -> dict[str, float | None]:
     """The model on validation episodes (1-way 1-shot rows) with the test-time mask rule: ER and mIoU as
     evaluated at the 0.5 thresholds, `pixel_signals` of the ungated foreground maps against the queries'
-    GT, and the thresholds `fscs.learn.calibration.calibrate` chooses with the ER / mIoU they give."""
+    GT, and the thresholds `fscs.learn.calibration.calibrate` chooses with the ER / mIoU they give.
+    ``prepared_bytes``: the budget of the predictor's prepared features (None: keep all)."""
     from fscs.evaluation.episodes import run_episodes
 
     model.config.presence_threshold = model.config.fg_threshold = 0.5
-    predictor = CSTPredictor.for_targets(model, tokens, targets, batch_size, workers)
+    predictor = CSTPredictor.for_targets(model, tokens, targets, batch_size, workers, prepared_bytes)
     predictor.prefetch(val_episodes, progress=False)
     res = run_episodes(val_episodes, predictor, index, classes, void=void, progress=False)
     r = res.get("1way1shot") or next(iter(res.values()))
@@ -252,12 +258,15 @@ def train(
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     progress: bool | None = None,
     device: torch.device | None = None,
+    prepared_bytes: int | None = None,
 ) -> TrainResult:
     """Train one CST model on ``device`` (default: `fscs.core.device.resolve_device`); returns the best
     epoch's model (on the CPU) and the learning curve.
 
     ``val_episodes``: 1-way 1-shot validation rows of this fold (None or empty: keep the last epoch);
-    ``val_classes``: the classes their mIoU averages over (default: ``train_classes``).
+    ``val_classes``: the classes their mIoU averages over (default: ``train_classes``);
+    ``prepared_bytes``: the budget of prepared features, half for training and half for validation (None:
+    keep all; it never changes a number).
     """
     from fscs.data.episodes import TrainEpisodeSampler  # pydantic (via the index): kept out of the GPU smoke
 
@@ -275,7 +284,8 @@ def train(
     sampler = TrainEpisodeSampler(
         index.reset_index(drop=True), train_classes, train_split, way=1, shot=1, seed=config.seed
     )
-    batcher = Batcher(PreparedBank(model, tokens), targets)
+    half = None if prepared_bytes is None else max(1, prepared_bytes // 2)  # training | validation
+    batcher = Batcher(PreparedBank(model, tokens, half), targets)
     has_val = val_episodes is not None and len(val_episodes) > 0
     best_state, best_epoch, best_miou, since_best = None, 0, None, 0
     curve: list[dict[str, Any]] = []
@@ -288,17 +298,15 @@ def train(
         rng = epoch_rng(config.seed, fold, epoch)
         episodes = [sampler.sample(rng) for _ in range(per_epoch)]
         total, seen = 0.0, 0
+        # on the device, no host sync per step: the float64 sum of loss x episodes (what the python float
+        # sum did, bit for bit) and the losses since the last check, read back every LOG_EVERY steps
+        total_dev = torch.zeros((), dtype=torch.float64, device=device)
+        recent, n_recent = torch.empty(LOG_EVERY, dtype=torch.float64, device=device), 0
         bar = tqdm(total=per_epoch, desc=f"epoch {epoch}", unit="ep", disable=None if progress else True)
         for b0 in range(0, per_epoch, bs):
             chunk = episodes[b0 : b0 + bs]
             q, s, m, target, presence, prior = batcher(chunk)
             loss = episode_loss(model, q, s, m, target, presence, float(config.cls_weight), prior)
-            if not torch.isfinite(loss):
-                raise FscsError(
-                    f"training diverged at epoch {epoch}, step {step + 1} (loss {loss.item()}); the step "
-                    f"size is set by train.lr = {config.lr!r}, train.schedule = {config.schedule!r} and "
-                    f"train.warmup = {config.warmup!r}: lower train.lr"
-                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -306,9 +314,26 @@ def train(
             step += 1
             if average is not None:
                 average.update(model, step=step)
-            total += float(loss.detach()) * len(chunk)
+            total_dev += loss.detach().double() * len(chunk)
+            recent[n_recent] = loss.detach()
+            n_recent += 1
             seen += len(chunk)
             bar.update(len(chunk))
+            if n_recent < LOG_EVERY and b0 + bs < per_epoch:
+                continue
+            # a non-finite loss found here has already gone through optimizer.step(), so the weights are
+            # ruined; the run stops anyway, and the message names the first such step as a per-step check did
+            back = torch.cat([total_dev.view(1), recent[:n_recent]]).cpu()  # the one sync of these steps
+            total, losses = float(back[0]), back[1:]
+            bad = torch.nonzero(~torch.isfinite(losses)).flatten()
+            if bad.numel():
+                i = int(bad[0])
+                raise FscsError(
+                    f"training diverged at epoch {epoch}, step {step - n_recent + i + 1} (loss "
+                    f"{losses[i].item()}); the step size is set by train.lr = {config.lr!r}, train.schedule "
+                    f"= {config.schedule!r} and train.warmup = {config.warmup!r}: lower train.lr"
+                )
+            n_recent = 0
             bar.set_postfix(loss=f"{total / seen:.4f}")
         bar.close()
         val: dict[str, Any] = {}
@@ -323,6 +348,7 @@ def train(
                 void,
                 config.eval_batch_size,
                 workers=scoring_workers(judged, int(config.threads)),
+                prepared_bytes=half,
             )
         val_miou = val.get("miou_cal" if config.calibrate else "miou")
         row = {
@@ -358,7 +384,9 @@ def train(
 def train_cell(
     cell: Cell, config: TrainConfig, on_epoch: Any = None, progress: bool | None = None, device: Any = None
 ) -> TrainResult:
-    """Train one CST model for a study cell (selection on its validation episodes) on ``device``."""
+    """Train one CST model for a study cell (selection on its validation episodes) on ``device``, under the
+    cell's memory budgets."""
+    device = resolve_device() if device is None else device
     return train(
         config=config,
         tokens=cell.tokens,
@@ -374,4 +402,5 @@ def train_cell(
         on_epoch=on_epoch,
         progress=progress,
         device=device,
+        prepared_bytes=budget_bytes(cell.memory.prepared_mb, "prepared", device),
     )

@@ -159,5 +159,5 @@ class Predictor:
         """A CSTPredictor over the encoded images (ids "0", "1", ...) with the given support masks."""
         from fscs.learn.predictor import CSTPredictor, TokenBank
 
-        bank = TokenBank(MemoryStore(encs, self.backbone), [str(i) for i in range(len(encs))], progress=False)
+        bank = TokenBank(MemoryStore(encs, self.backbone))
         return CSTPredictor(self.model, bank, lambda image_id, class_id: masks[image_id])

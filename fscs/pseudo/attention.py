@@ -29,6 +29,7 @@ import h5py
 import numpy as np
 
 from fscs.config.params import PseudoConfig
+from fscs.core.device import resolve_device
 from fscs.core.errors import FscsError
 from fscs.core.io import json_attr
 from fscs.core.lru import LRUCache
@@ -38,6 +39,10 @@ from fscs.pseudo.enhancer import enhance, load_enhancer
 
 RECIPES = ("cst", "dino")
 DINO_HEADS = ("mean", "vote", "union")
+#: store rows (an image's CLS query or patch keys) a Labeler keeps: pair maps read two per training episode.
+#: A patch-key row is H x P x d float16: 192 KiB for ViT-S/14 at 224 (6 x 256 x 64), 1.9 MB for ViT-S/8 at
+#: 400 (6 x 2,500 x 64), so at most about 200 MB / 2 GB; a CLS query row is 768 bytes
+ROW_CACHE = 1024
 
 
 # ----------------------------------------------------------------------------------------------- recipes
@@ -182,6 +187,9 @@ class Labeler:
         self.grid = tuple(int(g) for g in store.grid)
         if isinstance(enhancer, str | os.PathLike):
             enhancer = load_enhancer(enhancer, fold=fold)
+            device = resolve_device()
+            if device.type == "cuda":  # the caller trains there: one small forward per episode, off the CPU
+                enhancer.to(device)
         if enhancer is not None and recipe != "cst":
             raise FscsError("the enhancer works on the per-head cosine maps of the 'cst' recipe, not 'dino'")
         self.enhancer = enhancer
@@ -203,6 +211,7 @@ class Labeler:
                 )
             self._precomputed = {i: maps[r] for r, i in enumerate(ids)}
         self._cache = LRUCache(cache_size)
+        self._rows = LRUCache(ROW_CACHE)
 
     @classmethod
     def from_config(
@@ -235,22 +244,30 @@ class Labeler:
         return self.threshold
 
     # per-head cosine maps ------------------------------------------------------------------------
+    def _cls_query(self, image_id: str) -> np.ndarray:
+        """The store's CLS query row of ``image_id``, read once while it stays among `ROW_CACHE` rows."""
+        return self._rows.get_or(("cls_query", image_id), partial(self.store.cls_query, image_id))
+
+    def _patch_keys(self, image_id: str) -> np.ndarray:
+        """The store's patch-key row of ``image_id``, read once while it stays among `ROW_CACHE` rows."""
+        return self._rows.get_or(("patch_keys", image_id), partial(self.store.patch_keys, image_id))
+
     def self_cosine(self, image_id: str) -> np.ndarray:
         """Per-head self cosine maps (H, gh, gw) float32."""
         if self._precomputed is not None and image_id in self._precomputed:
             return self._precomputed[image_id].astype(np.float32)
-        cos = head_cosine(self.store.cls_query(image_id), self.store.patch_keys(image_id), self.center_keys)
+        cos = head_cosine(self._cls_query(image_id), self._patch_keys(image_id), self.center_keys)
         return cos.reshape(cos.shape[0], *self.grid)
 
     def pair_cosine(self, support_id: str, query_id: str) -> np.ndarray:
         """Per-head cosine of the support's CLS query with the query's keys (H, gh, gw) float32."""
-        cos = head_cosine(self.store.cls_query(support_id), self.store.patch_keys(query_id), self.center_keys)
+        cos = head_cosine(self._cls_query(support_id), self._patch_keys(query_id), self.center_keys)
         return cos.reshape(cos.shape[0], *self.grid)
 
     def _fg(self, cls_id: str, keys_id: str, cos: np.ndarray | None) -> np.ndarray:
         if self.recipe == "dino":
             fg = dino_foreground(
-                self.store.cls_query(cls_id), self.store.patch_keys(keys_id), self.dino_mass, self.dino_heads
+                self._cls_query(cls_id), self._patch_keys(keys_id), self.dino_mass, self.dino_heads
             )
             return fg.reshape(self.grid)
         if self.enhancer is not None:

@@ -59,8 +59,7 @@ def prediction_grid(
     name = Path(features_path).stem
     columns: list[list[np.ndarray]] = [[] for _ in range(len(chosen))]
     with FeatureStore(features_path) as store:
-        ids = list(chosen["query_id"]) + [s[0][0] for s in chosen["support_ids"]]
-        tokens = TokenBank(store, ids)
+        tokens = TokenBank(store)
         for r, row in enumerate(chosen.itertuples(index=False)):
             query = index.loc[row.query_id]
             support = index.loc[row.support_ids[0][0]]

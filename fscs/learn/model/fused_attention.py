@@ -134,11 +134,22 @@ class _TinyAttention(torch.autograd.Function):
         return grad_q, grad_kv, None
 
 
+def _require_cpu(name: str, t: torch.Tensor) -> None:
+    """Refuse a tensor off the CPU by name before the kernel reads its memory (the kernel checks too)."""
+    if t.device.type != "cpu":
+        raise ValueError(
+            f"tiny_attention: {name} is on {t.device}, but the fused kernel runs on the CPU only "
+            "(use sdpa_attention on other devices)"
+        )
+
+
 def tiny_attention(q: torch.Tensor, kv: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
     """Masked softmax attention with plain dot-product logits, one problem per (sample, head).
 
     q (N, nq, H, d), kv (N, nk, 2, H, d) (keys, then values), key_valid (N, nk) bool with key 0 valid
     -> (N, nq, H, d). float32 on the CPU; differentiable in q and kv."""
+    for name, t in (("q", q), ("kv", kv), ("key_valid", key_valid)):
+        _require_cpu(name, t)
     q, kv = q.contiguous(), kv.contiguous()
     valid = key_valid.to(torch.uint8).contiguous()
     if torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad):

@@ -56,7 +56,14 @@ float dot(const float* a, const float* b, int64_t d) {
 
 }  // namespace
 
+// a CPU kernel: it reads data_ptr directly, so a tensor elsewhere (CUDA, meta) must never reach it
+void check_cpu(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU, got a tensor on ", t.device());
+}
+
 void check(const torch::Tensor& q, const torch::Tensor& kv) {
+  check_cpu(q, "q");
+  check_cpu(kv, "kv");
   TORCH_CHECK(q.dim() == 4 && kv.dim() == 5, "q must be (N, nq, H, d) and kv (N, nk, 2, H, d)");
   TORCH_CHECK(q.scalar_type() == torch::kFloat && kv.scalar_type() == torch::kFloat, "float32 only");
   TORCH_CHECK(q.is_contiguous() && kv.is_contiguous(), "q and kv must be contiguous");
@@ -67,6 +74,7 @@ void check(const torch::Tensor& q, const torch::Tensor& kv) {
 // -> (out (N, nq, H, d), probs (N, H, nq, nk), or an empty tensor when need_probs is false: no backward)
 std::vector<torch::Tensor> forward(torch::Tensor q, torch::Tensor kv, torch::Tensor key_valid, bool need_probs) {
   check(q, kv);
+  check_cpu(key_valid, "key_valid");
   TORCH_CHECK(key_valid.scalar_type() == torch::kUInt8 && key_valid.is_contiguous() &&
                   key_valid.dim() == 2 && key_valid.size(0) == q.size(0) && key_valid.size(1) == kv.size(1),
               "key_valid must be contiguous uint8 (N, nk)");
@@ -127,6 +135,8 @@ std::vector<torch::Tensor> forward(torch::Tensor q, torch::Tensor kv, torch::Ten
 std::vector<torch::Tensor> backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor kv,
                                     torch::Tensor probs) {
   check(q, kv);
+  check_cpu(grad_out, "grad_out");
+  check_cpu(probs, "probs");
   TORCH_CHECK(grad_out.is_contiguous() && grad_out.sizes() == q.sizes(), "grad_out must be contiguous, q's shape");
   TORCH_CHECK(probs.is_contiguous() && probs.numel() == q.size(0) * q.size(2) * q.size(1) * kv.size(1),
               "probs must come from forward(..., need_probs=true)");
