@@ -8,7 +8,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run repro test test-fast lint format ui flow flow-dask plots bench demo
+.PHONY: help setup run repro test test-fast lint format ui flow flow-dask plots bench bench-scale demo
 FSCS_REMOTE ?= $(CURDIR)/.cache/dvc-remote
 
 help:  ## list the targets
@@ -64,3 +64,6 @@ bench:  ## print the extraction, training, attention-kernel and store-checksum b
 	$(PY) -m benchmarks.attention
 	$(PY) -m benchmarks.store_checksum
 	$(PY) -m benchmarks.demo
+
+bench-scale:  ## paper-scale benchmark: store size, extraction speed, train / evaluate peak RSS flat in N (~20 min)
+	$(PY) -m benchmarks.scale --paper

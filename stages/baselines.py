@@ -24,7 +24,7 @@ from fscs.data.folds import class_names, read_folds
 from fscs.data.index import read_index
 from fscs.evaluation.baselines import run_baselines
 from fscs.evaluation.episodes import load_episodes
-from fscs.features.store import FeatureStore, expected_attrs
+from fscs.features.online import open_features
 from fscs.learn.targets import complement_classes
 from fscs.pseudo.attention import Labeler
 from stages._common import run_stage, stage_parser
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     folds = read_folds(args.folds)
     test = load_episodes(os.path.join(args.episodes, "test.parquet"), fold=args.fold)
     val = load_episodes(os.path.join(args.episodes, "val.parquet"), fold=args.fold)
-    with FeatureStore(args.features, expect=expected_attrs(config.need("backbone"))) as store:
+    with open_features(args.features, config, index) as store:
         labeler = Labeler.from_config(store, config.pseudo, pseudo_path=args.pseudo)
         out = run_baselines(
             list(cfg.names),

@@ -34,7 +34,7 @@ from fscs.core.io import atomic_path, write_json
 from fscs.core.provenance import recorded
 from fscs.data.folds import read_folds
 from fscs.data.index import read_index
-from fscs.features.store import FeatureStore, expected_attrs
+from fscs.features.online import open_features
 from fscs.pseudo.enhancer import enhance, save_enhancer, write_enhanced
 from fscs.pseudo.enhancer_figure import pseudo_label_figure
 from fscs.pseudo.enhancer_study import (
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     index, folds = read_index(args.index), read_folds(args.folds)
     device = resolve_device()  # fscs.pseudo.enhancer trains there; recorded in the checkpoint and report
     torch.set_num_threads(int(cfg["threads"]))
-    with FeatureStore(args.features, expect=expected_attrs(config.need("backbone"))) as store:
+    with open_features(args.features, config, index) as store:
         ids, maps = load_checked_self_maps(args.pseudo, store, pcfg["center_keys"], args.features)
         cfg["in_channels"] = int(maps.shape[1])
         self_maps = {i: maps[r].astype(np.float32) for r, i in enumerate(ids)}

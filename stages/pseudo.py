@@ -23,7 +23,7 @@ from fscs.core.io import atomic_path, write_json
 from fscs.core.provenance import recorded
 from fscs.data.folds import read_folds
 from fscs.data.index import read_index
-from fscs.features.store import FeatureStore, expected_attrs
+from fscs.features.online import open_features
 from fscs.pseudo.attention import write_self_maps
 from fscs.pseudo.quality import (
     measure,
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     index = read_index(args.index)
     folds = read_folds(args.folds)
     stuff = stuff_ids(cfg["stuff_classes"], folds, args.folds)
-    with FeatureStore(args.features, expect=expected_attrs(config.need("backbone"))) as store:
+    with open_features(args.features, config, index) as store:
         labels = train_images(index, folds, store, args.index)
         ids, maps = self_maps(store, cfg["center_keys"])
         res = measure(store, index, labels, cfg, stuff)

@@ -11,7 +11,8 @@ import pandas as pd
 from fscs.config.params import Config, load_config
 from fscs.core.errors import FscsError
 from fscs.core.io import atomic_path, write_json
-from fscs.features.store import FeatureStore
+from fscs.data.index import read_index
+from fscs.features.online import open_features
 from fscs.report.study import load_eval_dir, markdown_report, metrics_json, summarise, summary_json
 from stages._common import run_stage, stage_parser
 
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
         raise FscsError(f"evaluation files missing (run dvc repro evaluate): {', '.join(missing)}")
 
     summary = summarise(load_eval_dir(args.eval_dir, study.supervisions, study.folds))
-    with FeatureStore(args.features) as store:
+    with open_features(args.features, config, read_index(args.index), check=False) as store:
         attrs = store.attrs
     test = pd.read_parquet(Path(args.episodes) / "test.parquet", columns=["fold", "way", "shot"])
     per_kind = int(test.groupby(["fold", "way", "shot"]).size().max())
@@ -92,7 +93,7 @@ def qualitative_figures(args: argparse.Namespace, config: Config) -> list[str]:
         features_path=args.features,
         supervisions=config.study.supervisions,
         fold=config.study.folds[0],
-        pseudo=config.pseudo,
+        config=config,
         out_dir=args.figures,
     )
 

@@ -151,7 +151,7 @@ def test_killed_worker_loses_nothing_and_a_rerun_completes(
     recorded = (repo / "dvc.lock").read_text()
     run(flow_cmd(tmp_path / "run2.json"), repo, env)
     second = json.loads((tmp_path / "run2.json").read_text())["stages"]
-    for name in ("prepare", "extract", "pseudo", "enhancer"):  # recorded before the kill: not run again
+    for name in ("prepare", "extract@msrc", "pseudo", "enhancer"):  # recorded before the kill: not run again
         assert f"{name}:" in recorded and not second[name]["ran"], (name, out[-2000:])
     assert (repo / "reports/metrics.json").read_bytes() == sequential_metrics
     assert json.loads(run(["dvc", "status", "--json"], repo, env).stdout) == {}

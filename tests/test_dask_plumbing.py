@@ -33,7 +33,7 @@ def test_stage_plans_route_cached_outs_through_the_remote_and_reports_with_the_t
     assert plans["get_data"].is_local  # the dataset link: made in every workspace, never pushed
     train = plans["train@pixel-0"]
     assert train.gpu and "data/features/msrc.h5" in train.pull and "models/enhancer.pt" in train.pull
-    assert not plans["extract"].gpu and plans["extract_shard@0"].gpu  # the join is I/O only
+    assert not plans["extract@msrc"].gpu and plans["extract_shard@0"].gpu  # the join is I/O only
     assert list(plans).index("enhancer") < list(plans).index("train@pixel-0") < list(plans).index("report")
 
 

@@ -68,7 +68,7 @@ def test_training_param_reruns_only_training_downstream(tiny_repo):
     try:
         stale = set(json.loads(run(["dvc", "status", "--json"], repo, env).stdout))
         assert {"train@image-0", "train@mixed-0", "train@pixel-0"} <= stale
-        assert not stale & {"prepare", "extract", "pseudo", "enhancer", "baselines@0"}
+        assert not stale & {"prepare", "extract@msrc", "pseudo", "enhancer", "baselines@0"}
     finally:
         run(["git", "checkout", "params.yaml"], repo, env)
 

@@ -70,10 +70,12 @@ def test_pipeline_paths_are_the_ones_dvc_yaml_passes():
     from fscs.config.paths import pipeline_paths
 
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    name = yaml.safe_load((ROOT / "params.yaml").read_text())["dataset"]["name"]
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    name = params["dataset"]["name"]
     given = {}
     for stage in ("train", "evaluate"):
         cmd = stages[stage]["cmd"].replace("${dataset.name}", name)
+        cmd = cmd.replace("${features.path}", params["features"]["path"])
         given.update(re.findall(r"--(\w+) (\S+)", cmd))
     paths = pipeline_paths(name)
     assert paths == {k: given[k] for k in paths}
@@ -82,12 +84,12 @@ def test_pipeline_paths_are_the_ones_dvc_yaml_passes():
 def test_stage_plan_follows_the_dvc_graph(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the flow may run anywhere: names must not depend on the working directory
     plan = stage_plan(["image", "pixel"], [0, 2])
-    assert plan[:6] == ["get_data", "prepare", "extract_shard@0", "extract", "pseudo", "enhancer"]
+    assert plan[:6] == ["get_data", "prepare", "extract_shard@0", "extract@msrc", "pseudo", "enhancer"]
     assert plan.index("train@image-0") < plan.index("evaluate@image-0")
     assert "report" not in plan  # a partial selection: the report reads every setting and fold
     assert "baselines@2" in plan and "train@pixel-2" in plan
     assert stage_plan()[-1] == "report"
-    shared = ["get_data", "prepare", "extract_shard@0", "extract", "pseudo", "enhancer"]
+    shared = ["get_data", "prepare", "extract_shard@0", "extract@msrc", "pseudo", "enhancer"]
     assert stage_plan(["image"], [0]) == [
         *shared,
         "train@image-0",

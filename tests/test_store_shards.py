@@ -198,7 +198,9 @@ def test_join_refuses_shards_that_do_not_split_the_index(stores, tmp_path, msrc_
     assert not (folder / "f.h5").exists()
 
 
-@pytest.mark.parametrize("shards", [[1], [0, 2], [0, 0], []])
+@pytest.mark.parametrize(
+    "shards", [[1], [0, 2], [0, 0]]
+)  # [] is online features: tests/test_online_features.py
 def test_invalid_shard_ids_refused(tmp_path, msrc_index, shards):
     params = params_file(tmp_path, shards)
     proc = subprocess.run(

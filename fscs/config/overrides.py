@@ -7,7 +7,9 @@ params.yaml stays the one source of every default: an override file names only w
 new param or a user's edit of a default reaches the paper runs too. Mappings merge key by key; a list, a
 scalar or ``train.by_supervision`` (a set of overrides itself) replaces the value whole. The merged params
 are validated by the config layer (`fscs.config.params.validate`) before anything is written: an override of
-a key that does not exist is refused, naming it.
+a key that does not exist is refused, naming it. The ``features`` keys dvc.yaml wires (store or online paths,
+the extraction shards) are filled in from ``features.source`` and the dataset (`fill_features`), so an
+override names only the source.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from typing import Any
 
 import yaml
 
-from fscs.config.params import read_params, validate
+from fscs.config.features import check_features, derived_features
+from fscs.config.params import DatasetConfig, read_params, validate
 from fscs.core.errors import FscsError
 
 #: Dotted keys whose value is replaced whole even when it is a mapping.
@@ -38,11 +41,33 @@ def merge(base: dict[str, Any], overrides: dict[str, Any], prefix: str = "") -> 
     return out
 
 
-def merged_params(overrides: str | Path, base: str | Path = "params.yaml") -> dict[str, Any]:
-    """The validated merge of an override file onto a params file."""
-    merged = merge(read_params(base), read_params(overrides))
+def fill_features(params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` with ``features.path / shards / stores`` (and ``backbone.shards`` where the source decides
+    them) set for its ``features.source`` and dataset (a new dict)."""
+    out = copy.deepcopy(params)
+    if not isinstance(out.get("dataset"), dict):
+        return out
+    features = out.setdefault("features", {})
     try:
-        validate(merged)
+        dataset = DatasetConfig.model_validate(out["dataset"])
+    except ValueError:
+        return out  # `validate` names what is wrong with the dataset section
+    want = derived_features(dataset, features.get("source", "store"))
+    features.update({k: want[k] for k in ("path", "shards", "stores")})
+    backbone = out.get("backbone")
+    if isinstance(backbone, dict):
+        if want["backbone.shards"] is not None:
+            backbone["shards"] = want["backbone.shards"]
+        elif not backbone.get("shards"):
+            backbone["shards"] = [0]
+    return out
+
+
+def merged_params(overrides: str | Path, base: str | Path = "params.yaml") -> dict[str, Any]:
+    """The validated merge of an override file onto a params file, its features wiring filled in."""
+    merged = fill_features(merge(read_params(base), read_params(overrides)))
+    try:
+        check_features(validate(merged))
     except FscsError as exc:
         raise FscsError(f"{overrides} on {base}: {exc}") from None
     return merged

@@ -94,8 +94,9 @@ class BackboneConfig(Section):
     arch: str | None = None  # timm architecture of a path: checkpoint
     # stored type of tokens / q / k: fp16 (default) | bf16 | int8 (per-token scale); fscs.features.store
     storage: Literal["fp16", "bf16", "int8"] = "fp16"
-    # extraction shards as a list (dvc.yaml's matrix needs one; N = its length), exactly 0..N-1
-    shards: Annotated[list[Count], Field(min_length=1)] = [0]
+    # extraction shards as a list (dvc.yaml's matrix needs one; N = its length), exactly 0..N-1; [] with
+    # online features (no extraction)
+    shards: list[Count] = [0]
 
     @field_validator("shards")
     @classmethod
@@ -186,6 +187,17 @@ class BaselinesConfig(Section):
 class EvaluateConfig(Section):
     void: Literal["ignore", "background"] = "ignore"
     baselines: BaselinesConfig = BaselinesConfig()
+
+
+class FeaturesConfig(Section):
+    """Where the stages after extraction get tokens: the HDF5 store, or ``online`` from the images
+    (`fscs.features.online`). ``path``, ``shards`` and ``stores`` are what dvc.yaml wires for the source
+    (`fscs.config.features`: ``fscs params`` fills them in, a stage opening the features refuses others)."""
+
+    source: Literal["store", "online"] = "store"
+    path: str | None = None  # the stages' --features: the store, or the dataset root online
+    shards: str | None = None  # the store's shard folder (a dep of every reader), or the dataset root
+    stores: list[str] | None = None  # the stores dvc.yaml builds: [dataset name], or [] online
 
 
 Budget = Literal["auto"] | Annotated[int, Field(ge=1)]
@@ -348,7 +360,7 @@ def _train_type_model() -> type[BaseModel]:
 
 
 def _train_config(value: Any) -> Any:
-    """params' ``train`` section -> fscs.learn.train.TrainConfig (types checked here, ranges there)."""
+    """params' ``train`` section -> `TrainConfig` (types checked here, ranges in `TrainConfig.from_params`)."""
 
     if isinstance(value, TrainConfig):
         return value
@@ -374,6 +386,7 @@ class Config(BaseModel):
     train: Annotated[Any, BeforeValidator(_train_config)] = Field(default_factory=lambda: _train_config({}))
     evaluate: EvaluateConfig = EvaluateConfig()
     study: StudyConfig = StudyConfig()
+    features: FeaturesConfig = FeaturesConfig()
     memory: MemoryConfig = MemoryConfig()
 
     def need(self, name: str) -> Any:

@@ -31,7 +31,7 @@ def evaluate_checkpoint(
     from fscs.data.folds import class_names, fold_classes, read_folds
     from fscs.data.index import read_index
     from fscs.evaluation.episodes import evaluation_json, run_episodes
-    from fscs.features.store import FeatureStore
+    from fscs.features.online import open_features
     from fscs.learn.model.cst import load_checkpoint, read_checkpoint
     from fscs.learn.predictor import CSTPredictor, TokenBank, scoring_workers
     from fscs.learn.targets import targets_for
@@ -57,7 +57,8 @@ def evaluate_checkpoint(
         raise FscsError(f"{test_path}: no test episodes for fold {fold}")
 
     t0 = time.perf_counter()
-    with FeatureStore(paths["features"]) as store:
+    tokens_bytes = budget_bytes(config.memory.tokens_mb, "tokens")
+    with open_features(paths["features"], config, index, check=False) as store:
         model, _ = load_checkpoint(checkpoint, store=store)
         model.to(device)
         if supervision == "mixed" and not paths.get("enhancer"):
@@ -77,7 +78,7 @@ def evaluate_checkpoint(
         ids = [str(i) for i in episodes["query_id"]]
         ids += [str(s) for ss in episodes["support_ids"] for shots in ss for s in shots]
         budget = {
-            "tokens": budget_bytes(config.memory.tokens_mb, "tokens"),
+            "tokens": tokens_bytes,
             "prepared": budget_bytes(config.memory.prepared_mb, "prepared", device),
         }
         tokens = TokenBank(store, budget["tokens"])

@@ -20,8 +20,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from fscs.config.features import check_features
 from fscs.core.errors import FscsError
 from fscs.core.lru import LRUCache
+from fscs.core.memory import budget_bytes
 from fscs.data.images import load_rgb
 from fscs.features.backbone import Backbone, backbone_from_config, preprocess
 from fscs.features.store import FeatureStore, expected_attrs
@@ -113,15 +115,13 @@ class OnlineStore:
 
 
 def open_features(
-    path: str | os.PathLike,
-    config: Any,
-    index: pd.DataFrame | None = None,
-    cache_bytes: int | None = None,
-    check: bool = True,
+    path: str | os.PathLike, config: Any, index: pd.DataFrame | None = None, check: bool = True
 ) -> FeatureStore | OnlineStore:
     """The stage's features by ``config.features.source``: the store at ``path`` (checked against the
     backbone params unless ``check`` is False), or online from ``index``'s images (``path``: the dataset
-    root) on the device `fscs.core.device.resolve_device` picks, keeping ``cache_bytes`` of encodings."""
+    root) on the device `fscs.core.device.resolve_device` picks, keeping ``memory.tokens_mb`` of
+    encodings."""
+    check_features(config)  # dvc.yaml wired this path for the source
     bb = config.need("backbone")
     if config.features.source == "store":
         return FeatureStore(path, expect=expected_attrs(bb) if check else None)
@@ -131,4 +131,5 @@ def open_features(
 
     backbone = backbone_from_config(bb, resolve_device())
     paths = {str(i): str(p) for i, p in zip(index.index, index["image_path"], strict=True)}
+    cache_bytes = budget_bytes(config.memory.tokens_mb, "tokens")
     return OnlineStore(backbone, paths, bb.layers, cache_bytes, root=path)

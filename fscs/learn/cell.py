@@ -18,7 +18,8 @@ from fscs.core.memory import budget_bytes
 from fscs.data.episodes import read_episodes
 from fscs.data.folds import class_names, read_folds, training_classes
 from fscs.data.index import read_index
-from fscs.features.store import FeatureStore, expected_attrs
+from fscs.features.online import OnlineStore, open_features
+from fscs.features.store import FeatureStore
 from fscs.learn.model.cst import CSTConfig, config_from_store
 from fscs.learn.predictor import TokenBank
 from fscs.learn.targets import Targets, targets_for
@@ -32,7 +33,7 @@ class Cell:
     split: str
     train_classes: list[int]
     val: pd.DataFrame  # the fold's 1-way 1-shot validation episodes
-    store: FeatureStore
+    store: FeatureStore | OnlineStore
     targets: Targets
     tokens: TokenBank
     void: str
@@ -70,7 +71,8 @@ def load_cell(config: Config, supervision: str, fold: int, paths: dict[str, str 
     val = val[(val["fold"] == fold) & (val["way"] == 1) & (val["shot"] == 1)].reset_index(drop=True)
     if val.empty:
         raise FscsError(f"{val_path}: no 1-way 1-shot validation episodes for fold {fold}")
-    store = FeatureStore(p["features"], expect=expected_attrs(config.need("backbone")))
+    tokens_bytes = budget_bytes(config.memory.tokens_mb, "tokens")
+    store = open_features(p["features"], config, index)
     try:
         targets = targets_for(
             supervision,
@@ -90,7 +92,7 @@ def load_cell(config: Config, supervision: str, fold: int, paths: dict[str, str 
         ids += [str(i) for i in val["query_id"]] + [
             str(s) for ss in val["support_ids"] for sh in ss for s in sh
         ]
-        tokens = TokenBank(store, budget_bytes(config.memory.tokens_mb, "tokens"))
+        tokens = TokenBank(store, tokens_bytes)
         tokens.require(ids, "training images", "re-run `dvc repro extract`")
     except BaseException:
         store.close()  # the cell owns the open store only once it is returned

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from fscs.config.checkpoint import checkpoint_label_size
-from fscs.config.params import PseudoConfig
+from fscs.config.params import Config
 from fscs.core.overlay import overlay, save_grid
 from fscs.data.images import VOID, gt_mask, load_rgb
 from fscs.evaluation.episodes import decide
@@ -29,7 +29,7 @@ def prediction_grid(
     features_path: str | os.PathLike,
     supervisions: list[str],
     fold: int,
-    pseudo: PseudoConfig,
+    config: Config,
     out_dir: str | os.PathLike,
     n_episodes: int = 6,
 ) -> list[str]:
@@ -41,7 +41,7 @@ def prediction_grid(
     from fscs.data.episodes import read_episodes
     from fscs.data.folds import class_names, read_folds
     from fscs.data.index import read_index
-    from fscs.features.store import FeatureStore
+    from fscs.features.online import open_features
     from fscs.learn.model.cst import load_checkpoint
     from fscs.learn.predictor import CSTPredictor, TokenBank
     from fscs.learn.targets import targets_for
@@ -58,7 +58,7 @@ def prediction_grid(
     data = Path(features_path).parent.parent
     name = Path(features_path).stem
     columns: list[list[np.ndarray]] = [[] for _ in range(len(chosen))]
-    with FeatureStore(features_path) as store:
+    with open_features(features_path, config, index, check=False) as store:
         tokens = TokenBank(store)
         for r, row in enumerate(chosen.itertuples(index=False)):
             query = index.loc[row.query_id]
@@ -77,7 +77,7 @@ def prediction_grid(
             label_size = checkpoint_label_size(ckpt, checkpoint)
             targets = targets_for(
                 supervision,
-                pseudo,
+                config.pseudo,
                 store,
                 index,
                 label_size,
