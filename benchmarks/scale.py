@@ -1,6 +1,6 @@
 """Paper-scale benchmark: store size, extraction speed, and training / evaluation memory flat in N.
 
-    python -m benchmarks.scale [--sizes 500 1000 2000] [--budget-mb 128] [--workdir DIR] [--json FILE]
+    python -m benchmarks.scale [--sizes 500 1000 2000] [--budget-mb 64] [--repeat 3] [--json FILE]
 
 Synthetic 400 px images (random JPEGs, one class rectangle per mask, 4 classes) go through a ViT with the
 paper's token grid (patch 8 at 400 px: 50 x 50 patches + CLS = 2,501 tokens) but the tiny random ViT's width
@@ -21,6 +21,8 @@ its peak RSS is its own:
 
 The table gives the pass's images/s, episodes/s and peak RSS (the process's high-water mark, VmHWM) with its
 ratio to the smallest N of the same row kind: with a budget it stays near 1, without one it grows with N.
+A process's peak RSS moves by about 10% between identical runs (where glibc's heap happens to keep freed
+blocks), so ``--repeat K`` reports the median of K runs and their range.
 Paper-shaped compute (ViT-S/8 and the CST at 12 layers x 6 heads) is measured by ``--paper`` with
 `benchmarks.gpu_smoke.paper_cell`.
 """
@@ -93,9 +95,13 @@ def backbone() -> Any:
 
 
 def extract(workdir: Path, n: int) -> dict[str, Any]:
-    """Write the dataset and its store (the largest N); images/s and bytes per image."""
+    """Write the dataset and its store (the largest N); images/s and bytes per image. A ``--workdir``
+    that holds them for the same N is reused, with the numbers measured when it was made."""
     from fscs.features.extraction import extract_to_store
 
+    done = workdir / "extract.json"
+    if done.exists() and json.loads(done.read_text())["n"] == n:
+        return json.loads(done.read_text())
     index = write_dataset(workdir / "data", n)
     index.to_parquet(workdir / "index.parquet")
     store = workdir / "features.h5"
@@ -104,7 +110,9 @@ def extract(workdir: Path, n: int) -> dict[str, Any]:
     stats = extract_to_store(
         backbone(), list(index.index), list(index["image_path"]), store, batch_size=16, progress=False
     )
-    return {"images_per_s": stats["images_per_s"], "bytes_per_image": stats["bytes_per_image"]}
+    out = {"n": n, "images_per_s": stats["images_per_s"], "bytes_per_image": stats["bytes_per_image"]}
+    done.write_text(json.dumps(out))
+    return out
 
 
 def _episodes(index: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
@@ -149,7 +157,13 @@ def _rss_mib() -> float:
 
 
 def run_case(
-    workdir: Path, phase: str, mode: str, n: int, budget_mb: int | None, episodes: int
+    workdir: Path,
+    phase: str,
+    mode: str,
+    n: int,
+    budget_mb: int | None,
+    episodes: int,
+    allocator: str = "stage",
 ) -> dict[str, Any]:
     """One measured run (in its own process): episodes/s and peak RSS of training or evaluation."""
     import torch
@@ -162,7 +176,8 @@ def run_case(
     from fscs.learn.train import train
 
     torch.set_num_threads(2)
-    keep_freed_memory()  # as the train and evaluate stages run
+    if allocator == "stage":
+        keep_freed_memory()  # as the train and evaluate stages run: glibc keeps up to 1 GiB of freed heap
     budget = None if budget_mb is None else budget_mb * 2**20
     index = pd.read_parquet(workdir / "index.parquet").iloc[:n]
     index = index.set_index("image_id", drop=False).rename_axis(None)
@@ -206,6 +221,7 @@ def run_case(
         "mode": mode,
         "n": n,
         "budget_mb": budget_mb,
+        "allocator": allocator,
         "pass_images_per_s": round(n / pass_s, 1),
         "episodes_per_s": round(episodes / seconds, 2),
         "setup_rss_mib": round(start_rss),
@@ -215,14 +231,22 @@ def run_case(
 
 
 def _child(
-    workdir: Path, phase: str, mode: str, n: int, budget_mb: int | None, episodes: int
+    workdir: Path, phase: str, mode: str, n: int, budget_mb: int | None, episodes: int, allocator: str
 ) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "benchmarks.scale", "--case", phase, mode, str(n), str(budget_mb or 0)]
-    cmd += ["--episodes", str(episodes)]
+    cmd += ["--episodes", str(episodes), "--allocator", allocator]
     out = subprocess.run(cmd + ["--workdir", str(workdir)], capture_output=True, text=True, check=False)
     if out.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row of repeated runs: the median run by peak RSS, with the runs' peak RSS range."""
+    runs = sorted(runs, key=lambda r: r["peak_rss_mib"])
+    row = dict(runs[len(runs) // 2])
+    row["peak_rss_range_mib"] = [runs[0]["peak_rss_mib"], runs[-1]["peak_rss_mib"]]
+    return row
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -237,10 +261,12 @@ def table(rows: list[dict[str, Any]]) -> str:
         key = (r["phase"], r["mode"], r["budget_mb"])
         base = first.setdefault(key, r["peak_rss_mib"])
         budget = r["budget_mb"] if r["budget_mb"] else "none"
+        lo, hi = r.get("peak_rss_range_mib", [r["peak_rss_mib"]] * 2)
+        spread = f" ({lo}-{hi})" if hi > lo else ""
         lines.append(
             f"| {r['phase']} | {r['mode']} | {budget} | {r['n']:,} | {r['pass_images_per_s']} | "
             f"{r['episodes_per_s']} | "
-            f"{r['setup_rss_mib']} | {r['peak_rss_mib']} | {r['peak_rss_mib'] / base:.2f}x |"
+            f"{r['setup_rss_mib']} | {r['peak_rss_mib']}{spread} | {r['peak_rss_mib'] / base:.2f}x |"
         )
     return "\n".join(lines)
 
@@ -260,6 +286,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--budget-mb", type=int, default=64, help="tokens and prepared features, each")
     ap.add_argument("--episodes", type=int, default=48, help="training / evaluation episodes per run")
     ap.add_argument("--modes", nargs="+", default=["store", "online"], choices=["store", "online"])
+    ap.add_argument(
+        "--allocator",
+        default="stage",
+        choices=["stage", "glibc"],
+        help="stage: glibc set as the stages set it (fscs.core.allocator); glibc: its defaults",
+    )
+    ap.add_argument("--phases", nargs="+", default=["train", "evaluate"], choices=["train", "evaluate"])
+    ap.add_argument(
+        "--repeat", type=int, default=1, help="runs per row: the peak RSS is their median (min-max shown)"
+    )
     ap.add_argument("--workdir", help="keep the data here (default: a temporary folder)")
     ap.add_argument("--paper", action="store_true", help="also time ViT-S/8 at 400 px and the paper's CST")
     ap.add_argument("--json", help="write the rows here")
@@ -267,7 +303,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.case:
         phase, mode, n, budget = args.case
-        case = run_case(Path(args.workdir), phase, mode, int(n), int(budget) or None, args.episodes)
+        case = run_case(
+            Path(args.workdir), phase, mode, int(n), int(budget) or None, args.episodes, args.allocator
+        )
         print(json.dumps(case))
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -281,12 +319,16 @@ def main(argv: list[str] | None = None) -> None:
             f"{paper_bytes_per_image('int8'):,} in int8"
         )
         rows = []
-        for phase in ("train", "evaluate"):
+        for phase in args.phases:
             for mode in args.modes:
                 kinds = [args.budget_mb] + ([None] if mode == "store" else [])
                 for budget in kinds:
                     for n in sizes:
-                        rows.append(_child(workdir, phase, mode, n, budget, args.episodes))
+                        runs = [
+                            _child(workdir, phase, mode, n, budget, args.episodes, args.allocator)
+                            for _ in range(args.repeat)
+                        ]
+                        rows.append(median_row(runs))
                         print(json.dumps(rows[-1]), flush=True)
         print(table(rows))
         doc: dict[str, Any] = {
