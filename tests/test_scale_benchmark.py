@@ -32,7 +32,7 @@ def test_median_row_and_table_compare_each_kind_with_its_smallest_n():
 @pytest.mark.slow
 def test_benchmark_runs_at_toy_sizes_under_its_budget(tmp_path):
     out = tmp_path / "scale.json"
-    main(["--sizes", "6", "12", "--budget-mb", "1", "--episodes", "2", "--modes", "store",
+    main(["--sizes", "8", "16", "--budget-mb", "1", "--episodes", "2", "--modes", "store",
           "--workdir", str(tmp_path / "work"), "--json", str(out)])  # fmt: skip
     doc = json.loads(out.read_text())
     assert doc["extract"]["bytes_per_image"] > 900_000  # the 50x50 grid at width 48
