@@ -360,7 +360,7 @@ def _train_type_model() -> type[BaseModel]:
 
 
 def _train_config(value: Any) -> Any:
-    """params' ``train`` section -> `TrainConfig` (types checked here, ranges in `TrainConfig.from_params`)."""
+    """params' ``train`` section -> `TrainConfig` (types checked here, ranges in `from_params`)."""
 
     if isinstance(value, TrainConfig):
         return value
