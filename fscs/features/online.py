@@ -26,10 +26,10 @@ from fscs.core.lru import LRUCache
 from fscs.core.memory import budget_bytes
 from fscs.data.images import load_rgb
 from fscs.features.backbone import Backbone, backbone_from_config, preprocess
-from fscs.features.store import FeatureStore, expected_attrs
+from fscs.features.store import FeatureStore, StoreMetadata, expected_attrs
 
 
-class OnlineStore:
+class OnlineStore(StoreMetadata):
     """The store's read interface over ``image_paths`` ({image id: path}), computed on demand.
 
     ``cache_bytes`` bounds the encodings kept (None: keep all); a token bank over this store shares their
@@ -52,25 +52,6 @@ class OnlineStore:
         self._cache = LRUCache(max_bytes=cache_bytes)
         self._lock = threading.Lock()  # scoring workers and the labeler may ask at once
         self.computed = 0  # images encoded (more than asked for once the budget is full)
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return tuple(int(g) for g in self.attrs["grid"])
-
-    @property
-    def num_heads(self) -> int:
-        return int(self.attrs["num_heads"])
-
-    @property
-    def embed_dim(self) -> int:
-        return int(self.attrs["embed_dim"])
-
-    @property
-    def layers(self) -> list[int]:
-        return [int(i) for i in self.attrs["layers"]]
-
-    def __len__(self) -> int:
-        return len(self.image_ids)
 
     def __contains__(self, image_id: object) -> bool:
         return image_id in self._paths

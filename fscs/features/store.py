@@ -245,7 +245,35 @@ def check_attrs(attrs: dict[str, Any], expect: dict[str, Any], where: str) -> No
     )
 
 
-class FeatureStore:
+class StoreMetadata:
+    """What a store's attributes say (grid, heads, width, stored blocks) and its image count, shared by the
+    HDF5 store and the online one (`fscs.features.online.OnlineStore`); both set `attrs` and `image_ids`."""
+
+    attrs: dict[str, Any]
+    image_ids: list[str]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        gh, gw = self.attrs["grid"]
+        return int(gh), int(gw)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.attrs["num_heads"])
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.attrs["embed_dim"])
+
+    @property
+    def layers(self) -> list[int]:
+        return [int(i) for i in self.attrs["layers"]]
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+
+class FeatureStore(StoreMetadata):
     """Read-only access to a complete feature store, row by image id, without loading the file."""
 
     def __init__(self, path: str | os.PathLike, expect: dict[str, Any] | None = None):
@@ -292,27 +320,6 @@ class FeatureStore:
         except BaseException:
             self._f.close()
             raise
-
-    # ---- metadata -------------------------------------------------------------------------------------
-    @property
-    def grid(self) -> tuple[int, int]:
-        gh, gw = self.attrs["grid"]
-        return int(gh), int(gw)
-
-    @property
-    def num_heads(self) -> int:
-        return int(self.attrs["num_heads"])
-
-    @property
-    def embed_dim(self) -> int:
-        return int(self.attrs["embed_dim"])
-
-    @property
-    def layers(self) -> list[int]:
-        return [int(i) for i in self.attrs["layers"]]
-
-    def __len__(self) -> int:
-        return len(self.image_ids)
 
     def __contains__(self, image_id: object) -> bool:
         return image_id in self._row
