@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,10 @@ from fscs.learn.train import train_cell
 
 
 def parse_overrides(text: str) -> dict[str, Any]:
-    """'a=1,model.init=he' -> {'a': 1, 'model': {'init': 'he'}}."""
+    """'a=1,model.init=he,shots=[1,5]' -> {'a': 1, 'model': {'init': 'he'}, 'shots': [1, 5]} (a comma inside
+    brackets belongs to the value)."""
     out: dict[str, Any] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
+    for part in filter(None, (p.strip() for p in re.split(r",(?![^\[]*\])", text))):
         key, _, value = part.partition("=")
         node = out
         *parents, leaf = key.split(".")
@@ -50,22 +52,24 @@ def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def kshot_scores(cell: Any, model: Any, name: str) -> dict[str, float]:
-    """ER / mIoU of the trained model on the fold's 1-way 5-shot validation episodes, per K-shot rule."""
+    """ER / mIoU of the trained model on the fold's 1-way and 2-way 5-shot validation episodes, per K-shot
+    rule (`fscs.config.cst.KSHOT_RULES`); the model keeps the rule it was trained with."""
+    from fscs.config.cst import KSHOT_RULES
     from fscs.data.episodes import read_episodes
     from fscs.evaluation.episodes import run_episodes
     from fscs.learn.predictor import CSTPredictor
 
     val = read_episodes(Path(pipeline_paths(name)["episodes"]) / "val.parquet")
-    val = val[(val["fold"] == cell.fold) & (val["way"] == 1) & (val["shot"] == 5)].reset_index(drop=True)
-    out = {}
-    for rule in ("mean_prob", "mean_logit"):
+    val = val[(val["fold"] == cell.fold) & (val["shot"] == 5)].reset_index(drop=True)
+    out, trained = {}, model.config.kshot
+    for rule in KSHOT_RULES:
         model.config.kshot = rule
         t = cell.targets
         pred = CSTPredictor(model, cell.tokens, t.test_support_mask, t.test_mask_depends_on_class)
-        r = run_episodes(val, pred, cell.index, cell.train_classes, void=cell.void, progress=False)[
-            "1way5shot"
-        ]
-        out[f"{rule}_er"], out[f"{rule}_miou"] = r["er"], r["miou"]
+        res = run_episodes(val, pred, cell.index, cell.train_classes, void=cell.void, progress=False)
+        for setting, r in res.items():
+            out[f"{rule}_{setting}_er"], out[f"{rule}_{setting}_miou"] = r["er"], r["miou"]
+    model.config.kshot = trained
     return out
 
 
@@ -141,7 +145,7 @@ def main() -> None:
                     }
                 )
             if args.kshot_check:
-                print(f"fold {fold} [{spec or 'base'}] val 1-way 5-shot: {extra}", flush=True)
+                print(f"fold {fold} [{spec or 'base'}] val 5-shot: {extra}", flush=True)
             if args.out:  # after every run, so a sweep cut short keeps what it measured
                 pd.DataFrame(rows).to_csv(args.out, index=False)
             last = result.curve[-1]

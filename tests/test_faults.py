@@ -297,7 +297,7 @@ def test_divergence_names_the_params_that_set_the_step_size(art, tmp_path, capsy
 # ---- checkpoint config fields validated by type, for predict and evaluate --------------------------------
 FORGED = [
     ("grid", "abc", "config.grid = 'abc': expected a list"),
-    ("kshot", "max", "config.kshot = 'max': expected 'mean_prob' or 'mean_logit'"),
+    ("kshot", "max", "config.kshot = 'max': expected 'mean_prob', 'mean_logit' or 'joint'"),
     ("label_size", 0, "config.label_size = 0: expected >= 1"),
     ("fg_threshold", float("nan"), "config.fg_threshold = nan: expected a finite number"),
 ]

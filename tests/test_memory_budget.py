@@ -7,16 +7,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_train import SIZE, model_config, toy_dataset, val_frame
+from test_train import SIZE, model_config, run_train, toy_dataset, val_frame
 
-from fscs.config.params import TrainConfig, load_config, validate
+from fscs.config.params import load_config, validate
 from fscs.core.errors import FscsError
 from fscs.core.lru import LRUCache, nbytes
 from fscs.core.memory import MIB, budget_bytes, host_ram
 from fscs.learn.model.cst import CST
 from fscs.learn.predictor import CSTPredictor, PreparedBank, TokenBank
 from fscs.learn.targets import Targets
-from fscs.learn.train import train
 
 
 def test_lru_keeps_at_most_its_bytes_least_recent_going_first():
@@ -63,25 +62,42 @@ def test_prepared_features_do_not_depend_on_the_batch_they_are_prepared_in():
                 assert torch.equal(batched, alone)
 
 
+class _Rows:
+    """A store of ``n`` distinct (2, 3, 4) float16 rows, counting its reads."""
+
+    def __init__(self, n: int):
+        self.rows = {f"r{i}": np.full((2, 3, 4), i, np.float16) for i in range(n)}
+
+    def __contains__(self, image_id):
+        return image_id in self.rows
+
+    def tokens(self, image_id):
+        return self.rows[image_id]
+
+
+def test_token_bank_reuses_its_slots_and_returns_every_row_right():
+    """Rows live in preallocated slabs reused least recently used first: the slabs never exceed the budget's
+    rows however many images pass through, and a batch longer than the budget still comes back right."""
+    store, row = _Rows(200), 2 * 3 * 4 * 2
+    bank = TokenBank(store, budget_bytes=5 * row)
+    ids = list(store.rows)
+    for i in range(0, 200, 7):
+        batch = ids[i : i + 7]  # longer than the 5 rows the budget holds
+        got = bank.get(batch)
+        assert [int(g[0, 0, 0]) for g in got] == [int(b[1:]) for b in batch]
+    assert sum(s.nbytes for s in bank._slabs) == 5 * row and bank.peak_bytes == 5 * row
+    assert bank.reads == 200
+    bank.get(["r199", "r0"])  # r199 is held; r0 goes into the oldest slot
+    assert bank.reads == 201 and list(bank._slot)[-2:] == ["r199", "r0"]
+    unbounded = TokenBank(store)
+    unbounded.get(ids[:70])
+    unbounded.get(ids[:70])
+    assert unbounded.reads == 70 and len(unbounded._slabs) == 2  # grows a slab at a time
+
+
 def _train(index, store, val, tokens_bytes, prepared_bytes):
-    config = TrainConfig(
-        seed=0, epochs=2, episodes_per_epoch=16, batch_size=8, label_size=SIZE, patience=0, threads=1
-    )
     bank = TokenBank(store, tokens_bytes)
-    res = train(
-        config=config,
-        tokens=bank,
-        model_config=model_config(),
-        targets=Targets("pixel", index, SIZE),
-        index=index,
-        train_split="train",
-        train_classes=[1, 2],
-        fold=0,
-        val_episodes=val,
-        progress=False,
-        prepared_bytes=prepared_bytes,
-    )
-    return res, bank
+    return run_train(index, store, val, bank=bank, prepared_bytes=prepared_bytes), bank
 
 
 def test_training_under_a_tiny_budget_is_the_same_training(tmp_path):

@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from tiny_repo import ROOT, TINY, _merge, make_tiny_repo, run, tiny_env
 
@@ -20,6 +21,7 @@ from fscs.features.backbone import create_backbone
 from fscs.features.extraction import extract_to_store
 from fscs.features.online import OnlineStore, open_features
 from fscs.features.store import FeatureStore
+from fscs.learn.predictor import TokenBank
 
 
 @pytest.fixture
@@ -55,6 +57,9 @@ def test_online_store_keeps_its_budget_and_recomputes_the_same_values(tiny_featu
     assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
     with pytest.raises(FscsError, match="'nope' is not in the dataset's index"):
         online.tokens("nope")
+    bank = TokenBank(online, 2 * 3 * one.nbytes)
+    assert torch.equal(bank.get(ids[:2])[1], torch.from_numpy(online.tokens(ids[1])))
+    assert not bank._slabs  # read through the store's own encodings: no second copy
 
 
 def _params(**features) -> dict:

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fscs.core.errors import FscsError
 from fscs.learn.model import CST, load_checkpoint, save_checkpoint
 from fscs.learn.model.prior import prepare_prior, prototype_prior
 from tests.test_model import FakeStore, G, make_predictor, tiny_config, tokens
@@ -95,6 +96,12 @@ def test_predictor_and_checkpoint_carry_the_prior(tmp_path):
     np.testing.assert_allclose(fg2, fg, rtol=1e-5, atol=1e-7)
 
 
-def test_unknown_prior_is_refused():
+def test_unknown_prior_and_a_prior_layer_the_store_lacks_are_refused():
     with pytest.raises(ValueError, match="prior must be one of"):
         CST(tiny_config(prior="pfenet"))
+    with pytest.raises(
+        FscsError, match=r"train.model.prior_layer = 2 is not one of the feature store's 2 layers"
+    ):
+        CST(tiny_config(prior="prototype", prior_layer=2))
+    CST(tiny_config(prior="prototype", prior_layer=-2))  # counted from the last, as a list index
+    CST(tiny_config(prior_layer=5))  # no prior map: the layer is not used

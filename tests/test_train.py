@@ -94,14 +94,15 @@ def model_config(**kw) -> CSTConfig:
     )
 
 
-def run_train(index, store, val, model: dict | None = None, **cfg):
+def run_train(index, store, val, model: dict | None = None, bank=None, prepared_bytes=None, **cfg):
+    """Train the toy model for 2 epochs (``cfg``: TrainConfig overrides); ``bank``: the TokenBank to read."""
     base = dict(seed=0, epochs=2, episodes_per_epoch=16, batch_size=8, label_size=SIZE, patience=0, threads=1)
     base.update(cfg)
     config = TrainConfig(**base)
     targets = Targets("pixel", index, SIZE)
     return train(
         config=config,
-        tokens=TokenBank(store),
+        tokens=TokenBank(store) if bank is None else bank,
         model_config=model_config(**(model or {})),
         targets=targets,
         index=index,
@@ -110,6 +111,7 @@ def run_train(index, store, val, model: dict | None = None, **cfg):
         fold=0,
         val_episodes=val,
         progress=False,
+        prepared_bytes=prepared_bytes,
     )
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-KSHOT_RULES = ("mean_prob", "mean_logit")
+KSHOT_RULES = ("mean_prob", "mean_logit", "joint")
 PRIORS = ("none", "prototype")
 ATTENTIONS = ("fused", "sdpa")
 
@@ -29,7 +29,8 @@ class CSTConfig:
     fg_prior: float = 0.21  # foreground fraction the "he" init's last segmentation bias starts from
     prior: str = "none"  # none | prototype: the masked-prototype map of one block fed to both heads
     prior_layer: int = -1  # stored layer (position in the store's layer axis) the prototype prior matches
-    kshot: str = "mean_prob"  # how K shots' pair predictions combine: mean_prob | mean_logit (CSTPredictor)
+    kshot: str = "mean_prob"  # how K shots combine: mean_prob | mean_logit of the pairs' predictions
+    # (CSTPredictor) | joint: one forward over all K supports (block 1 attends over every support's positions)
     presence_threshold: float = 0.5  # decision thresholds chosen on validation (fscs.learn.calibration); the
     fg_threshold: float = 0.5  # predictor shifts probabilities so that they fall on 0.5
     backbone: dict[str, Any] = field(default_factory=dict)  # store attributes (BACKBONE_KEYS)

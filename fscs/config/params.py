@@ -247,6 +247,9 @@ class TrainConfig:
     patience: int = 5
     threads: int = 2
     eval_batch_size: int = 16
+    # shot counts of the training episodes, one per batch in turn ([1]: 1-way 1-shot only); more than one
+    # support per episode needs model.kshot: joint, the rule that scores K supports together
+    shots: list[int] = field(default_factory=lambda: [1])
     model: dict[str, Any] = field(default_factory=dict)  # CSTConfig overrides: support_size, channels ...
     # supervision setting -> train keys that override the ones above for that setting's cells only
     # (``model`` merges key by key), e.g. {"image": {"model": {"prior": "prototype"}}}
@@ -296,6 +299,14 @@ class TrainConfig:
             raise FscsError(f"params: train.warmup must be in [0, 1), got {cfg.warmup!r}")
         if not 0.0 <= float(cfg.ema) < 1.0:
             raise FscsError(f"params: train.ema must be in [0, 1) (0 = off), got {cfg.ema!r}")
+        shots = cfg.shots
+        if not (isinstance(shots, list) and shots and all(type(k) is int and k >= 1 for k in shots)):
+            raise FscsError(f"params: train.shots must be a non-empty list of counts >= 1, got {shots!r}")
+        if max(shots) > 1 and cfg.model.get("kshot") != "joint":
+            raise FscsError(
+                f"params: train.shots = {shots} trains on several supports per episode, which only "
+                f"train.model.kshot: joint scores together (got kshot {cfg.model.get('kshot', 'default')!r})"
+            )
         if not isinstance(cfg.by_supervision, dict):
             raise FscsError(f"params: train.by_supervision must be a mapping, got {cfg.by_supervision!r}")
         for name in cfg.by_supervision:

@@ -32,8 +32,10 @@ from fscs.features.store import FeatureStore, StoreMetadata, expected_attrs
 class OnlineStore(StoreMetadata):
     """The store's read interface over ``image_paths`` ({image id: path}), computed on demand.
 
-    ``cache_bytes`` bounds the encodings kept (None: keep all); a token bank over this store shares their
-    memory (`torch.from_numpy`), so the two hold one copy of the images both keep."""
+    ``cache_bytes`` bounds the encodings kept (None: keep all); a token bank reads through them
+    (``keeps_rows``) instead of keeping a second copy."""
+
+    keeps_rows = True
 
     def __init__(
         self,

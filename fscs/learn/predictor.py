@@ -1,22 +1,24 @@
 """The episode predictor over a trained CST model and the feature store (the `fscs.evaluation.episodes`
 protocol).
 
-``predict(query_id, support_classes, support_ids)`` scores every (query, support image) pair of the episode
-independently (N classes x K shots, batched in one forward pass) and combines the K shots of a class by the
-model's ``kshot`` rule (``mean_prob``: mean probability; ``mean_logit``: mean log-odds, so shots that agree
-reinforce each other instead of being pulled to the middle by one that misses): presence probability
-p(present) (N,) and foreground probability maps (N, 2gh, 2gw), shifted so that the model's calibrated
-thresholds (``presence_threshold``, ``fg_threshold``, `fscs.learn.calibration`) fall on 0.5. The decision
-rules (presence > 0.5, argmax / 0.5 on foreground) are applied by `fscs.evaluation.episodes`.
+``predict(query_id, support_classes, support_ids)`` scores each class of the episode from its K shots by the
+model's ``kshot`` rule: ``joint`` runs the query against all K supports in one forward pass (block 1 attends
+over every support's positions, `fscs.learn.model.transformer.join_shots`); ``mean_prob`` / ``mean_logit``
+score every (query, support image) pair independently and average the K probabilities or log-odds. The
+result: presence probability p(present) (N,) and foreground probability maps (N, 2gh, 2gw), shifted so that
+the model's calibrated thresholds (``presence_threshold``, ``fg_threshold``, `fscs.learn.calibration`) fall
+on 0.5. The decision rules (presence > 0.5, argmax / 0.5 on foreground) are applied by
+`fscs.evaluation.episodes`. What is scored is an item (query, supports, class): one support per item under
+the per-pair rules, a class's K supports under ``joint`` (one support: the same forward either way).
 
 Support masks come from a callable ``support_mask(image_id, class_id) -> bool (h, w)``; the setting's
 test-time rule is `fscs.learn.targets.Targets.test_support_mask` (GT for ``pixel``, raw self pseudo-mask for
 ``image``, enhanced self pseudo-mask for ``mixed``).
 
-A pair's result depends only on (query, support, support mask); with ``mask_depends_on_class`` False (pseudo
-masks) the class is not part of the key. Results are cached, so a pair shared by several episodes (episode i
-of each (way, shot) list shares its query and usually its first support) is computed once.
-`prefetch(episodes)` computes all distinct pairs of an episode list up front, sorted by query, in large
+An item's result depends only on (query, supports, support masks); with ``mask_depends_on_class`` False
+(pseudo masks) the class is not part of the key. Results are cached, so an item shared by several episodes
+(episode i of each (way, shot) list shares its query and usually its first support) is computed once.
+`prefetch(episodes)` computes all distinct items of an episode list up front, sorted by query, in large
 batches; each image's prepared (normalized, per-head, support-downsampled) features are computed once and
 kept in a bounded cache, so a query or support image shared by many pairs is prepared once.
 
@@ -33,10 +35,10 @@ back to the CPU as numpy arrays.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -48,10 +50,15 @@ from fscs.core.lru import LRUCache
 from fscs.learn.calibration import log_odds, shift, sigmoid
 from fscs.learn.model.cst import CST
 
+#: What the predictor scores: (query id, its supports (one, or a class's K shots under ``joint``), class).
+Item = tuple[str, tuple[str, ...], int]
+
 
 def combine_shots(p: np.ndarray, rule: str) -> np.ndarray:
     """K shots' probabilities (K, ...) -> one: their mean (``mean_prob``) or the probability of their mean
-    log-odds (``mean_logit``)."""
+    log-odds (``mean_logit``); under ``joint`` the one prediction of all K."""
+    if rule == "joint":
+        return p[0]  # one joint prediction already
     return sigmoid(log_odds(p).mean(axis=0)) if rule == "mean_logit" else p.mean(axis=0)
 
 
@@ -71,18 +78,24 @@ class TokenBank:
 
     ``budget_bytes`` (None: keep every image read) bounds the RAM the tokens take, whatever the dataset's
     size; an evicted image is read again when asked for, so the budget decides what is re-read, never a
-    value. Scoring workers share one bank (a lock guards the store and the cache)."""
+    value. Rows live in slabs of `SLAB_ROWS` rows allocated once and reused, least recently used first:
+    caching each row in its own buffer let the C heap fragment, so the resident set grew with every image
+    read (about 0.65 MB each at 50x50 tokens) while the cache held its budget. A store that keeps its own
+    encodings under the budget (`fscs.features.online.OnlineStore`, ``keeps_rows``) is read through, so
+    the two never hold two copies. Scoring workers share one bank (a lock guards the store and the cache)."""
+
+    SLAB_ROWS = 64
 
     def __init__(self, store: Any, budget_bytes: int | None = None):
         self.store = store
-        self._cache = LRUCache(max_bytes=budget_bytes)
+        self.budget_bytes = budget_bytes
+        self._through = bool(getattr(store, "keeps_rows", False))
+        self._slot: OrderedDict[str, int] = OrderedDict()  # image id -> its row in the slabs, oldest first
+        self._slabs: list[torch.Tensor] = []
+        self._capacity: int | None = None  # rows the budget allows, known at the first read
         self._lock = threading.Lock()
         self.reads = 0  # rows read from the store (more than the images asked for once the budget is full)
-
-    @property
-    def peak_bytes(self) -> int:
-        """The most bytes of tokens held at once."""
-        return self._cache.peak_bytes
+        self.peak_bytes = 0  # the most bytes of tokens held at once
 
     def require(self, image_ids: Iterable[str], what: str, hint: str = "") -> None:
         """FscsError naming the store file when any of ``image_ids`` (``what``, e.g. "training images") is
@@ -99,15 +112,41 @@ class TokenBank:
         """(B, L, 1+P, D) float16 tokens of the images, in order; ``pin``: in page-locked memory, for an
         asynchronous copy to a CUDA device."""
         with self._lock:
-            rows = [self._cache.get_or(i, partial(self._read, i)) for i in image_ids]
-        if not pin:
-            return torch.stack(rows)
-        out = torch.empty((len(rows), *rows[0].shape), dtype=rows[0].dtype, pin_memory=True)
-        return torch.stack(rows, out=out)
+            first = self._row(image_ids[0])
+            out = torch.empty((len(image_ids), *first.shape), dtype=first.dtype, pin_memory=pin)
+            out[0] = first
+            for j, image_id in enumerate(image_ids[1:], start=1):
+                out[j] = self._row(image_id)  # copied at once: a later read may reuse the row's slot
+        return out
 
-    def _read(self, image_id: str) -> torch.Tensor:
+    def _row(self, image_id: str) -> torch.Tensor:
+        """The image's tokens: its slot in the slabs, read into the least recently used one when absent."""
+        if self._through:
+            self.reads += 1
+            return torch.from_numpy(np.asarray(self.store.tokens(image_id), dtype=np.float16))
+        slot = self._slot.get(image_id)
+        if slot is not None:
+            self._slot.move_to_end(image_id)
+            return self._view(slot)
+        row = torch.from_numpy(np.asarray(self.store.tokens(image_id), dtype=np.float16))
         self.reads += 1
-        return torch.from_numpy(np.asarray(self.store.tokens(image_id), dtype=np.float16))
+        if self._capacity is None and self.budget_bytes is not None:
+            self._capacity = max(1, self.budget_bytes // row.nbytes)
+        if self._capacity is not None and len(self._slot) >= self._capacity:
+            slot = self._slot.popitem(last=False)[1]
+        else:
+            slot = len(self._slot)
+            if slot == len(self._slabs) * self.SLAB_ROWS:
+                rows = min(self.SLAB_ROWS, (self._capacity or slot + self.SLAB_ROWS) - slot)
+                self._slabs.append(torch.empty((rows, *row.shape), dtype=row.dtype))
+        self._slot[image_id] = slot
+        view = self._view(slot)
+        view.copy_(row)
+        self.peak_bytes = max(self.peak_bytes, len(self._slot) * row.nbytes)
+        return view
+
+    def _view(self, slot: int) -> torch.Tensor:
+        return self._slabs[slot // self.SLAB_ROWS][slot % self.SLAB_ROWS]
 
 
 class PreparedBank:
@@ -235,65 +274,82 @@ class CSTPredictor:
         budget = None if self.prepared_bytes is None else max(1, self.prepared_bytes // self.workers)
         return PreparedBank(self.model, self.tokens, budget)
 
-    def _key(self, query_id: str, support_id: str, class_id: int) -> tuple:
-        return (query_id, support_id, int(class_id) if self.mask_depends_on_class else None)
+    @property
+    def joint(self) -> bool:
+        """Whether a class's K shots are scored in one forward pass (``kshot: joint``), not pair by pair."""
+        return self.model.config.kshot == "joint"
+
+    def _items(self, query_id: str, class_id: int, shots: Sequence[str]) -> list[Item]:
+        """What is scored for one class of an episode: its K supports as one item (``joint``), else one
+        item per support."""
+        groups = [tuple(str(s) for s in shots)] if self.joint else [(str(s),) for s in shots]
+        return [(str(query_id), g, int(class_id)) for g in groups]
+
+    def _key(self, query_id: str, supports: tuple[str, ...], class_id: int) -> tuple:
+        return (query_id, supports, int(class_id) if self.mask_depends_on_class else None)
 
     @torch.inference_mode()
-    def _run(
-        self, pairs: list[tuple[str, str, int]], bank: PreparedBank | None = None
-    ) -> list[tuple[float, np.ndarray]]:
-        """Forward (query, support, class) pairs in one batch -> [(p_present, p_fg (2gh, 2gw))], with the
-        prepared features of ``bank`` (default: this predictor's)."""
+    def _run(self, items: list[Item], bank: PreparedBank | None = None) -> list[tuple[float, np.ndarray]]:
+        """Forward (query, supports, class) items of one shot count in one batch -> [(p_present, p_fg
+        (2gh, 2gw))], with the prepared features of ``bank`` (default: this predictor's)."""
         bank = self.prepared if bank is None else bank
-        queries = [p[0] for p in pairs]
+        shots = len(items[0][1])
+        queries = [p[0] for p in items]
         q_ids = queries[:1] if len(set(queries)) == 1 else queries
-        s_ids = [p[1] for p in pairs]
+        s_ids = [s for p in items for s in p[1]]
         q = bank.get("query", q_ids)
         s = bank.get("support", s_ids)
         prior = bank.priors(q_ids, s_ids)
         with self._mask_lock:
-            masks = [np.asarray(self.support_mask(p[1], p[2]), dtype=bool) for p in pairs]
+            masks = [np.asarray(self.support_mask(s, p[2]), dtype=bool) for p in items for s in p[1]]
         cls_logits, seg_logits = self.model.forward_prepared(
-            q, s, torch.from_numpy(np.stack(masks)).to(self.device), prior
+            q, s, torch.from_numpy(np.stack(masks)).to(self.device), prior, shots
         )
         present = torch.softmax(cls_logits.float(), dim=1)[:, 1].cpu().numpy()
         fg = torch.softmax(seg_logits.float(), dim=1)[:, 1].cpu().numpy()
-        return [(float(present[i]), fg[i]) for i in range(len(pairs))]
+        return [(float(present[i]), fg[i]) for i in range(len(items))]
 
-    def _store(self, pairs: list[tuple[str, str, int]], values: list[tuple[float, np.ndarray]]) -> None:
-        for p, value in zip(pairs, values, strict=True):
+    def _store(self, items: list[Item], values: list[tuple[float, np.ndarray]]) -> None:
+        for p, value in zip(items, values, strict=True):
             self._cache.put(self._key(*p), value)
-        self.pairs_computed += len(pairs)
+        self.pairs_computed += sum(len(p[1]) for p in items)
 
-    def pair_scores(self, pairs: Sequence[tuple[str, str, int]]) -> list[tuple[float, np.ndarray]]:
-        """(p_present, p_fg) for each (query, support, class), from the cache or computed in batches."""
-        keys = [self._key(*p) for p in pairs]
-        todo: dict[tuple, tuple[str, str, int]] = {}
-        for k, p in zip(keys, pairs, strict=True):
+    def _batches(self, items: Sequence[Item]) -> list[list[Item]]:
+        """Items in batches of one query and one shot count, about ``batch_size`` pairs each."""
+        groups: dict[tuple[str, int], list[Item]] = {}
+        for p in items:
+            groups.setdefault((p[0], len(p[1])), []).append(p)
+        out = []
+        for (_, shots), group in groups.items():
+            step = max(1, self.batch_size // shots)
+            out += [group[start : start + step] for start in range(0, len(group), step)]
+        return out
+
+    def pair_scores(self, items: Sequence[Item]) -> list[tuple[float, np.ndarray]]:
+        """(p_present, p_fg) for each (query, supports, class), from the cache or computed in batches."""
+        keys = [self._key(*p) for p in items]
+        todo: dict[tuple, Item] = {}
+        for k, p in zip(keys, items, strict=True):
             if k not in self._cache and k not in todo:
                 todo[k] = p
-        items = list(todo.values())
-        for start in range(0, len(items), self.batch_size):
-            chunk = items[start : start + self.batch_size]
-            self._store(chunk, self._run(chunk))
+        for batch in self._batches(list(todo.values())):
+            self._store(batch, self._run(batch))
         return [self._cache[k] for k in keys]
 
     def predict(
         self, query_id: str, support_classes: Sequence[int], support_ids: Sequence[Sequence[str]]
     ) -> tuple[np.ndarray, np.ndarray]:
-        """presence probability (N,) and foreground probability (N, 2gh, 2gw), averaged over the K shots."""
-        pairs = [
-            (str(query_id), str(s), int(c))
-            for c, shots in zip(support_classes, support_ids, strict=True)
-            for s in shots
+        """presence probability (N,) and foreground probability (N, 2gh, 2gw) of each class from its K shots
+        (by the model's ``kshot`` rule)."""
+        per_class = [
+            self._items(query_id, c, shots) for c, shots in zip(support_classes, support_ids, strict=True)
         ]
-        scores = self.pair_scores(pairs)
+        scores = self.pair_scores([p for items in per_class for p in items])
         rule = self.model.config.kshot
         presence, fg, i = [], [], 0
-        for shots in support_ids:
-            k = len(shots)
-            group = scores[i : i + k]
-            i += k
+        for items in per_class:
+            group = scores[i : i + len(items)]
+            i += len(items)
             presence.append(combine_shots(np.asarray([g[0] for g in group]), rule))
             fg.append(combine_shots(np.stack([g[1] for g in group]), rule))
         cfg = self.model.config
@@ -301,43 +357,36 @@ class CSTPredictor:
         return presence.astype(np.float32), shift(np.stack(fg), cfg.fg_threshold).astype(np.float32)
 
     def prefetch(self, episodes: Any, progress: bool | None = None) -> int:
-        """Compute every pair of an episode frame in large batches (then `predict` reads the cache).
+        """Compute every item of an episode frame in large batches (then `predict` reads the cache).
 
-        Returns the number of distinct pairs computed."""
-        pairs: dict[tuple, tuple[str, str, int]] = {}
+        Returns the number of (query, support) pairs computed (a joint K-shot item counts K)."""
+        todo: dict[tuple, Item] = {}
         for row in episodes.itertuples(index=False):
             for c, shots in zip(row.support_classes, row.support_ids, strict=True):
-                for s in shots:
-                    p = (str(row.query_id), str(s), int(c))
+                for p in self._items(row.query_id, c, shots):
                     k = self._key(*p)
                     if k not in self._cache:
-                        pairs.setdefault(k, p)
-        items = sorted(pairs.values())  # by query: its prepared features are reused batch after batch
+                        todo.setdefault(k, p)
+        items = sorted(todo.values())  # by query: its prepared features are reused batch after batch
         if len(items) > self._cache.maxsize:
             self._cache.maxsize = len(items) + len(self._cache)
-        by_query: dict[str, list[tuple[str, str, int]]] = {}
-        for p in items:
-            by_query.setdefault(p[0], []).append(p)
-        batches = [  # one query per batch: its features are shared, not copied
-            group[start : start + self.batch_size]
-            for group in by_query.values()
-            for start in range(0, len(group), self.batch_size)
-        ]
-        bar = tqdm(total=len(items), desc="pairs", unit="pair", disable=None if progress else True)
+        batches = self._batches(items)  # one query per batch: its features are shared, not copied
+        pairs = sum(len(p[1]) for p in items)
+        bar = tqdm(total=pairs, desc="pairs", unit="pair", disable=None if progress else True)
         for batch, values in self._score(batches):
             self._store(batch, values)
-            bar.update(len(batch))
+            bar.update(sum(len(p[1]) for p in batch))
         bar.close()
-        return len(items)
+        return pairs
 
-    def _score(self, batches: list[list[tuple[str, str, int]]]) -> Iterator[tuple[list, list]]:
+    def _score(self, batches: list[list[Item]]) -> Iterator[tuple[list, list]]:
         """(batch, its scores) for each batch, in order; in ``workers`` single-threaded threads on the CPU."""
         if self.workers == 1 or self.device.type != "cpu":
             yield from ((batch, self._run(batch)) for batch in batches)
             return
         local = threading.local()
 
-        def score(batch: list[tuple[str, str, int]]) -> tuple[list, list]:
+        def score(batch: list[Item]) -> tuple[list, list]:
             if not hasattr(local, "bank"):
                 local.bank = self._bank()
             return batch, self._run(batch, local.bank)

@@ -1,8 +1,10 @@
-"""Training CST on 1-way 1-shot episodes read from the feature store (never the backbone).
+"""Training CST on 1-way episodes read from the feature store (never the backbone).
 
 - Episodes: the FS-CS protocol (`fscs.data.episodes`) on the train split and the fold's training classes;
   epoch e uses a fixed stream from ``Generator(PCG64([seed, fold, e]))``, unrelated to the seeds of the
   validation episode list (``seed + i``), so training never replays the validation episodes verbatim.
+  ``shots`` gives the batches' shot counts in turn (1-shot only by default); K > 1 trains the ``joint``
+  K-shot rule on K supports at once.
 - Supervision: `fscs.learn.targets.Targets` (support masks, query targets, presence labels).
 - Loss: ``cls_weight`` x CE(presence) + CE(segmentation, ignore 255), the segmentation logits upsampled
   bilinearly from 2x the token grid to ``label_size``. Adam, constant learning rate (or warmup + cosine).
@@ -129,16 +131,20 @@ def episode_loss(
     presence: torch.Tensor,
     cls_weight: float,
     prior: tuple[torch.Tensor, torch.Tensor] | None = None,
+    shots: int = 1,
 ) -> torch.Tensor:
     """The training loss of a batch of prepared (query, support) features (see `PreparedBank`); ``prior``:
-    the prepared (query, support) prior vectors when the model uses the prior map."""
-    cls_logits, seg_logits = model.forward_prepared(query, support, mask, prior)
+    the prepared (query, support) prior vectors when the model uses the prior map; ``shots``: supports per
+    episode (consecutive in ``support`` and ``mask``)."""
+    cls_logits, seg_logits = model.forward_prepared(query, support, mask, prior, shots)
     return cls_weight * cross_entropy(cls_logits, presence) + segmentation_loss(seg_logits, target)
 
 
 class Batcher:
-    """Turns 1-way 1-shot episodes into tensors: prepared features, support masks, query targets, presence,
-    and the prepared prior vectors (query, support) when the model uses the prior map (else None)."""
+    """Turns 1-way K-shot episodes (one K per batch) into tensors: prepared features (the K supports of an
+    episode consecutive), support masks, query targets, presence, and the prepared prior vectors (query,
+    support) when the model uses the prior map (else None). A query's target is its target for the first
+    shot (the pair pseudo-mask in the image setting; the GT mask whatever the shot in pixel)."""
 
     def __init__(self, tokens: PreparedBank, targets: Targets):
         self.tokens = tokens
@@ -146,11 +152,12 @@ class Batcher:
 
     def __call__(self, episodes: list[Any]) -> tuple[torch.Tensor, ...]:
         qs = [e.query_id for e in episodes]
-        ss = [e.support_ids[0][0] for e in episodes]
+        groups = [list(e.support_ids[0]) for e in episodes]
+        ss = [s for g in groups for s in g]
         cs = [int(e.support_classes[0]) for e in episodes]
         t = self.targets
-        masks = np.stack([t.support_mask(s, c) for s, c in zip(ss, cs, strict=True)])
-        target = np.stack([t.query_target(q, s, c) for q, s, c in zip(qs, ss, cs, strict=True)])
+        masks = np.stack([t.support_mask(s, c) for g, c in zip(groups, cs, strict=True) for s in g])
+        target = np.stack([t.query_target(q, g[0], c) for q, g, c in zip(qs, groups, cs, strict=True)])
         presence = [t.presence(q, c) for q, c in zip(qs, cs, strict=True)]
         query = self.tokens.get("query", qs)
         return (
@@ -281,9 +288,18 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total_steps, config.schedule, float(config.warmup))
     )
-    sampler = TrainEpisodeSampler(
-        index.reset_index(drop=True), train_classes, train_split, way=1, shot=1, seed=config.seed
-    )
+    samplers = {  # a class with too few images for K shots still trains in the batches of fewer shots
+        k: TrainEpisodeSampler(
+            index.reset_index(drop=True),
+            train_classes,
+            train_split,
+            way=1,
+            shot=k,
+            seed=config.seed,
+            too_few="error" if k == 1 else "drop",
+        )
+        for k in dict.fromkeys(config.shots)
+    }
     half = None if prepared_bytes is None else max(1, prepared_bytes // 2)  # training | validation
     batcher = Batcher(PreparedBank(model, tokens, half), targets)
     has_val = val_episodes is not None and len(val_episodes) > 0
@@ -296,17 +312,20 @@ def train(
         t0 = time.perf_counter()
         model.train()
         rng = epoch_rng(config.seed, fold, epoch)
-        episodes = [sampler.sample(rng) for _ in range(per_epoch)]
+        shots = [config.shots[b % len(config.shots)] for b in range(math.ceil(per_epoch / bs))]
+        batches = [  # drawn in order from the epoch's generator: with shots [1], the 1-shot stream as before
+            [samplers[k].sample(rng) for _ in range(min(bs, per_epoch - b * bs))] for b, k in enumerate(shots)
+        ]
         total, seen = 0.0, 0
         # on the device, no host sync per step: the float64 sum of loss x episodes (what the python float
         # sum did, bit for bit) and the losses since the last check, read back every LOG_EVERY steps
         total_dev = torch.zeros((), dtype=torch.float64, device=device)
         recent, n_recent = torch.empty(LOG_EVERY, dtype=torch.float64, device=device), 0
         bar = tqdm(total=per_epoch, desc=f"epoch {epoch}", unit="ep", disable=None if progress else True)
-        for b0 in range(0, per_epoch, bs):
-            chunk = episodes[b0 : b0 + bs]
+        for b, chunk in enumerate(batches):
+            b0 = b * bs
             q, s, m, target, presence, prior = batcher(chunk)
-            loss = episode_loss(model, q, s, m, target, presence, float(config.cls_weight), prior)
+            loss = episode_loss(model, q, s, m, target, presence, float(config.cls_weight), prior, shots[b])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -91,6 +91,11 @@ class CST(nn.Module):
         )
         if config.prior not in PRIORS:
             raise ValueError(f"CST prior must be one of {PRIORS}, got {config.prior!r}")
+        if self.uses_prior and not -config.num_layers <= config.prior_layer < config.num_layers:
+            raise FscsError(
+                f"params: train.model.prior_layer = {config.prior_layer} is not one of the feature store's "
+                f"{config.num_layers} layers (use -{config.num_layers} .. {config.num_layers - 1})"
+            )
         extra = PRIOR_CHANNELS if self.uses_prior else 0
         self.cls_head = ClassificationHead(c2, c2 // 2, extra)
         self.seg_head = SegmentationHead(c2, c2 // 2, extra)
@@ -133,14 +138,20 @@ class CST(nn.Module):
         support: torch.Tensor,
         support_mask: torch.Tensor,
         prior: tuple[torch.Tensor, torch.Tensor] | None = None,
+        shots: int = 1,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prepared query/support (prepare_*), support mask (B, h, w) -> (cls (B,2), seg (B,2,2gh,2gw)).
 
         ``query`` may have batch 1 for B supports (one query scored against several support images).
-        ``prior``: (query, support) from `prepare_prior`, needed when the model uses the prior map."""
+        ``prior``: (query, support) from `prepare_prior`, needed when the model uses the prior map.
+        ``shots`` > 1 (the ``joint`` K-shot rule): the supports are B/shots groups of that many consecutive
+        supports, one group per query (``query`` batch B/shots, or 1), and each group gives one prediction
+        (B/shots rows) from one attention over all its supports' positions (`join_shots`)."""
         gh, gw = self.config.grid
         if self.uses_prior and prior is None:
             raise ValueError(f"this CST uses the {self.config.prior!r} prior: pass prior=(query, support)")
+        if shots > 1 and query.shape[0] > 1:
+            query = query.repeat_interleave(shots, dim=0)  # each group's query beside each of its supports
         x = correlate(query, support).permute(0, 2, 3, 1)  # B, Pq, 1+S*S, L*H (channel-last view)
         # Block 1's attention queries are the support-pooled correlations. Pooling and correlation are both
         # linear, so the support vectors are pooled first (one small product with the pooling matrix): the
@@ -148,14 +159,14 @@ class CST(nn.Module):
         pooled = torch.matmul(self.pooling, support)
         x_pooled = correlate(query, pooled).permute(0, 2, 3, 1)
         mask = resize_mask(support_mask.to(x.device), self.config.support_size)
-        x, mask = self.block1(x, mask, x_pooled)
+        x, mask = self.block1(x, mask, x_pooled, shots)
         x, _ = self.block2(x, mask)  # B, Pq, 2, C
         x = self.post(x)
         b, c = x.shape[0], x.shape[-1]
         maps = x.permute(0, 2, 3, 1).reshape(b, 2, c, gh, gw)
         cls_in, seg_in = maps[:, 0], maps[:, 1]
         if self.uses_prior:
-            p = prototype_prior(prior[0], prior[1], support_mask.to(x.device), (gh, gw))
+            p = prototype_prior(prior[0], prior[1], support_mask.to(x.device), (gh, gw), shots)
             cls_in, seg_in = torch.cat([cls_in, p], dim=1), torch.cat([seg_in, p], dim=1)
         return self.cls_head(cls_in), self.seg_head(seg_in)
 

@@ -22,18 +22,26 @@ def prepare_prior(tokens: torch.Tensor, layer: int) -> torch.Tensor:
 
 
 def prototype_prior(
-    query: torch.Tensor, support: torch.Tensor, support_mask: torch.Tensor, grid: tuple[int, int]
+    query: torch.Tensor,
+    support: torch.Tensor,
+    support_mask: torch.Tensor,
+    grid: tuple[int, int],
+    shots: int = 1,
 ) -> torch.Tensor:
-    """Prepared query (B or 1, P, D) and support (B, P, D) vectors, support mask (B, h, w) -> prior
-    (B, 2, gh, gw): cosine with the mask-weighted prototype, and its per-query min-max rescaling.
+    """Prepared query (B or 1, P, D) and support (B*shots, P, D) vectors, support mask (B*shots, h, w) ->
+    prior (B, 2, gh, gw): cosine with the mask-weighted prototype, and its per-query min-max rescaling.
 
     The weights are the mask's area fraction per token cell; a support whose mask is empty falls back to
-    all its patches with equal weights (as the prototype baselines do)."""
+    all its patches with equal weights (as the prototype baselines do). With ``shots`` > 1 each group of
+    consecutive supports gives one prototype, their weighted tokens pooled (the K-shot prototype)."""
     gh, gw = grid
-    w = F.adaptive_avg_pool2d(support_mask.float().unsqueeze(1), (gh, gw)).flatten(1)  # B, P
+    w = F.adaptive_avg_pool2d(support_mask.float().unsqueeze(1), (gh, gw)).flatten(1)  # B*K, P
     empty = w.sum(dim=1, keepdim=True) <= 0
     w = torch.where(empty, torch.ones_like(w), w)
-    proto = F.normalize(torch.einsum("bp,bpd->bd", w, support), dim=-1, eps=EPS)
+    pooled = torch.einsum("bp,bpd->bd", w, support)
+    if shots > 1:
+        pooled = pooled.unflatten(0, (-1, shots)).sum(dim=1)
+    proto = F.normalize(pooled, dim=-1, eps=EPS)
     cos = torch.matmul(query, proto.unsqueeze(-1)).squeeze(-1)  # a query batch of 1 broadcasts: B, P
     lo = cos.min(dim=1, keepdim=True).values
     hi = cos.max(dim=1, keepdim=True).values

@@ -78,6 +78,24 @@ def key_mask(mask: torch.Tensor) -> torch.Tensor:
     return torch.cat([cls, mask.reshape(b, -1) > 0], dim=1)
 
 
+def join_shots(
+    shots: int, x_q: torch.Tensor, x: torch.Tensor, valid: torch.Tensor, pooled_mask: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """K consecutive supports of each query as one support: the attention queries (and the shortcut) are the
+    mean of their pooled correlations, the keys all K x Ns positions, each masked by its own support's
+    mask; the pooled mask the mean of theirs (0 only where every support's is). One support is unchanged.
+
+    x_q (B*K, Pq, Nq, C), x (B*K, Pq, Ns, C), valid (B*K, Ns), pooled_mask (B*K, S', S')
+    -> (B, Pq, Nq, C), (B, Pq, K*Ns, C), (B, K*Ns), (B, S', S')."""
+    bk, pq, ns, c = x.shape
+    if bk % shots:
+        raise ValueError(f"a batch of {bk} supports does not split into groups of {shots} shots")
+    b = bk // shots
+    x_q = x_q.unflatten(0, (b, shots)).mean(dim=1)
+    x = x.unflatten(0, (b, shots)).transpose(1, 2).reshape(b, pq, shots * ns, c)
+    return x_q, x, valid.reshape(b, shots * ns), pooled_mask.unflatten(0, (b, shots)).mean(dim=1)
+
+
 class SupportAttention(nn.Module):
     """Multi-head attention along the support axis, one attention per (sample, query token).
 
@@ -141,14 +159,19 @@ class CorrelationBlock(nn.Module):
         self.ffn_norm = GroupNormLast(groups, cout)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor, x_pooled: torch.Tensor | None = None
+        self, x: torch.Tensor, mask: torch.Tensor, x_pooled: torch.Tensor | None = None, shots: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, Pq, 1+S*S, Cin), mask (B, S, S) float -> (B, Pq, 1+S'*S', Cout), pooled mask (B, S', S').
 
-        ``x_pooled``: the support-pooled x if the caller has it already (else pooled here).
+        ``x_pooled``: the support-pooled x if the caller has it already (else pooled here). ``shots`` > 1:
+        the batch is B/shots groups of that many supports of one query (consecutive), joined by
+        `join_shots` into one attention over all their positions: the output has B/shots rows.
         """
         x_q = pool_support(x, self.out_size) if x_pooled is None else x_pooled
-        y = self.aggregate(self.attn(x_q, x, key_mask(mask))) + self.shortcut(x_q)
+        valid, pooled_mask = key_mask(mask), pool_mask(mask, self.out_size)
+        if shots > 1:
+            x_q, x, valid, pooled_mask = join_shots(shots, x_q, x, valid, pooled_mask)
+        y = self.aggregate(self.attn(x_q, x, valid)) + self.shortcut(x_q)
         y = self.norm(y)
         y = self.ffn_norm(y + self.ffn(y))
-        return y, pool_mask(mask, self.out_size)
+        return y, pooled_mask
