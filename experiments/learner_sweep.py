@@ -73,12 +73,17 @@ def kshot_scores(cell: Any, model: Any, name: str) -> dict[str, float]:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def cell_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options that pick the cells and the train overrides every run shares (this sweep, spread)."""
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--supervision", required=True, choices=("image", "mixed", "pixel"))
     ap.add_argument("--fold", type=int, action="append", required=True)
     ap.add_argument("--set", action="append", default=[], help="override for every run (k=v)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    cell_arguments(ap)
     ap.add_argument("--pset", action="append", default=[], help="params override (section.k=v) for the cell")
     ap.add_argument("--vs", action="append", default=[""], help="one run's overrides (k=v,k2=v2)")
     ap.add_argument("--out", help="CSV of every run's curve")

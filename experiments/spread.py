@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from experiments.learner_sweep import merged, parse_overrides
+from experiments.learner_sweep import cell_arguments, merged, parse_overrides
 from fscs.config.cst import KSHOT_RULES
 from fscs.config.params import TrainConfig, read_params, validate
 from fscs.config.paths import pipeline_paths
@@ -49,10 +49,7 @@ def score_test(cell, model, episodes: pd.DataFrame, classes: list[int], threads:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--supervision", required=True, choices=("image", "mixed", "pixel"))
-    ap.add_argument("--fold", type=int, action="append", required=True)
-    ap.add_argument("--set", action="append", default=[], help="override for every run (k=v)")
+    cell_arguments(ap)
     ap.add_argument("--vs", action="append", default=[], help="one run's overrides (k=v,k2=v2)")
     ap.add_argument("--out", required=True, help="CSV of every run's test scores")
     args = ap.parse_args()
