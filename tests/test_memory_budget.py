@@ -95,6 +95,17 @@ def test_token_bank_reuses_its_slots_and_returns_every_row_right():
     assert unbounded.reads == 70 and len(unbounded._slabs) == 2  # grows a slab at a time
 
 
+def test_token_bank_first_filled_in_inference_mode_serves_training_reads():
+    """Validation (inference mode) may read an image first; training then reuses its slot. A slab allocated
+    as an inference tensor refused that in-place refill (a train stage stopped on it)."""
+    store = _Rows(10)
+    bank = TokenBank(store, budget_bytes=2 * 2 * 3 * 4 * 2)
+    with torch.inference_mode():
+        bank.get(["r0", "r1"])
+    got = bank.get(["r2", "r3"])  # outside inference mode: both slots refilled in place
+    assert [int(g[0, 0, 0]) for g in got] == [2, 3] and not bank._slabs[0].is_inference()
+
+
 def _train(index, store, val, tokens_bytes, prepared_bytes):
     bank = TokenBank(store, tokens_bytes)
     return run_train(index, store, val, bank=bank, prepared_bytes=prepared_bytes), bank

@@ -138,7 +138,8 @@ class TokenBank:
             slot = len(self._slot)
             if slot == len(self._slabs) * self.SLAB_ROWS:
                 rows = min(self.SLAB_ROWS, (self._capacity or slot + self.SLAB_ROWS) - slot)
-                self._slabs.append(torch.empty((rows, *row.shape), dtype=row.dtype))
+                with torch.inference_mode(False):  # a slab first filled in inference mode serves training too
+                    self._slabs.append(torch.empty((rows, *row.shape), dtype=row.dtype))
         self._slot[image_id] = slot
         view = self._view(slot)
         view.copy_(row)
