@@ -1,8 +1,9 @@
 """The run-to-run spread of a setting's learner: train its cells under perturbations that change only float
-rounding or the seed, and score each on the fold's TEST episodes (all episode types) with every K-shot rule.
+rounding or the seed, and score each on the fold's TEST episodes (all episode types) with its K-shot rule
+(``--rule``: other rules as well, on the same weights).
 
     python -m experiments.spread --supervision pixel --fold 0 --fold 1 \
-        --vs "" --vs "model.attention=sdpa" --vs "threads=1" --vs "seed=1" --out spread.csv
+        --vs "" --vs "model.attention=sdpa" --vs "threads=1" --vs "seed=1" --rule mean_logit --out spread.csv
 
 Selection stays on validation episodes (the cells train as the train stage does); the test scores only
 measure how far a claim's margin moves between runs that no recipe choice separates. ``--vs`` / ``--set``
@@ -31,11 +32,13 @@ from fscs.learn.predictor import CSTPredictor, scoring_workers
 from fscs.learn.train import train_cell
 
 
-def score_test(cell, model, episodes: pd.DataFrame, classes: list[int], threads: int) -> list[dict]:
+def score_test(
+    cell, model, episodes: pd.DataFrame, classes: list[int], threads: int, rules: list[str]
+) -> list[dict]:
     """ER / mIoU of ``model`` on ``episodes`` per K-shot rule and episode type (1-shot types once: every
-    rule scores one shot alike)."""
+    rule scores one shot alike; the trained rule always)."""
     rows, trained = [], model.config.kshot
-    for rule in KSHOT_RULES:
+    for rule in [trained] + [r for r in rules if r != trained]:
         model.config.kshot = rule
         eps = episodes if rule == trained else episodes[episodes["shot"] > 1]
         workers = scoring_workers(model, threads)
@@ -52,6 +55,9 @@ def main() -> None:
     cell_arguments(ap)
     ap.add_argument("--vs", action="append", default=[], help="one run's overrides (k=v,k2=v2)")
     ap.add_argument("--out", required=True, help="CSV of every run's test scores")
+    ap.add_argument(
+        "--rule", action="append", choices=KSHOT_RULES, help="K-shot rules to score besides the trained one"
+    )
     args = ap.parse_args()
     config = validate(read_params(args.params))
     base = merged(asdict(config.train.for_supervision(args.supervision)), parse_overrides(",".join(args.set)))
@@ -69,7 +75,7 @@ def main() -> None:
             result = train_cell(cell, cfg, progress=False)
             seconds = time.perf_counter() - t0
             with torch.inference_mode():
-                scores = score_test(cell, result.model, episodes, classes, int(cfg.threads))
+                scores = score_test(cell, result.model, episodes, classes, int(cfg.threads), args.rule or [])
             for r in scores:
                 rows.append(
                     {"fold": fold, "run": spec or "base", "epoch": result.best_epoch, "train_s": seconds, **r}
