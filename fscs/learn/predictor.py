@@ -54,6 +54,11 @@ from fscs.learn.model.cst import CST
 Item = tuple[str, tuple[str, ...], int]
 
 
+def pair_count(items: Iterable[Item]) -> int:
+    """The (query, support) pairs that ``items`` score: a joint item counts each of its K supports."""
+    return sum(len(p[1]) for p in items)
+
+
 def combine_shots(p: np.ndarray, rule: str) -> np.ndarray:
     """K shots' probabilities (K, ...) -> one: their mean (``mean_prob``) or the probability of their mean
     log-odds (``mean_logit``); under ``joint`` the one prediction of all K."""
@@ -313,7 +318,7 @@ class CSTPredictor:
     def _store(self, items: list[Item], values: list[tuple[float, np.ndarray]]) -> None:
         for p, value in zip(items, values, strict=True):
             self._cache.put(self._key(*p), value)
-        self.pairs_computed += sum(len(p[1]) for p in items)
+        self.pairs_computed += pair_count(items)
 
     def _batches(self, items: Sequence[Item]) -> list[list[Item]]:
         """Items in batches of one query and one shot count, about ``batch_size`` pairs each."""
@@ -372,11 +377,11 @@ class CSTPredictor:
         if len(items) > self._cache.maxsize:
             self._cache.maxsize = len(items) + len(self._cache)
         batches = self._batches(items)  # one query per batch: its features are shared, not copied
-        pairs = sum(len(p[1]) for p in items)
+        pairs = pair_count(items)
         bar = tqdm(total=pairs, desc="pairs", unit="pair", disable=None if progress else True)
         for batch, values in self._score(batches):
             self._store(batch, values)
-            bar.update(sum(len(p[1]) for p in batch))
+            bar.update(pair_count(batch))
         bar.close()
         return pairs
 
