@@ -7,7 +7,8 @@ other folds, and the same episodes on shifted images. 1-way 1-shot, a setting's 
 Rules, on the model's presence log-odds z(q | s) of a query q against a support s:
 - ``abs``: z itself (what the checkpoint's calibrated threshold cuts today);
 - ``ref_median`` / ``ref_z``: z minus the median of the support's scores on ``--refs`` reference images drawn
-  from the same split (no labels read), or z standardised by their mean and spread: how far the query
+  from the same split (no labels read), or z standardised by their mean and spread
+  (`fscs.predict.reference`, what `fscs predict --reference` decides by): how far the query
   stands above images the support is compared with in the same domain;
 - ``self``: z minus the support scored against itself.
 Per rule and fold: the threshold fitted on the fold's validation episodes (exact search), the test ER at it,
@@ -33,6 +34,7 @@ from fscs.learn.calibration import best_threshold, log_odds
 from fscs.learn.cell import load_cell
 from fscs.learn.model.cst import load_checkpoint
 from fscs.learn.predictor import CSTPredictor, TokenBank, scoring_workers
+from fscs.predict.reference import reference_z
 
 RULES = ("abs", "ref_median", "ref_z", "self")
 
@@ -63,7 +65,7 @@ def episode_scores(pred: CSTPredictor, episodes: pd.DataFrame, refs: int, seed: 
                 "label": int(ep.labels[0]),
                 "abs": v,
                 "ref_median": v - np.median(zr[i]),
-                "ref_z": (v - zr[i].mean()) / (zr[i].std() + 1e-3),
+                "ref_z": float(reference_z(np.array([v]), zr[i][:, None])[0]),
                 "self": v - zs[i],
             }
         )

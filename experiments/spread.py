@@ -56,12 +56,18 @@ def main() -> None:
     ap.add_argument("--vs", action="append", default=[], help="one run's overrides (k=v,k2=v2)")
     ap.add_argument("--out", required=True, help="CSV of every run's test scores")
     ap.add_argument(
+        "--features",
+        help="another feature store of the same images (e.g. bf16 extraction; --params must match)",
+    )
+    ap.add_argument(
         "--rule", action="append", choices=KSHOT_RULES, help="K-shot rules to score besides the trained one"
     )
     args = ap.parse_args()
     config = validate(read_params(args.params))
     base = merged(asdict(config.train.for_supervision(args.supervision)), parse_overrides(",".join(args.set)))
     paths = pipeline_paths(config.need("dataset").name)
+    if args.features:
+        paths["features"] = args.features
     folds = read_folds(paths["folds"])
     test = read_episodes(Path(paths["episodes"]) / "test.parquet")
     rows = []

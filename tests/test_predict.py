@@ -263,3 +263,53 @@ def test_real_backbone_on_msrc_images(tmp_path):
         with Image.open(q) as img, Image.open(out / f"{q.stem}_mask.png") as m:
             assert m.size == img.size
             assert set(np.unique(np.asarray(m))) <= {0, 1, 2}
+
+
+def test_reference_z_standardises_each_class_by_its_references():
+    from fscs.predict.reference import SPREAD_FLOOR, reference_z
+
+    refs = np.array([[0.0, 10.0], [2.0, 10.0], [4.0, 10.0]])  # class 2: identical references
+    z = reference_z(np.array([4.0, 11.0]), refs)
+    assert z[0] == pytest.approx(2.0 / (np.std([0.0, 2.0, 4.0]) + SPREAD_FLOOR))
+    assert z[1] == pytest.approx(1.0 / SPREAD_FLOOR)  # finite: the floor keeps it so
+    with pytest.raises(ValueError, match="at least 2"):
+        reference_z(np.array([1.0]), np.array([[0.0]]))
+
+
+def test_reference_images_decide_presence_relative_to_their_scores(tiny_ckpt, images, tmp_path):
+    """With --reference, a query's probability is the sigmoid of its log-odds standardised by the reference
+    images' log-odds against the same supports (scored here as queries of a run without references)."""
+    from fscs.learn.calibration import log_odds
+    from fscs.predict.reference import reference_z
+
+    ckpt, _ = tiny_ckpt
+    supports = [f"{images['a']}:cow:{images['a_mask']}", f"{images['b']}:sheep"]
+    refs = [images["a"], images["b"], images["q2"]]
+    absolute, relative = tmp_path / "abs", tmp_path / "rel"
+    cli_main(_args(ckpt, supports, [images["q1"], *refs], absolute))
+    cli_main(
+        _args(ckpt, supports, [images["q1"]], relative) + [a for r in refs for a in ("--reference", str(r))]
+    )
+
+    def probs(folder: Path, stem: str) -> np.ndarray:
+        doc = json.loads((folder / f"{stem}.json").read_text())
+        return np.array([c["probability"] for c in doc["classes"]])
+
+    ref_odds = np.stack([log_odds(probs(absolute, stem)) for stem in ("a", "b", "q2")])
+    want = 1 / (1 + np.exp(-reference_z(log_odds(probs(absolute, "q1")), ref_odds)))
+    got = probs(relative, "q1")
+    np.testing.assert_allclose(got, want, atol=2e-3)  # the JSON rounds probabilities to 6 digits
+    doc = json.loads((relative / "predictions.json").read_text())
+    assert doc["presence"] == "relative to 3 reference images"
+    assert doc["references"] == [str(r) for r in refs]
+    assert json.loads((absolute / "predictions.json").read_text())["presence"] == "the checkpoint's threshold"
+
+
+def test_one_reference_image_is_refused_before_output(tiny_ckpt, images, tmp_path, capsys):
+    ckpt, _ = tiny_ckpt
+    out = tmp_path / "pred"
+    with pytest.raises(SystemExit) as exc:
+        cli_main(_args(ckpt, [f"{images['a']}:cow"], [images["q1"]], out) + ["--reference", str(images["b"])])
+    assert exc.value.code == 2
+    assert "1 reference image(s): relative presence needs at least 2" in capsys.readouterr().err
+    assert not out.exists()

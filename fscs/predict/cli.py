@@ -23,6 +23,13 @@ Several supports of a class make a K-shot episode (shots combined by the checkpo
 thresholds, as in evaluation).
 Images of any size are resized to the backbone's input size.
 
+Presence: by default a class is present where the checkpoint's presence threshold (fitted on its training
+dataset's validation episodes) says so. On images from another domain that threshold can be far off (too
+strict or too lenient); ``--reference IMG`` (repeat; 8 or more) gives unlabelled images of the queries'
+domain, most of them not showing the classes (a random sample of the collection), and a class is then present
+where the query scores above those references by their spread (`fscs.predict.reference`); the JSON's
+probability is then that relative score's sigmoid.
+
 The checkpoint's config names the backbone (and its weights' sha256, precision): that backbone is built and
 must match. It and the CST model run on ``FSCS_DEVICE`` (`fscs.core.device`).
 Writes per query ``<name>.json`` (class names, presence probabilities, present flags, mask pixel counts),
@@ -48,6 +55,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--query", action="append", required=True, metavar="IMG", help="a query image (repeat)"
+    )
+    parser.add_argument(
+        "--reference",
+        action="append",
+        default=[],
+        metavar="IMG",
+        help="an unlabelled image of the queries' domain (repeat, 8 or more): decide presence relative to "
+        "them instead of the checkpoint's threshold",
     )
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument(
@@ -77,7 +92,9 @@ def run(args: argparse.Namespace) -> None:
 
     specs = [parse_support(s) for s in args.support]
     config = read_config(args.params)
-    prediction = predict_files(args.checkpoint, specs, args.query, config, args.stuff, alpha=args.alpha)
+    prediction = predict_files(
+        args.checkpoint, specs, args.query, config, args.stuff, alpha=args.alpha, references=args.reference
+    )
     out = Path(args.out)
     summary = write_predictions(out, args.checkpoint, specs, args.query, prediction)
     print(summary_line(summary, len(prediction.result.classes), out))

@@ -34,7 +34,10 @@ class SupportResult:
 
 @dataclass
 class QueryResult:
-    presence: np.ndarray  # (N,) calibrated probabilities: the checkpoint's thresholds fall on 0.5
+    presence: (
+        np.ndarray
+    )  # (N,) probabilities with the decision at 0.5: the checkpoint's calibrated threshold,
+    # or with reference images sigmoid of the score relative to them (`fscs.predict.reference`)
     present: np.ndarray  # (N,) bool
     labels: np.ndarray  # (H, W) uint8: 0 background, i = class i
     overlay: np.ndarray  # (H, W, 3) uint8
@@ -73,28 +76,51 @@ def _taught(
 
 
 def predict_episode(
-    predictor: Predictor, supports: list[Support], queries: list[np.ndarray], alpha: float = 0.5
+    predictor: Predictor,
+    supports: list[Support],
+    queries: list[np.ndarray],
+    alpha: float = 0.5,
+    references: list[np.ndarray] | None = None,
 ) -> EpisodeResult:
     """One N-way K-shot episode per query image: the classes in the order they first appear among the
-    supports; everything in memory (`fscs predict` writes it to files, `fscs demo` shows it)."""
+    supports; everything in memory (`fscs predict` writes it to files, `fscs demo` shows it).
+
+    With ``references`` (unlabelled images of the queries' domain, most of them not showing the classes)
+    presence is decided relative to them (`fscs.predict.reference`), not by the checkpoint's threshold."""
     from fscs.core.overlay import overlay
     from fscs.evaluation.episodes import decide
+    from fscs.learn.calibration import log_odds, sigmoid
+    from fscs.predict.reference import MIN_REFERENCES, reference_z
 
+    references = list(references or [])
     if not supports:
         raise FscsError("no support images: give at least one support image per class")
+    if references and len(references) < MIN_REFERENCES:
+        raise FscsError(
+            f"{len(references)} reference image(s): relative presence needs at least {MIN_REFERENCES} "
+            "(8 or more unlabelled images of the queries' domain)"
+        )
     classes: list[str] = []
     for sp in supports:
         if sp.cls not in classes:
             classes.append(sp.cls)
-    enc = predictor.encode([sp.image for sp in supports] + list(queries))
+    enc = predictor.encode([sp.image for sp in supports] + list(queries) + references)
     ns = len(supports)
     complemented = [sp.fg is None and sp.stuff for sp in supports]
     masks = predictor.support_masks(enc[:ns], [sp.fg for sp in supports], complemented)
     episodes = predictor.episode_predictor(enc, {str(i): m for i, m in enumerate(masks)})
     support_ids = [[str(i) for i, sp in enumerate(supports) if sp.cls == c] for c in classes]
+    class_ids = list(range(1, len(classes) + 1))
+    nq = len(queries)
+    ref_odds = [
+        log_odds(episodes.predict(str(ns + nq + r), class_ids, support_ids)[0])
+        for r in range(len(references))
+    ]
     results = []
     for k, image in enumerate(queries):
-        presence, fg = episodes.predict(str(ns + k), list(range(1, len(classes) + 1)), support_ids)
+        presence, fg = episodes.predict(str(ns + k), class_ids, support_ids)
+        if references:
+            presence = sigmoid(reference_z(log_odds(presence), np.stack(ref_odds))).astype(np.float32)
         present, labels = decide(presence, fg, image.shape[:2])
         results.append(QueryResult(presence, present, labels, overlay(image, labels, alpha=alpha)))
     taught = _taught(supports, masks, complemented, classes, alpha)

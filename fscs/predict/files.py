@@ -24,6 +24,7 @@ class FilesPrediction:
     predictor: Predictor
     query_images: list[np.ndarray]
     result: EpisodeResult
+    references: list[str]  # the reference images' paths (empty: the checkpoint's threshold decided)
 
 
 def predict_files(
@@ -33,10 +34,13 @@ def predict_files(
     config: Config | None,
     stuff: list[str] | tuple[str, ...] = (),
     alpha: float = 0.5,
+    references: list[str] | tuple[str, ...] = (),
 ) -> FilesPrediction:
-    """Read the supports (with their masks) and queries, build the checkpoint's Predictor, run the episode.
+    """Read the supports (with their masks), queries and reference images, build the checkpoint's Predictor,
+    run the episode.
 
     ``stuff`` names stuff classes, joined by the params' ``pseudo.stuff_classes`` under its complement rule.
+    ``references``: unlabelled images of the queries' domain; presence is then decided relative to them.
     """
     from fscs.data.images import load_rgb
     from fscs.learn.targets import complemented_names
@@ -47,6 +51,7 @@ def predict_files(
         for sp, im in zip(specs, sup_images, strict=True)
     ]
     query_images = [load_rgb(q) for q in queries]
+    reference_images = [load_rgb(r) for r in references]
     predictor = Predictor(checkpoint, config)
     params_stuff = complemented_names(config.pseudo) if config is not None else None
     stuff_set = set(stuff) | set(params_stuff or ())
@@ -54,5 +59,5 @@ def predict_files(
         Support(image, sp.cls, fg, sp.cls in stuff_set, sp.mask or "")
         for sp, image, fg in zip(specs, sup_images, sup_fg, strict=True)
     ]
-    result = predict_episode(predictor, supports, query_images, alpha=alpha)
-    return FilesPrediction(predictor, query_images, result)
+    result = predict_episode(predictor, supports, query_images, alpha=alpha, references=reference_images)
+    return FilesPrediction(predictor, query_images, result, list(references))

@@ -93,6 +93,12 @@ def write_predictions(
             "checkpoint": str(checkpoint),
             "backbone": prediction.predictor.model.config.backbone.get("backbone"),
             "classes": {str(i): c for i, c in enumerate(classes, start=1)},
+            "presence": (
+                f"relative to {len(prediction.references)} reference images"
+                if prediction.references
+                else "the checkpoint's threshold"
+            ),
+            "references": list(prediction.references),
             "supports": supports_doc,
             "queries": summary,
         },
