@@ -1,5 +1,6 @@
 """How presence rules carry to episodes they were not fitted on: a fold's test episodes (novel classes), the
-other folds, and the same episodes on shifted images. 1-way 1-shot, a setting's trained checkpoints.
+other folds, and the same episodes on shifted images. 1-way episodes (``--shot``), a setting's trained
+checkpoints; thresholds are fitted on the 1-shot validation episodes, as training fits them.
 
     python -m experiments.presence_transfer --supervision pixel --fold 0 --fold 1 \
         --shifted grayblur=/tmp/shift/grayblur/features.h5 --out presence.csv
@@ -40,25 +41,26 @@ RULES = ("abs", "ref_median", "ref_z", "self")
 
 
 def episode_scores(pred: CSTPredictor, episodes: pd.DataFrame, refs: int, seed: int = 0) -> pd.DataFrame:
-    """One row per 1-way 1-shot episode: its label and its score under every rule."""
+    """One row per 1-way episode: its label and its score under every rule (K shots: one joint item, the
+    references scored against the same K supports, ``self`` the first support against them)."""
     pool = sorted({str(q) for q in episodes["query_id"]})
     rng = np.random.default_rng(seed)
     items, drawn = [], {}
     for ep in episodes.itertuples():
-        support, c = str(ep.support_ids[0][0]), int(ep.support_classes[0])
-        items.append((str(ep.query_id), (support,), c))
-        if (support, c) not in drawn:
-            others = [p for p in pool if p != support]
-            drawn[(support, c)] = [others[i] for i in rng.choice(len(others), refs, replace=False)]
+        shots, c = tuple(str(s) for s in ep.support_ids[0]), int(ep.support_classes[0])
+        items.append((str(ep.query_id), shots, c))
+        if (shots, c) not in drawn:
+            others = [p for p in pool if p not in shots]
+            drawn[(shots, c)] = [others[i] for i in rng.choice(len(others), refs, replace=False)]
     keys = list(drawn)
-    ref_items = [(r, (s,), c) for (s, c) in keys for r in drawn[(s, c)]]
-    self_items = [(s, (s,), c) for (s, c) in keys]
+    ref_items = [(r, s, c) for (s, c) in keys for r in drawn[(s, c)]]
+    self_items = [(s[0], s, c) for (s, c) in keys]
     z = log_odds(np.array([p[0] for p in pred.pair_scores(items + ref_items + self_items)]))
     zq, zr = z[: len(items)], z[len(items) : len(items) + len(ref_items)].reshape(len(keys), refs)
     zs = z[len(items) + len(ref_items) :]
     at = {k: i for i, k in enumerate(keys)}
     rows = []
-    for (_, (s,), c), ep, v in zip(items, episodes.itertuples(), zq, strict=True):
+    for (_, s, c), ep, v in zip(items, episodes.itertuples(), zq, strict=True):
         i = at[(s, c)]
         rows.append(
             {
@@ -119,6 +121,12 @@ def main() -> None:
     ap.add_argument("--supervision", required=True, choices=("image", "mixed", "pixel"))
     ap.add_argument("--fold", type=int, action="append", required=True)
     ap.add_argument("--refs", type=int, default=8, help="reference images per support")
+    ap.add_argument(
+        "--shot",
+        type=int,
+        default=1,
+        help="shots of the test episodes (> 1: joint checkpoints; val stays 1-shot)",
+    )
     ap.add_argument("--shifted", action="append", default=[], help="NAME=store of shifted test images")
     ap.add_argument("--out", required=True, help="CSV of the per-episode scores (summary: <out>.summary.csv)")
     args = ap.parse_args()
@@ -134,7 +142,11 @@ def main() -> None:
             model, _ = load_checkpoint(f"models/cst/{args.supervision}/fold{fold}.pt", store=cell.store)
             workers = scoring_workers(model, int(config.train.threads))
             pred = CSTPredictor.for_targets(model, cell.tokens, cell.targets, 16, workers)
-            test = test_all[(test_all["fold"] == fold) & (test_all["way"] == 1) & (test_all["shot"] == 1)]
+            if args.shot > 1 and model.config.kshot != "joint":
+                raise SystemExit(f"--shot {args.shot} scores K supports as one item: needs kshot joint")
+            test = test_all[
+                (test_all["fold"] == fold) & (test_all["way"] == 1) & (test_all["shot"] == args.shot)
+            ]
             runs = [("val", cell.val, pred), ("test", test, pred)]
             for spec in args.shifted:
                 name, path = spec.split("=", 1)
