@@ -34,10 +34,9 @@ class SupportResult:
 
 @dataclass
 class QueryResult:
-    presence: (
-        np.ndarray
-    )  # (N,) probabilities with the decision at 0.5: the checkpoint's calibrated threshold,
-    # or with reference images sigmoid of the score relative to them (`fscs.predict.reference`)
+    # (N,) probabilities with the decision at 0.5: the checkpoint's calibrated threshold shifted onto it, or
+    # with reference images the sigmoid of the score relative to them (`fscs.predict.reference`)
+    presence: np.ndarray
     present: np.ndarray  # (N,) bool
     labels: np.ndarray  # (H, W) uint8: 0 background, i = class i
     overlay: np.ndarray  # (H, W, 3) uint8
