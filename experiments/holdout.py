@@ -71,7 +71,9 @@ def holdout_cell(cell: Cell, every: int = 4, episodes: int = 200, seed: int = 0)
     calibration) on episodes of the held-out classes."""
     val = held_out_episodes(cell, every, episodes, seed)
     kept = kept_classes(cell.train_classes, cell.fold, every)
-    return dataclasses.replace(cell, train_classes=kept, val=val, val_classes=episode_classes(val))
+    return dataclasses.replace(
+        cell, train_classes=kept, val=val, val_classes=episode_classes(val), val_kshot=None
+    )
 
 
 def inner_split(cell: Cell, every: int = 4, episodes: int = 200, seed: int = 0) -> tuple[Cell, pd.DataFrame]:
@@ -79,8 +81,12 @@ def inner_split(cell: Cell, every: int = 4, episodes: int = 200, seed: int = 0) 
     classes are all kept, the held-out episodes to score its chosen checkpoint on)."""
     test = held_out_episodes(cell, every, episodes, seed)
     kept = kept_classes(cell.train_classes, cell.fold, every)
-    val = cell.val[cell.val["support_classes"].map(set(kept).issuperset)].reset_index(drop=True)
-    return dataclasses.replace(cell, train_classes=kept, val=val), test
+
+    def of_kept(rows: pd.DataFrame | None) -> pd.DataFrame | None:
+        return None if rows is None else rows[rows["support_classes"].map(set(kept).issuperset)]
+
+    val, kshot = of_kept(cell.val).reset_index(drop=True), of_kept(cell.val_kshot)
+    return dataclasses.replace(cell, train_classes=kept, val=val, val_kshot=kshot), test
 
 
 #: log-odds offsets of the calibrated thresholds that `score_inner` also scores (novel-class calibration)

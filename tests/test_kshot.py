@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -161,3 +163,106 @@ def test_training_on_several_shot_counts_alternates_them_and_learns_from_each(tm
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
     assert all(torch.isfinite(v).all() for v in c.values() if v.is_floating_point())
+
+
+def _kshot_frame(index: pd.DataFrame, shots: int) -> pd.DataFrame:
+    """1-way ``shots``-shot validation rows of the toy dataset: each image once with its class, once with
+    the other."""
+    ids = list(index.index)
+    of = {c: [i for i in ids if int(index.loc[i, "classes"][0]) == c] for c in (1, 2)}
+    rows = []
+    for e, q in enumerate(ids):
+        c = int(index.loc[q, "classes"][0])
+        for k, cls in enumerate((c, 3 - c)):
+            pool = [i for i in of[cls] if i != q]
+            rows.append(
+                {
+                    "fold": 0,
+                    "episode": 2 * e + k,
+                    "way": 1,
+                    "shot": shots,
+                    "query_id": q,
+                    "support_classes": [cls],
+                    "support_ids": [[pool[(e + j) % len(pool)] for j in range(shots)]],
+                    "labels": [int(cls == c)],
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def test_k_shot_thresholds_are_chosen_on_k_shot_validation_and_used_for_k_shots(tmp_path):
+    """``calibrate_shots: [1, 2]``: the same weights and 1-shot thresholds as ``[1]``, plus 2-shot thresholds
+    that `calibrate` picks on the 2-shot validation rows; the predictor shifts 2-shot (and 3-shot) items by
+    them and 1-shot items by the 1-shot ones; the checkpoint keeps them."""
+    from test_train import SIZE, model_config, toy_dataset, val_frame
+
+    from fscs.config.params import TrainConfig
+    from fscs.core.errors import FscsError
+    from fscs.learn.calibration import calibrate, log_odds
+    from fscs.learn.model.cst import load_checkpoint, save_checkpoint
+    from fscs.learn.targets import Targets
+    from fscs.learn.train import train, uncalibrated, validation_records
+
+    index, store = toy_dataset(tmp_path, n_per_class=6)
+    targets = Targets("pixel", index, SIZE)
+    val, kshot = val_frame(index), _kshot_frame(index, 2)
+
+    def run(calibrate_shots, kshot_episodes=kshot):
+        config = TrainConfig(
+            seed=0, epochs=2, episodes_per_epoch=16, batch_size=8, label_size=SIZE, patience=0, threads=1,
+            calibrate=True, calibrate_shots=calibrate_shots,
+        )  # fmt: skip
+        return train(
+            config=config, tokens=TokenBank(store), model_config=model_config(kshot="joint"), targets=targets,
+            index=index, train_split="train", train_classes=[1, 2], fold=0, val_episodes=val,
+            kshot_episodes=kshot_episodes, progress=False,
+        )  # fmt: skip
+
+    plain, per_k = run([1]), run([1, 2])
+    a, b = plain.model.state_dict(), per_k.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a) and plain.best_epoch == per_k.best_epoch
+    cfg = per_k.model.config
+    assert (cfg.presence_threshold, cfg.fg_threshold) == (
+        plain.model.config.presence_threshold,
+        plain.model.config.fg_threshold,
+    )
+    assert plain.model.config.shot_thresholds == {} and plain.shot_calibration == {}
+    assert set(cfg.shot_thresholds) == {2} == set(per_k.shot_calibration)
+
+    raw = CST(copy.deepcopy(cfg))
+    raw.load_state_dict(b)
+    uncalibrated(raw)
+    pred = CSTPredictor.for_targets(raw, TokenBank(store), targets, 16, 1)
+    expected = calibrate(validation_records(pred, targets, kshot), [1, 2])
+    assert cfg.shot_thresholds[2] == [expected["presence_threshold"], expected["fg_threshold"]]
+    assert per_k.shot_calibration[2] == expected
+
+    own = CSTPredictor.for_targets(per_k.model, TokenBank(store), targets, 16, 1)
+    for supports in (["img02"], ["img02", "img04"], ["img02", "img04", "img06"]):
+        p_raw, fg_raw = pred.predict("img00", [1], [supports])
+        p, fg = own.predict("img00", [1], [supports])
+        t_p, t_fg = cfg.thresholds(len(supports))
+        assert (t_p, t_fg) == (tuple(cfg.shot_thresholds[2]) if len(supports) > 1 else (
+            cfg.presence_threshold, cfg.fg_threshold))  # fmt: skip
+        np.testing.assert_allclose(log_odds(p), log_odds(p_raw) - log_odds(t_p), atol=1e-4)
+        np.testing.assert_allclose(log_odds(fg), log_odds(fg_raw) - log_odds(t_fg), atol=1e-3)
+
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, per_k.model, {"label_size": SIZE})
+    assert load_checkpoint(path)[0].config.shot_thresholds == cfg.shot_thresholds
+
+    with pytest.raises(FscsError, match="fold 0 has no 1-way 2-shot validation episodes"):
+        run([1, 2], kshot_episodes=None)
+
+
+def test_calibrate_shots_is_checked():
+    from fscs.config.params import TrainConfig
+    from fscs.core.errors import FscsError
+
+    assert TrainConfig.from_params({}).calibrate_shots == [1]
+    assert TrainConfig.from_params({"calibrate": True, "calibrate_shots": [1, 5]}).calibrate_shots == [1, 5]
+    for bad in ([5], [], [1, 1], [1, 0], "1"):
+        with pytest.raises(FscsError, match="train.calibrate_shots must be a list of distinct shot counts"):
+            TrainConfig.from_params({"calibrate": True, "calibrate_shots": bad})
+    with pytest.raises(FscsError, match="needs train.calibrate: true"):
+        TrainConfig.from_params({"calibrate_shots": [1, 5]})

@@ -242,6 +242,9 @@ class TrainConfig:
     # decay d once it spans 1 / (1 - d) steps (timm's ModelEmaV3, warmup power 1)
     ema: float = 0.0
     calibrate: bool = False  # choose decision thresholds on validation each epoch, select on calibrated mIoU
+    # shot counts whose 1-way validation episodes each choose the thresholds used with that many shots:
+    # 1 (always; it also selects the epoch) and, e.g., 5 for the kept model's 5-shot thresholds
+    calibrate_shots: list[int] = field(default_factory=lambda: [1])
     cls_weight: float = 0.1
     label_size: int = 64
     patience: int = 5
@@ -306,6 +309,22 @@ class TrainConfig:
             raise FscsError(
                 f"params: train.shots = {shots} trains on several supports per episode, which only "
                 f"train.model.kshot: joint scores together (got kshot {cfg.model.get('kshot', 'default')!r})"
+            )
+        counts = cfg.calibrate_shots
+        if not (
+            isinstance(counts, list)
+            and all(type(k) is int and k >= 1 for k in counts)
+            and len(set(counts)) == len(counts)
+            and 1 in counts
+        ):
+            raise FscsError(
+                f"params: train.calibrate_shots must be a list of distinct shot counts >= 1 holding 1 (the "
+                f"1-shot episodes select the epoch), got {counts!r}"
+            )
+        if max(counts) > 1 and not cfg.calibrate:
+            raise FscsError(
+                f"params: train.calibrate_shots = {counts} calibrates thresholds per shot count, which needs "
+                "train.calibrate: true"
             )
         if not isinstance(cfg.by_supervision, dict):
             raise FscsError(f"params: train.by_supervision must be a mapping, got {cfg.by_supervision!r}")

@@ -39,6 +39,7 @@ class Cell:
     void: str
     memory: MemoryConfig = MemoryConfig()  # the budgets training runs under
     val_classes: list[int] | None = None  # classes of `val` if not `train_classes` (held-out validation)
+    val_kshot: pd.DataFrame | None = None  # its 1-way K-shot (K > 1) ones (train.calibrate_shots)
 
     def model_config(self, cfg: TrainConfig) -> CSTConfig:
         return config_from_store(self.store, **cfg.model)
@@ -68,7 +69,9 @@ def load_cell(config: Config, supervision: str, fold: int, paths: dict[str, str 
     split = str(folds["train_split"])
     val_path = Path(p["episodes"]) / "val.parquet"
     val = read_episodes(val_path)
-    val = val[(val["fold"] == fold) & (val["way"] == 1) & (val["shot"] == 1)].reset_index(drop=True)
+    val = val[(val["fold"] == fold) & (val["way"] == 1)]
+    val_kshot = val[val["shot"] > 1].reset_index(drop=True)
+    val = val[val["shot"] == 1].reset_index(drop=True)
     if val.empty:
         raise FscsError(f"{val_path}: no 1-way 1-shot validation episodes for fold {fold}")
     tokens_bytes = budget_bytes(config.memory.tokens_mb, "tokens")
@@ -89,9 +92,10 @@ def load_cell(config: Config, supervision: str, fold: int, paths: dict[str, str 
         ids = training_images(index, split, train_classes)
         if not ids:
             raise FscsError(f"{p['index']}: no '{split}' images with fold {fold}'s training classes")
-        ids += [str(i) for i in val["query_id"]] + [
-            str(s) for ss in val["support_ids"] for sh in ss for s in sh
-        ]
+        for rows in (val, val_kshot):
+            ids += [str(i) for i in rows["query_id"]] + [
+                str(s) for ss in rows["support_ids"] for sh in ss for s in sh
+            ]
         tokens = TokenBank(store, tokens_bytes)
         tokens.require(ids, "training images", "re-run `dvc repro extract`")
     except BaseException:
@@ -109,4 +113,5 @@ def load_cell(config: Config, supervision: str, fold: int, paths: dict[str, str 
         tokens,
         config.evaluate.void,
         config.memory,
+        val_kshot=val_kshot,
     )

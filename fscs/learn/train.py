@@ -26,7 +26,7 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -178,6 +178,8 @@ class TrainResult:
     curve: list[dict[str, Any]]
     seconds: float
     device: str  # where it was trained (recorded, never compared)
+    # K -> the K-shot thresholds and the validation ER / mIoU they give (train.calibrate_shots)
+    shot_calibration: dict[int, dict[str, float]] = field(default_factory=dict)
 
 
 def pixel_signals(scores: np.ndarray, labels: np.ndarray, bins: int = 200) -> dict[str, float]:
@@ -202,6 +204,57 @@ def pixel_signals(scores: np.ndarray, labels: np.ndarray, bins: int = 200) -> di
     return {**out, "auc": auc, "best_iou": float(iou[best]), "best_threshold": float(edges[best])}
 
 
+def uncalibrated(model: CST) -> None:
+    """Set every decision threshold of ``model`` to 0.5 (the raw probabilities), as validation scores it."""
+    model.config.presence_threshold = model.config.fg_threshold = 0.5
+    model.config.shot_thresholds = {}
+
+
+def validation_records(predictor: CSTPredictor, targets: Targets, episodes: pd.DataFrame) -> Records:
+    """Per-episode presence probability, foreground map and GT (at the GT's size) of 1-way ``episodes``,
+    as `fscs.learn.calibration.calibrate` reads them."""
+    cls, lab, pres, fgs, gts = [], [], [], [], []
+    for row in episodes.itertuples(index=False):
+        c = int(row.support_classes[0])
+        p, fg = predictor.predict(str(row.query_id), [c], [list(row.support_ids[0])])
+        gt = targets.gt(str(row.query_id))
+        target = (gt == c).astype(np.uint8)
+        target[gt == VOID] = VOID
+        cls.append(c), lab.append(bool(row.labels[0])), pres.append(float(p[0]))
+        fgs.append(bilinear(fg[0], gt.shape)), gts.append(target)
+    return Records(np.asarray(cls), np.asarray(lab), np.asarray(pres), np.stack(fgs), np.stack(gts))
+
+
+def calibrate_shot_counts(
+    model: CST,
+    tokens: TokenBank,
+    targets: Targets,
+    val_episodes: pd.DataFrame,
+    shot_counts: list[int],
+    classes: list[int],
+    batch_size: int,
+    workers: int = 1,
+    prepared_bytes: int | None = None,
+) -> dict[int, dict[str, float]]:
+    """Thresholds of the kept ``model`` for each shot count K > 1 of ``shot_counts``, chosen on the 1-way
+    K-shot rows of ``val_episodes`` as the 1-shot ones are (`fscs.learn.calibration.calibrate`), and stored
+    in ``model.config.shot_thresholds``. Returns per K the thresholds and the validation ER / mIoU they give.
+
+    The 1-shot thresholds transfer poorly to K shots: a model that sees K supports at once is more sure of
+    its foreground, so its best foreground threshold moves (reports/LEARNER.md, `train.calibrate_shots`)."""
+    base = (model.config.presence_threshold, model.config.fg_threshold)
+    out: dict[int, dict[str, float]] = {}
+    for k in sorted(s for s in shot_counts if s > 1):
+        rows = val_episodes[(val_episodes["way"] == 1) & (val_episodes["shot"] == k)]
+        uncalibrated(model)
+        predictor = CSTPredictor.for_targets(model, tokens, targets, batch_size, workers, prepared_bytes)
+        predictor.prefetch(rows, progress=False)
+        out[k] = calibrate(validation_records(predictor, targets, rows), classes)
+    model.config.presence_threshold, model.config.fg_threshold = base
+    model.config.shot_thresholds = {k: [v["presence_threshold"], v["fg_threshold"]] for k, v in out.items()}
+    return out
+
+
 def validate(
     model: CST,
     tokens: TokenBank,
@@ -220,21 +273,12 @@ def validate(
     ``prepared_bytes``: the budget of the predictor's prepared features (None: keep all)."""
     from fscs.evaluation.episodes import run_episodes
 
-    model.config.presence_threshold = model.config.fg_threshold = 0.5
+    uncalibrated(model)
     predictor = CSTPredictor.for_targets(model, tokens, targets, batch_size, workers, prepared_bytes)
     predictor.prefetch(val_episodes, progress=False)
     res = run_episodes(val_episodes, predictor, index, classes, void=void, progress=False)
     r = res.get("1way1shot") or next(iter(res.values()))
-    cls, lab, pres, fgs, gts = [], [], [], [], []
-    for row in val_episodes.itertuples(index=False):
-        c = int(row.support_classes[0])
-        p, fg = predictor.predict(str(row.query_id), [c], [list(row.support_ids[0])])
-        gt = targets.gt(str(row.query_id))
-        target = (gt == c).astype(np.uint8)
-        target[gt == VOID] = VOID
-        cls.append(c), lab.append(bool(row.labels[0])), pres.append(float(p[0]))
-        fgs.append(bilinear(fg[0], gt.shape)), gts.append(target)
-    rec = Records(np.asarray(cls), np.asarray(lab), np.asarray(pres), np.stack(fgs), np.stack(gts))
+    rec = validation_records(predictor, targets, val_episodes)
     keep = rec.gt != VOID
     sig = pixel_signals(rec.fg[keep], rec.gt[keep] == 1)
     cal = calibrate(rec, classes)
@@ -260,6 +304,7 @@ def train(
     train_classes: list[int],
     fold: int,
     val_episodes: pd.DataFrame | None,
+    kshot_episodes: pd.DataFrame | None = None,
     void: str = "ignore",
     val_classes: list[int] | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
@@ -271,6 +316,7 @@ def train(
     epoch's model (on the CPU) and the learning curve.
 
     ``val_episodes``: 1-way 1-shot validation rows of this fold (None or empty: keep the last epoch);
+    ``kshot_episodes``: its 1-way K-shot validation rows, for the K of ``config.calibrate_shots``;
     ``val_classes``: the classes their mIoU averages over (default: ``train_classes``);
     ``prepared_bytes``: the budget of prepared features, half for training and half for validation (None:
     keep all; it never changes a number).
@@ -303,6 +349,14 @@ def train(
     half = None if prepared_bytes is None else max(1, prepared_bytes // 2)  # training | validation
     batcher = Batcher(PreparedBank(model, tokens, half), targets)
     has_val = val_episodes is not None and len(val_episodes) > 0
+    shot_counts = [k for k in config.calibrate_shots if k > 1] if config.calibrate and has_val else []
+    for k in shot_counts:
+        if kshot_episodes is None or not ((kshot_episodes["way"] == 1) & (kshot_episodes["shot"] == k)).any():
+            raise FscsError(
+                f"train.calibrate_shots = {config.calibrate_shots}: fold {fold} has no 1-way {k}-shot "
+                "validation episodes to choose that many shots' thresholds on (the pipeline draws them "
+                "for the shot counts of episodes.shots)"
+            )
     best_state, best_epoch, best_miou, since_best = None, 0, None, 0
     curve: list[dict[str, Any]] = []
     per_epoch = int(config.episodes_per_epoch)
@@ -396,8 +450,24 @@ def train(
                 break
     model.load_state_dict(best_state)
     model.config.presence_threshold, model.config.fg_threshold = best_thresholds
-    model.eval().cpu()
-    return TrainResult(model, best_epoch, best_miou, curve, time.perf_counter() - start, describe(device))
+    model.eval()
+    shot_calibration = {}
+    if shot_counts:
+        with torch.inference_mode():
+            shot_calibration = calibrate_shot_counts(
+                model,
+                tokens,
+                targets,
+                kshot_episodes,
+                shot_counts,
+                train_classes if val_classes is None else val_classes,
+                config.eval_batch_size,
+                workers=scoring_workers(model, int(config.threads)),
+                prepared_bytes=half,
+            )
+    model.cpu()
+    seconds = time.perf_counter() - start
+    return TrainResult(model, best_epoch, best_miou, curve, seconds, describe(device), shot_calibration)
 
 
 def train_cell(
@@ -416,6 +486,7 @@ def train_cell(
         train_classes=cell.train_classes,
         fold=cell.fold,
         val_episodes=cell.val,
+        kshot_episodes=cell.val_kshot,
         void=cell.void,
         val_classes=cell.val_classes,
         on_epoch=on_epoch,
