@@ -17,7 +17,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -38,7 +37,7 @@ def score_test(
 ) -> list[dict]:
     """ER / mIoU of ``model`` on ``episodes`` per K-shot rule and episode type (1-shot types once: every
     rule scores one shot alike; the trained rule always)."""
-    rows, trained, own = [], model.config.kshot, dict(model.config.shot_thresholds)
+    rows, trained = [], model.config.kshot
     for rule in [trained] + [r for r in rules if r != trained]:
         model.config.kshot = rule
         eps = episodes if rule == trained else episodes[episodes["shot"] > 1]
@@ -47,54 +46,8 @@ def score_test(
         pred.prefetch(eps, progress=False)
         res = run_episodes(eps, pred, cell.index, classes, void=cell.void, progress=False)
         rows += [{"rule": rule, "setting": k, "er": v["er"], "miou": v["miou"]} for k, v in res.items()]
-        if own:  # the same weights (and cached scores) with the 1-shot thresholds for every shot count
-            model.config.shot_thresholds = {}
-            kshot = eps[eps["shot"] > 1]
-            res = run_episodes(kshot, pred, cell.index, classes, void=cell.void, progress=False)
-            rows += [
-                {"rule": f"{rule}+1shot_thresholds", "setting": k, "er": v["er"], "miou": v["miou"]}
-                for k, v in res.items()
-            ]
-            model.config.shot_thresholds = own
     model.config.kshot = trained
     return rows
-
-
-def split_half_check(cell, model, threads: int) -> list[dict]:
-    """Validation only: ER / mIoU on each half of the fold's 1-way K-shot validation episodes (even / odd
-    rows) with thresholds calibrated on the other half, against the model's 1-shot thresholds on the same
-    rows; what per-shot-count thresholds gain on episodes they were not chosen on."""
-    from fscs.learn.calibration import Records, calibrate, episode_scores
-    from fscs.learn.train import uncalibrated, validation_records
-
-    if cell.val_kshot is None or cell.val_kshot.empty:
-        return []
-    base = (model.config.presence_threshold, model.config.fg_threshold)
-    own = dict(model.config.shot_thresholds)
-    uncalibrated(model)
-    out = []
-    for k, rows in cell.val_kshot.groupby("shot"):
-        rows = rows.reset_index(drop=True)
-        pred = CSTPredictor.for_targets(model, cell.tokens, cell.targets, 16, scoring_workers(model, threads))
-        pred.prefetch(rows, progress=False)
-        rec = validation_records(pred, cell.targets, rows)
-        half = [np.arange(len(rows)) % 2 == i for i in (0, 1)]
-        fields = ("classes", "labels", "presence", "fg", "gt")
-        part = [Records(*(getattr(rec, f)[h] for f in fields)) for h in half]
-        classes = cell.train_classes if cell.val_classes is None else cell.val_classes
-        scores = {"1shot_thresholds": [], "other_half": []}
-        for i in (0, 1):
-            cal = calibrate(part[1 - i], classes)
-            scores["other_half"].append(
-                episode_scores(part[i], cal["presence_threshold"], cal["fg_threshold"], classes)
-            )
-            scores["1shot_thresholds"].append(episode_scores(part[i], *base, classes))
-        for name, v in scores.items():
-            er, miou = np.mean(v, axis=0)
-            out.append({"rule": f"val_{name}", "setting": f"val1way{k}shot", "er": er, "miou": miou})
-    model.config.presence_threshold, model.config.fg_threshold = base
-    model.config.shot_thresholds = own
-    return out
 
 
 def main() -> None:
@@ -129,7 +82,6 @@ def main() -> None:
             seconds = time.perf_counter() - t0
             with torch.inference_mode():
                 scores = score_test(cell, result.model, episodes, classes, int(cfg.threads), args.rule or [])
-                scores += split_half_check(cell, result.model, int(cfg.threads))
             for r in scores:
                 rows.append(
                     {"fold": fold, "run": spec or "base", "epoch": result.best_epoch, "train_s": seconds, **r}

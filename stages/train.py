@@ -10,7 +10,7 @@ validation episodes can touch are loaded into RAM once. Params: ``train`` (sched
 ``model`` overrides), ``pseudo`` (recipe and threshold of the pseudo-labels), ``backbone`` (the store must
 match), ``evaluate.void``. Model selection uses the fold's 1-way 1-shot validation episodes
 (``<episodes>/val.parquet``, train split, training classes), never the test episodes; with
-``train.calibrate_shots`` the kept model's K-shot thresholds come from its 1-way K-shot ones.
+``train.select_shots`` also its 1-way K-shot ones (the mean of their calibrated mIoU).
 Writes the checkpoint (``fscs.learn.model.cst``) and the learning curve CSV
 (``fscs.learn.train.CURVE_COLUMNS``: step,
 learning rate, loss, validation ER / mIoU and the threshold-free pixel signals, seconds).
@@ -111,13 +111,6 @@ def main(argv: list[str] | None = None) -> None:
     with atomic_path(args.curve) as tmp:
         tmp.write_text(curve_csv(result.curve))
     n_params = count_parameters(result.model)
-    for k, cal in result.shot_calibration.items():
-        print(
-            f"train {args.supervision} fold {args.fold}: {k}-shot thresholds presence "
-            f"{cal['presence_threshold']:.3f}, foreground {cal['fg_threshold']:.2f} (1-shot: "
-            f"{result.model.config.presence_threshold:.3f}, {result.model.config.fg_threshold:.2f}); "
-            f"{k}-shot validation ER {cal['er']:.1f}, mIoU {cal['miou']:.1f}"
-        )
     print(
         f"train {args.supervision} fold {args.fold}: {len(result.curve)} epochs in {result.seconds:.0f}s, "
         f"best epoch {result.best_epoch} (val mIoU {result.best_val_miou}), {n_params} params, "

@@ -190,79 +190,70 @@ def _kshot_frame(index: pd.DataFrame, shots: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def test_k_shot_thresholds_are_chosen_on_k_shot_validation_and_used_for_k_shots(tmp_path):
-    """``calibrate_shots: [1, 2]``: the same weights and 1-shot thresholds as ``[1]``, plus 2-shot thresholds
-    that `calibrate` picks on the 2-shot validation rows; the predictor shifts 2-shot (and 3-shot) items by
-    them and 1-shot items by the 1-shot ones; the checkpoint keeps them."""
+def test_selection_on_k_shot_validation_scores_the_mean_and_leaves_training_alone(tmp_path):
+    """``select_shots: [1, 2]``: every epoch is also scored on the 2-shot validation rows (calibrated mIoU,
+    recomputed here from the epoch's weights), the kept epoch is the best mean of the two, and the trained
+    weights of every epoch are those of ``[1]``; the thresholds stay the 1-shot ones."""
     from test_train import SIZE, model_config, toy_dataset, val_frame
 
     from fscs.config.params import TrainConfig
     from fscs.core.errors import FscsError
-    from fscs.learn.calibration import calibrate, log_odds
-    from fscs.learn.model.cst import load_checkpoint, save_checkpoint
+    from fscs.learn.calibration import calibrate
     from fscs.learn.targets import Targets
-    from fscs.learn.train import train, uncalibrated, validation_records
+    from fscs.learn.train import improves, train, uncalibrated, validation_records
 
     index, store = toy_dataset(tmp_path, n_per_class=6)
     targets = Targets("pixel", index, SIZE)
     val, kshot = val_frame(index), _kshot_frame(index, 2)
 
-    def run(calibrate_shots, kshot_episodes=kshot):
+    def run(select_shots, kshot_episodes=kshot):
+        states = []
         config = TrainConfig(
-            seed=0, epochs=2, episodes_per_epoch=16, batch_size=8, label_size=SIZE, patience=0, threads=1,
-            calibrate=True, calibrate_shots=calibrate_shots,
+            seed=0, epochs=3, episodes_per_epoch=16, batch_size=8, label_size=SIZE, patience=0, threads=1,
+            calibrate=True, select_shots=select_shots,
         )  # fmt: skip
-        return train(
+        result = train(
             config=config, tokens=TokenBank(store), model_config=model_config(kshot="joint"), targets=targets,
             index=index, train_split="train", train_classes=[1, 2], fold=0, val_episodes=val,
             kshot_episodes=kshot_episodes, progress=False,
+            on_model=lambda epoch, m: states.append(copy.deepcopy(m.state_dict())),
         )  # fmt: skip
+        return result, states
 
-    plain, per_k = run([1]), run([1, 2])
-    a, b = plain.model.state_dict(), per_k.model.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a) and plain.best_epoch == per_k.best_epoch
-    cfg = per_k.model.config
-    assert (cfg.presence_threshold, cfg.fg_threshold) == (
-        plain.model.config.presence_threshold,
-        plain.model.config.fg_threshold,
+    (plain, plain_states), (both, states) = run([1]), run([1, 2])
+    for a, b in zip(plain_states, states, strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(r["val_select"] == r["val_miou_cal"] and "val_kshot_miou_cal" not in r for r in plain.curve)
+    for row, state in zip(both.curve, states, strict=True):
+        model = CST(model_config(kshot="joint"))
+        model.load_state_dict(state)
+        uncalibrated(model)
+        pred = CSTPredictor.for_targets(model, TokenBank(store), targets, 16, 1)
+        k_miou = calibrate(validation_records(pred, targets, kshot), [1, 2])["miou"]
+        assert row["val_kshot_miou_cal"] == pytest.approx(k_miou, abs=1e-6)
+        assert row["val_select"] == pytest.approx((row["val_miou_cal"] + k_miou) / 2, abs=1e-6)
+    best = 0
+    for i, row in enumerate(both.curve):
+        if i == 0 or improves(row["val_select"], both.curve[best]["val_select"]):
+            best = i
+    assert both.best_epoch == best + 1 and both.best_val_miou == both.curve[best]["val_select"]
+    kept = both.curve[best]
+    assert (both.model.config.presence_threshold, both.model.config.fg_threshold) == (
+        kept["presence_threshold"],
+        kept["fg_threshold"],
     )
-    assert plain.model.config.shot_thresholds == {} and plain.shot_calibration == {}
-    assert set(cfg.shot_thresholds) == {2} == set(per_k.shot_calibration)
-
-    raw = CST(copy.deepcopy(cfg))
-    raw.load_state_dict(b)
-    uncalibrated(raw)
-    pred = CSTPredictor.for_targets(raw, TokenBank(store), targets, 16, 1)
-    expected = calibrate(validation_records(pred, targets, kshot), [1, 2])
-    assert cfg.shot_thresholds[2] == [expected["presence_threshold"], expected["fg_threshold"]]
-    assert per_k.shot_calibration[2] == expected
-
-    own = CSTPredictor.for_targets(per_k.model, TokenBank(store), targets, 16, 1)
-    for supports in (["img02"], ["img02", "img04"], ["img02", "img04", "img06"]):
-        p_raw, fg_raw = pred.predict("img00", [1], [supports])
-        p, fg = own.predict("img00", [1], [supports])
-        t_p, t_fg = cfg.thresholds(len(supports))
-        assert (t_p, t_fg) == (tuple(cfg.shot_thresholds[2]) if len(supports) > 1 else (
-            cfg.presence_threshold, cfg.fg_threshold))  # fmt: skip
-        np.testing.assert_allclose(log_odds(p), log_odds(p_raw) - log_odds(t_p), atol=1e-4)
-        np.testing.assert_allclose(log_odds(fg), log_odds(fg_raw) - log_odds(t_fg), atol=1e-3)
-
-    path = tmp_path / "ckpt.pt"
-    save_checkpoint(path, per_k.model, {"label_size": SIZE})
-    assert load_checkpoint(path)[0].config.shot_thresholds == cfg.shot_thresholds
-
     with pytest.raises(FscsError, match="fold 0 has no 1-way 2-shot validation episodes"):
         run([1, 2], kshot_episodes=None)
 
 
-def test_calibrate_shots_is_checked():
+def test_select_shots_is_checked():
     from fscs.config.params import TrainConfig
     from fscs.core.errors import FscsError
 
-    assert TrainConfig.from_params({}).calibrate_shots == [1]
-    assert TrainConfig.from_params({"calibrate": True, "calibrate_shots": [1, 5]}).calibrate_shots == [1, 5]
+    assert TrainConfig.from_params({}).select_shots == [1]
+    assert TrainConfig.from_params({"calibrate": True, "select_shots": [1, 5]}).select_shots == [1, 5]
     for bad in ([5], [], [1, 1], [1, 0], "1"):
-        with pytest.raises(FscsError, match="train.calibrate_shots must be a list of distinct shot counts"):
-            TrainConfig.from_params({"calibrate": True, "calibrate_shots": bad})
+        with pytest.raises(FscsError, match="train.select_shots must be a list of distinct shot counts"):
+            TrainConfig.from_params({"calibrate": True, "select_shots": bad})
     with pytest.raises(FscsError, match="needs train.calibrate: true"):
-        TrainConfig.from_params({"calibrate_shots": [1, 5]})
+        TrainConfig.from_params({"select_shots": [1, 5]})

@@ -20,7 +20,6 @@ def _checkpoint_config_model() -> type[BaseModel]:
     (lists for tuples); other keys of a checkpoint's config (pseudo, ...) are checked where they are used."""
     unit = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
     pair = Annotated[list[PositiveInt], Field(min_length=2, max_length=2)]
-    unit_pair = Annotated[list[unit], Field(min_length=2, max_length=2)]
     fields = {
         "num_layers": (PositiveInt, ...),
         "num_heads": (PositiveInt, ...),
@@ -35,7 +34,6 @@ def _checkpoint_config_model() -> type[BaseModel]:
         "fg_prior": (Annotated[float, Field(gt=0, lt=1)], None),
         "presence_threshold": (unit, None),
         "fg_threshold": (unit, None),
-        "shot_thresholds": (dict[PositiveInt, unit_pair], None),
         "backbone": (dict[str, Any], None),
         **{name: (PositiveInt, None) for name in ("support_size", "pooled_grid", "attn_heads", "groups")},
         "label_size": (PositiveInt, None),

@@ -33,18 +33,7 @@ class CSTConfig:
     # (CSTPredictor) | joint: one forward over all K supports (block 1 attends over every support's positions)
     presence_threshold: float = 0.5  # decision thresholds chosen on validation (fscs.learn.calibration); the
     fg_threshold: float = 0.5  # predictor shifts probabilities so that they fall on 0.5
-    # shot count K -> [presence, fg] thresholds chosen on K-shot validation episodes; K shots use the entry
-    # of the largest K' <= K, and the two thresholds above where there is none
-    shot_thresholds: dict[int, list[float]] = field(default_factory=dict)
     backbone: dict[str, Any] = field(default_factory=dict)  # store attributes (BACKBONE_KEYS)
-
-    def thresholds(self, shots: int) -> tuple[float, float]:
-        """(presence, foreground) thresholds for episodes of ``shots`` supports per class."""
-        ks = [k for k in self.shot_thresholds if k <= shots]
-        if not ks:
-            return self.presence_threshold, self.fg_threshold
-        p, f = self.shot_thresholds[max(ks)]
-        return float(p), float(f)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -59,6 +48,4 @@ class CSTConfig:
         kw["grid"] = tuple(int(v) for v in kw["grid"])
         if "channels" in kw:
             kw["channels"] = tuple(int(v) for v in kw["channels"])
-        if "shot_thresholds" in kw:
-            kw["shot_thresholds"] = {int(k): [float(x) for x in v] for k, v in kw["shot_thresholds"].items()}
         return cls(**kw)

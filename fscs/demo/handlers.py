@@ -174,11 +174,9 @@ def _summary(result: Any, predictor: Any, seconds: float, notes: list[str]) -> s
             f"| {html.escape(name)} | {q.presence[i]:.3f} | {decision} | {result.shots[name]} | "
             f"{html.escape(', '.join(kinds))} |"
         )
-    counts = sorted(set(result.shots.values()))
-    thresholds = ", ".join(f"{cfg.thresholds(k)[0]:.3f} with {k} shot{'s' * (k > 1)}" for k in counts)
     rule = (
         f"Present when the probability is at least 0.5: the checkpoint's calibrated presence threshold "
-        f"({thresholds}) is mapped to 0.5."
+        f"({float(cfg.presence_threshold):.3f}) is mapped to 0.5."
     )
     timing = f"Answered in {seconds:.2f} s."
     return "\n".join([*rows, "", rule, timing, *(f"- {n}" for n in notes)])

@@ -6,11 +6,10 @@ model's ``kshot`` rule: ``joint`` runs the query against all K supports in one f
 over every support's positions, `fscs.learn.model.transformer.join_shots`); ``mean_prob`` / ``mean_logit``
 score every (query, support image) pair independently and average the K probabilities or log-odds. The
 result: presence probability p(present) (N,) and foreground probability maps (N, 2gh, 2gw), shifted so that
-the model's calibrated thresholds for that many shots (`fscs.config.cst.CSTConfig.thresholds`,
-`fscs.learn.calibration`) fall on 0.5. The decision rules (presence > 0.5, argmax / 0.5 on foreground) are
-applied by `fscs.evaluation.episodes`. What is scored is an item (query, supports, class): one support per
-item under the per-pair rules, a class's K supports under ``joint`` (one support: the same forward either
-way).
+the model's calibrated thresholds (``presence_threshold``, ``fg_threshold``, `fscs.learn.calibration`) fall
+on 0.5. The decision rules (presence > 0.5, argmax / 0.5 on foreground) are applied by
+`fscs.evaluation.episodes`. What is scored is an item (query, supports, class): one support per item under
+the per-pair rules, a class's K supports under ``joint`` (one support: the same forward either way).
 
 Support masks come from a callable ``support_mask(image_id, class_id) -> bool (h, w)``; the setting's
 test-time rule is `fscs.learn.targets.Targets.test_support_mask` (GT for ``pixel``, raw self pseudo-mask for
@@ -354,13 +353,14 @@ class CSTPredictor:
         scores = self.pair_scores([p for items in per_class for p in items])
         rule = self.model.config.kshot
         presence, fg, i = [], [], 0
-        for items, shots in zip(per_class, support_ids, strict=True):
+        for items in per_class:
             group = scores[i : i + len(items)]
             i += len(items)
-            t_presence, t_fg = self.model.config.thresholds(len(shots))
-            presence.append(shift(combine_shots(np.asarray([g[0] for g in group]), rule), t_presence))
-            fg.append(shift(combine_shots(np.stack([g[1] for g in group]), rule), t_fg))
-        return np.asarray(presence, dtype=np.float32), np.stack(fg).astype(np.float32)
+            presence.append(combine_shots(np.asarray([g[0] for g in group]), rule))
+            fg.append(combine_shots(np.stack([g[1] for g in group]), rule))
+        cfg = self.model.config
+        presence = shift(np.asarray(presence), cfg.presence_threshold)
+        return presence.astype(np.float32), shift(np.stack(fg), cfg.fg_threshold).astype(np.float32)
 
     def prefetch(self, episodes: Any, progress: bool | None = None) -> int:
         """Compute every item of an episode frame in large batches (then `predict` reads the cache).

@@ -11,8 +11,9 @@
 - Weight averaging (``ema`` > 0): validation, selection and the kept checkpoint use a moving average of the
   weights over the steps (`weight_average`), which smooths the step-to-step noise of a constant rate.
 - Selection: after every epoch, mIoU on the fold's 1-way 1-shot VALIDATION episodes (train split, training
-  classes; never the test list), via `fscs.evaluation.episodes.run_episodes` and `CSTPredictor`; the best
-  epoch's weights are kept; training stops after ``patience`` epochs without improvement (counted only once
+  classes; never the test list), via `fscs.evaluation.episodes.run_episodes` and `CSTPredictor`, with
+  ``select_shots`` averaged with the calibrated mIoU of its 1-way K-shot ones; the best epoch's weights are
+  kept; training stops after ``patience`` epochs without improvement (counted only once
   the best validation mIoU is above 0, see `improves`).
 - Determinism: ``torch.manual_seed(seed)``, ``torch.use_deterministic_algorithms(True)``, a fixed thread
   count; two runs with the same inputs give bit-identical weights on the same machine.
@@ -26,7 +27,7 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -68,6 +69,8 @@ CURVE_COLUMNS = (
     "val_miou_cal",
     "presence_threshold",
     "fg_threshold",
+    "val_kshot_miou_cal",
+    "val_select",
     "seconds",
 )
 
@@ -178,8 +181,6 @@ class TrainResult:
     curve: list[dict[str, Any]]
     seconds: float
     device: str  # where it was trained (recorded, never compared)
-    # K -> the K-shot thresholds and the validation ER / mIoU they give (train.calibrate_shots)
-    shot_calibration: dict[int, dict[str, float]] = field(default_factory=dict)
 
 
 def pixel_signals(scores: np.ndarray, labels: np.ndarray, bins: int = 200) -> dict[str, float]:
@@ -205,9 +206,8 @@ def pixel_signals(scores: np.ndarray, labels: np.ndarray, bins: int = 200) -> di
 
 
 def uncalibrated(model: CST) -> None:
-    """Set every decision threshold of ``model`` to 0.5 (the raw probabilities), as validation scores it."""
+    """Set the decision thresholds of ``model`` to 0.5 (the raw probabilities), as validation scores it."""
     model.config.presence_threshold = model.config.fg_threshold = 0.5
-    model.config.shot_thresholds = {}
 
 
 def validation_records(predictor: CSTPredictor, targets: Targets, episodes: pd.DataFrame) -> Records:
@@ -225,34 +225,26 @@ def validation_records(predictor: CSTPredictor, targets: Targets, episodes: pd.D
     return Records(np.asarray(cls), np.asarray(lab), np.asarray(pres), np.stack(fgs), np.stack(gts))
 
 
-def calibrate_shot_counts(
+def kshot_score(
     model: CST,
     tokens: TokenBank,
     targets: Targets,
-    val_episodes: pd.DataFrame,
-    shot_counts: list[int],
+    episodes: pd.DataFrame,
     classes: list[int],
     batch_size: int,
     workers: int = 1,
     prepared_bytes: int | None = None,
-) -> dict[int, dict[str, float]]:
-    """Thresholds of the kept ``model`` for each shot count K > 1 of ``shot_counts``, chosen on the 1-way
-    K-shot rows of ``val_episodes`` as the 1-shot ones are (`fscs.learn.calibration.calibrate`), and stored
-    in ``model.config.shot_thresholds``. Returns per K the thresholds and the validation ER / mIoU they give.
-
-    The 1-shot thresholds transfer poorly to K shots: a model that sees K supports at once is more sure of
-    its foreground, so its best foreground threshold moves (reports/LEARNER.md, `train.calibrate_shots`)."""
-    base = (model.config.presence_threshold, model.config.fg_threshold)
-    out: dict[int, dict[str, float]] = {}
-    for k in sorted(s for s in shot_counts if s > 1):
-        rows = val_episodes[(val_episodes["way"] == 1) & (val_episodes["shot"] == k)]
-        uncalibrated(model)
-        predictor = CSTPredictor.for_targets(model, tokens, targets, batch_size, workers, prepared_bytes)
-        predictor.prefetch(rows, progress=False)
-        out[k] = calibrate(validation_records(predictor, targets, rows), classes)
-    model.config.presence_threshold, model.config.fg_threshold = base
-    model.config.shot_thresholds = {k: [v["presence_threshold"], v["fg_threshold"]] for k, v in out.items()}
-    return out
+) -> dict[str, float]:
+    """Calibrated ER / mIoU of ``model`` on 1-way K-shot validation ``episodes`` (thresholds chosen on
+    them, as `validate` chooses the 1-shot ones): the K-shot part of the selection score
+    (``train.select_shots``). The model's own thresholds are left as they are."""
+    kept = (model.config.presence_threshold, model.config.fg_threshold)
+    uncalibrated(model)
+    predictor = CSTPredictor.for_targets(model, tokens, targets, batch_size, workers, prepared_bytes)
+    predictor.prefetch(episodes, progress=False)
+    cal = calibrate(validation_records(predictor, targets, episodes), classes)
+    model.config.presence_threshold, model.config.fg_threshold = kept
+    return {"er_cal": cal["er"], "miou_cal": cal["miou"]}
 
 
 def validate(
@@ -308,6 +300,7 @@ def train(
     void: str = "ignore",
     val_classes: list[int] | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    on_model: Callable[[int, CST], None] | None = None,
     progress: bool | None = None,
     device: torch.device | None = None,
     prepared_bytes: int | None = None,
@@ -316,7 +309,7 @@ def train(
     epoch's model (on the CPU) and the learning curve.
 
     ``val_episodes``: 1-way 1-shot validation rows of this fold (None or empty: keep the last epoch);
-    ``kshot_episodes``: its 1-way K-shot validation rows, for the K of ``config.calibrate_shots``;
+    ``kshot_episodes``: its 1-way K-shot validation rows, for the K of ``config.select_shots``;
     ``val_classes``: the classes their mIoU averages over (default: ``train_classes``);
     ``prepared_bytes``: the budget of prepared features, half for training and half for validation (None:
     keep all; it never changes a number).
@@ -349,14 +342,16 @@ def train(
     half = None if prepared_bytes is None else max(1, prepared_bytes // 2)  # training | validation
     batcher = Batcher(PreparedBank(model, tokens, half), targets)
     has_val = val_episodes is not None and len(val_episodes) > 0
-    shot_counts = [k for k in config.calibrate_shots if k > 1] if config.calibrate and has_val else []
-    for k in shot_counts:
-        if kshot_episodes is None or not ((kshot_episodes["way"] == 1) & (kshot_episodes["shot"] == k)).any():
+    kshot_val = {}  # K -> the 1-way K-shot validation rows that join the selection score
+    for k in [k for k in config.select_shots if k > 1] if has_val else []:
+        rows = kshot_episodes
+        rows = None if rows is None else rows[(rows["way"] == 1) & (rows["shot"] == k)].reset_index(drop=True)
+        if rows is None or rows.empty:
             raise FscsError(
-                f"train.calibrate_shots = {config.calibrate_shots}: fold {fold} has no 1-way {k}-shot "
-                "validation episodes to choose that many shots' thresholds on (the pipeline draws them "
-                "for the shot counts of episodes.shots)"
+                f"train.select_shots = {config.select_shots}: fold {fold} has no 1-way {k}-shot validation "
+                "episodes to select on (the pipeline draws them for the shot counts of episodes.shots)"
             )
+        kshot_val[k] = rows
     best_state, best_epoch, best_miou, since_best = None, 0, None, 0
     curve: list[dict[str, Any]] = []
     per_epoch = int(config.episodes_per_epoch)
@@ -424,17 +419,36 @@ def train(
                 prepared_bytes=half,
             )
         val_miou = val.get("miou_cal" if config.calibrate else "miou")
+        kshot = [
+            kshot_score(
+                judged,
+                tokens,
+                targets,
+                rows,
+                train_classes if val_classes is None else val_classes,
+                config.eval_batch_size,
+                workers=scoring_workers(judged, int(config.threads)),
+                prepared_bytes=half,
+            )["miou_cal"]
+            for rows in kshot_val.values()
+        ]
+        if kshot:  # the selection score: the mean over the shot counts of train.select_shots
+            val["kshot_miou_cal"] = float(np.mean(kshot))
+            val_miou = float(np.mean([val_miou, *kshot]))
         row = {
             "epoch": epoch,
             "step": step,
             "lr": float(f"{optimizer.param_groups[0]['lr']:.3g}"),
             "train_loss": round(total / max(seen, 1), 6),
             **{(k if k.endswith("threshold") else f"val_{k}"): v for k, v in val.items()},
+            "val_select": val_miou,
             "seconds": round(time.perf_counter() - t0, 2),
         }
         curve.append(row)
         if on_epoch is not None:
             on_epoch(row)
+        if on_model is not None:  # the validated weights of this epoch, e.g. to score them elsewhere
+            on_model(epoch, judged)
         if best_state is None or not has_val or improves(val_miou, best_miou):
             best_state = copy.deepcopy(judged.state_dict())
             best_thresholds = (
@@ -450,28 +464,17 @@ def train(
                 break
     model.load_state_dict(best_state)
     model.config.presence_threshold, model.config.fg_threshold = best_thresholds
-    model.eval()
-    shot_calibration = {}
-    if shot_counts:
-        with torch.inference_mode():
-            shot_calibration = calibrate_shot_counts(
-                model,
-                tokens,
-                targets,
-                kshot_episodes,
-                shot_counts,
-                train_classes if val_classes is None else val_classes,
-                config.eval_batch_size,
-                workers=scoring_workers(model, int(config.threads)),
-                prepared_bytes=half,
-            )
-    model.cpu()
-    seconds = time.perf_counter() - start
-    return TrainResult(model, best_epoch, best_miou, curve, seconds, describe(device), shot_calibration)
+    model.eval().cpu()
+    return TrainResult(model, best_epoch, best_miou, curve, time.perf_counter() - start, describe(device))
 
 
 def train_cell(
-    cell: Cell, config: TrainConfig, on_epoch: Any = None, progress: bool | None = None, device: Any = None
+    cell: Cell,
+    config: TrainConfig,
+    on_epoch: Any = None,
+    progress: bool | None = None,
+    device: Any = None,
+    on_model: Any = None,
 ) -> TrainResult:
     """Train one CST model for a study cell (selection on its validation episodes) on ``device``, under the
     cell's memory budgets."""
@@ -490,6 +493,7 @@ def train_cell(
         void=cell.void,
         val_classes=cell.val_classes,
         on_epoch=on_epoch,
+        on_model=on_model,
         progress=progress,
         device=device,
         prepared_bytes=budget_bytes(cell.memory.prepared_mb, "prepared", device),

@@ -20,7 +20,7 @@ in image-level training; for a stuff class (``--stuff grass``, or params' ``pseu
 ``stuff_masks: complement``) its complement, as image-level training and evaluation do. Support masks are
 fed at the checkpoint's training mask size (``label_size``).
 Several supports of a class make a K-shot episode (shots combined by the checkpoint's ``kshot`` rule and
-thresholds for that many shots, as in evaluation).
+thresholds, as in evaluation).
 Images of any size are resized to the backbone's input size.
 
 Presence: by default a class is present where the checkpoint's presence threshold (fitted on its training
