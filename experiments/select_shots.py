@@ -1,12 +1,12 @@
-"""Which validation episodes should pick a K-shot learner's epoch: the 1-way 1-shot ones alone
-(``train.select_shots: [1]``), or the 1-way 1-shot and 1-way 5-shot ones together (``[1, 5]``: the mean of
-their calibrated mIoU)?
+"""Which validation episodes should pick a K-shot learner's epoch: the 1-way 1-shot ones alone (the train
+stage's rule), or the 1-way 1-shot and 1-way 5-shot ones together (the mean of their calibrated mIoU)?
 
     python -m experiments.select_shots --supervision pixel --fold 0 --fold 1 --vs "" --vs "seed=1" \
         --out select.csv
 
 Each cell trains every epoch once (``patience: 0``; training never reads validation, so the trajectory is
-the one either rule sees) and keeps each epoch's weights and its validation records; both rules, with the
+the one either rule sees) and keeps each epoch's weights (`fscs.learn.train.train`'s ``on_model`` hook) and
+its validation records; both rules, with the
 recipe's early stopping (``patience``, ``min_epochs``) replayed on their own score, then choose an epoch:
 
 - ``split_half``, validation only: each rule chooses on the even validation rows (1-shot thresholds

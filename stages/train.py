@@ -9,8 +9,7 @@ Reads only stored tokens (the backbone never runs); the tokens of every image th
 validation episodes can touch are loaded into RAM once. Params: ``train`` (schedule, loss, ``label_size``,
 ``model`` overrides), ``pseudo`` (recipe and threshold of the pseudo-labels), ``backbone`` (the store must
 match), ``evaluate.void``. Model selection uses the fold's 1-way 1-shot validation episodes
-(``<episodes>/val.parquet``, train split, training classes), never the test episodes; with
-``train.select_shots`` also its 1-way K-shot ones (the mean of their calibrated mIoU).
+(``<episodes>/val.parquet``, train split, training classes), never the test episodes.
 Writes the checkpoint (``fscs.learn.model.cst``) and the learning curve CSV
 (``fscs.learn.train.CURVE_COLUMNS``: step,
 learning rate, loss, validation ER / mIoU and the threshold-free pixel signals, seconds).

@@ -190,70 +190,46 @@ def _kshot_frame(index: pd.DataFrame, shots: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def test_selection_on_k_shot_validation_scores_the_mean_and_leaves_training_alone(tmp_path):
-    """``select_shots: [1, 2]``: every epoch is also scored on the 2-shot validation rows (calibrated mIoU,
-    recomputed here from the epoch's weights), the kept epoch is the best mean of the two, and the trained
-    weights of every epoch are those of ``[1]``; the thresholds stay the 1-shot ones."""
+def test_selection_replay_keeps_the_epoch_training_keeps_and_sees_its_weights(tmp_path):
+    """`experiments.select_shots` replays the train loop's selection from each epoch's weights (the
+    ``on_model`` hook) and validation records: on the 1-shot rule it must keep training's epoch, early stop
+    included, and the records must give the curve's calibrated mIoU; a 2-shot list scores too."""
     from test_train import SIZE, model_config, toy_dataset, val_frame
 
+    from experiments.select_shots import choose, rule_choice
     from fscs.config.params import TrainConfig
-    from fscs.core.errors import FscsError
     from fscs.learn.calibration import calibrate
     from fscs.learn.targets import Targets
-    from fscs.learn.train import improves, train, uncalibrated, validation_records
+    from fscs.learn.train import train, uncalibrated, validation_records
 
     index, store = toy_dataset(tmp_path, n_per_class=6)
     targets = Targets("pixel", index, SIZE)
     val, kshot = val_frame(index), _kshot_frame(index, 2)
-
-    def run(select_shots, kshot_episodes=kshot):
-        states = []
-        config = TrainConfig(
-            seed=0, epochs=3, episodes_per_epoch=16, batch_size=8, label_size=SIZE, patience=0, threads=1,
-            calibrate=True, select_shots=select_shots,
-        )  # fmt: skip
-        result = train(
-            config=config, tokens=TokenBank(store), model_config=model_config(kshot="joint"), targets=targets,
-            index=index, train_split="train", train_classes=[1, 2], fold=0, val_episodes=val,
-            kshot_episodes=kshot_episodes, progress=False,
-            on_model=lambda epoch, m: states.append(copy.deepcopy(m.state_dict())),
-        )  # fmt: skip
-        return result, states
-
-    (plain, plain_states), (both, states) = run([1]), run([1, 2])
-    for a, b in zip(plain_states, states, strict=True):
-        assert all(torch.equal(a[k], b[k]) for k in a)
-    assert all(r["val_select"] == r["val_miou_cal"] and "val_kshot_miou_cal" not in r for r in plain.curve)
-    for row, state in zip(both.curve, states, strict=True):
+    states = []
+    config = TrainConfig(
+        seed=0, epochs=5, episodes_per_epoch=16, batch_size=8, label_size=SIZE, patience=1, threads=1,
+        calibrate=True, min_epochs=2,
+    )  # fmt: skip
+    result = train(
+        config=config, tokens=TokenBank(store), model_config=model_config(kshot="joint"), targets=targets,
+        index=index, train_split="train", train_classes=[1, 2], fold=0, val_episodes=val, progress=False,
+        on_model=lambda epoch, m: states.append(copy.deepcopy(m.state_dict())),
+    )  # fmt: skip
+    assert len(states) == len(result.curve)
+    kept = result.model.state_dict()
+    assert all(torch.equal(kept[k], states[result.best_epoch - 1][k]) for k in kept)
+    records = []
+    for row, state in zip(result.curve, states, strict=True):
         model = CST(model_config(kshot="joint"))
         model.load_state_dict(state)
         uncalibrated(model)
         pred = CSTPredictor.for_targets(model, TokenBank(store), targets, 16, 1)
-        k_miou = calibrate(validation_records(pred, targets, kshot), [1, 2])["miou"]
-        assert row["val_kshot_miou_cal"] == pytest.approx(k_miou, abs=1e-6)
-        assert row["val_select"] == pytest.approx((row["val_miou_cal"] + k_miou) / 2, abs=1e-6)
-    best = 0
-    for i, row in enumerate(both.curve):
-        if i == 0 or improves(row["val_select"], both.curve[best]["val_select"]):
-            best = i
-    assert both.best_epoch == best + 1 and both.best_val_miou == both.curve[best]["val_select"]
-    kept = both.curve[best]
-    assert (both.model.config.presence_threshold, both.model.config.fg_threshold) == (
-        kept["presence_threshold"],
-        kept["fg_threshold"],
-    )
-    with pytest.raises(FscsError, match="fold 0 has no 1-way 2-shot validation episodes"):
-        run([1, 2], kshot_episodes=None)
-
-
-def test_select_shots_is_checked():
-    from fscs.config.params import TrainConfig
-    from fscs.core.errors import FscsError
-
-    assert TrainConfig.from_params({}).select_shots == [1]
-    assert TrainConfig.from_params({"calibrate": True, "select_shots": [1, 5]}).select_shots == [1, 5]
-    for bad in ([5], [], [1, 1], [1, 0], "1"):
-        with pytest.raises(FscsError, match="train.select_shots must be a list of distinct shot counts"):
-            TrainConfig.from_params({"calibrate": True, "select_shots": bad})
-    with pytest.raises(FscsError, match="needs train.calibrate: true"):
-        TrainConfig.from_params({"select_shots": [1, 5]})
+        records.append({k: validation_records(pred, targets, rows) for k, rows in ((1, val), (2, kshot))})
+        assert calibrate(records[-1][1], [1, 2])["miou"] == pytest.approx(row["val_miou_cal"], abs=1e-6)
+        assert records[-1][2].fg.shape[0] == len(kshot)
+    assert rule_choice(records, (1,), [1, 2], config) == result.best_epoch
+    assert 1 <= rule_choice(records, (1, 2), [1, 2], config) <= len(records)
+    # the replayed early stop: no new best for `patience` epochs ends it, never before `min_epochs`
+    assert choose([10.0, 5.0, 20.0], patience=1, min_epochs=1) == 1
+    assert choose([10.0, 5.0, 20.0], patience=1, min_epochs=3) == 3
+    assert choose([0.0, 0.0, 4.0, 3.0], patience=1, min_epochs=1) == 3  # zeros: the later epoch is kept

@@ -459,6 +459,9 @@ def test_holdout_cell_validates_on_training_classes_it_never_trains_on(tiny_arti
     assert sorted(inner.train_classes + held) == sorted(cell.train_classes)
     assert len(inner.val) == 6 and {c for cs in inner.val["support_classes"] for c in cs} <= set(held)
     assert cell.val_classes is None  # the pipeline's cell validates on its training classes
+    assert set(cell.val["shot"]) == {1} and set(cell.val_kshot["shot"]) == {5}  # 1-way K-shot rows apart
+    assert set(cell.val_kshot["way"]) == {1} and set(cell.val_kshot["fold"]) == {0}
+    assert inner.val_kshot is None  # held-out validation has no K-shot rows
 
     seen = []
     real = fscs.learn.train.validate
@@ -471,6 +474,7 @@ def test_holdout_cell_validates_on_training_classes_it_never_trains_on(tiny_arti
     kept_cell, test = inner_split(cell, every=2, episodes=6)
     assert kept_cell.train_classes == inner.train_classes and kept_cell.val_classes is None
     assert {c for cs in kept_cell.val["support_classes"] for c in cs} <= set(kept_cell.train_classes)
+    assert {c for cs in kept_cell.val_kshot["support_classes"] for c in cs} <= set(kept_cell.train_classes)
     assert test.equals(inner.val)  # the same held-out episodes
     cfg_model = result.model.config
     cfg_model.presence_threshold = cfg_model.fg_threshold = 1e-6  # everything present, all foreground

@@ -242,9 +242,6 @@ class TrainConfig:
     # decay d once it spans 1 / (1 - d) steps (timm's ModelEmaV3, warmup power 1)
     ema: float = 0.0
     calibrate: bool = False  # choose decision thresholds on validation each epoch, select on calibrated mIoU
-    # shot counts of the 1-way validation episodes that select the epoch (the mean of their calibrated
-    # mIoU); 1 always (its episodes also choose the thresholds), e.g. [1, 5] for a learner scored on 5 shots
-    select_shots: list[int] = field(default_factory=lambda: [1])
     cls_weight: float = 0.1
     label_size: int = 64
     patience: int = 5
@@ -309,22 +306,6 @@ class TrainConfig:
             raise FscsError(
                 f"params: train.shots = {shots} trains on several supports per episode, which only "
                 f"train.model.kshot: joint scores together (got kshot {cfg.model.get('kshot', 'default')!r})"
-            )
-        counts = cfg.select_shots
-        if not (
-            isinstance(counts, list)
-            and all(type(k) is int and k >= 1 for k in counts)
-            and len(set(counts)) == len(counts)
-            and 1 in counts
-        ):
-            raise FscsError(
-                f"params: train.select_shots must be a list of distinct shot counts >= 1 holding 1 (the "
-                f"1-shot episodes choose the thresholds), got {counts!r}"
-            )
-        if max(counts) > 1 and not cfg.calibrate:
-            raise FscsError(
-                f"params: train.select_shots = {counts} selects on calibrated mIoU, which needs "
-                "train.calibrate: true"
             )
         if not isinstance(cfg.by_supervision, dict):
             raise FscsError(f"params: train.by_supervision must be a mapping, got {cfg.by_supervision!r}")

@@ -11,9 +11,8 @@
 - Weight averaging (``ema`` > 0): validation, selection and the kept checkpoint use a moving average of the
   weights over the steps (`weight_average`), which smooths the step-to-step noise of a constant rate.
 - Selection: after every epoch, mIoU on the fold's 1-way 1-shot VALIDATION episodes (train split, training
-  classes; never the test list), via `fscs.evaluation.episodes.run_episodes` and `CSTPredictor`, with
-  ``select_shots`` averaged with the calibrated mIoU of its 1-way K-shot ones; the best epoch's weights are
-  kept; training stops after ``patience`` epochs without improvement (counted only once
+  classes; never the test list), via `fscs.evaluation.episodes.run_episodes` and `CSTPredictor`; the best
+  epoch's weights are kept; training stops after ``patience`` epochs without improvement (counted only once
   the best validation mIoU is above 0, see `improves`).
 - Determinism: ``torch.manual_seed(seed)``, ``torch.use_deterministic_algorithms(True)``, a fixed thread
   count; two runs with the same inputs give bit-identical weights on the same machine.
@@ -69,8 +68,6 @@ CURVE_COLUMNS = (
     "val_miou_cal",
     "presence_threshold",
     "fg_threshold",
-    "val_kshot_miou_cal",
-    "val_select",
     "seconds",
 )
 
@@ -211,8 +208,8 @@ def uncalibrated(model: CST) -> None:
 
 
 def validation_records(predictor: CSTPredictor, targets: Targets, episodes: pd.DataFrame) -> Records:
-    """Per-episode presence probability, foreground map and GT (at the GT's size) of 1-way ``episodes``,
-    as `fscs.learn.calibration.calibrate` reads them."""
+    """Per-episode presence probability, foreground map and GT (at the GT's size) of 1-way ``episodes`` of
+    any shot count, as `fscs.learn.calibration.calibrate` reads them."""
     cls, lab, pres, fgs, gts = [], [], [], [], []
     for row in episodes.itertuples(index=False):
         c = int(row.support_classes[0])
@@ -223,28 +220,6 @@ def validation_records(predictor: CSTPredictor, targets: Targets, episodes: pd.D
         cls.append(c), lab.append(bool(row.labels[0])), pres.append(float(p[0]))
         fgs.append(bilinear(fg[0], gt.shape)), gts.append(target)
     return Records(np.asarray(cls), np.asarray(lab), np.asarray(pres), np.stack(fgs), np.stack(gts))
-
-
-def kshot_score(
-    model: CST,
-    tokens: TokenBank,
-    targets: Targets,
-    episodes: pd.DataFrame,
-    classes: list[int],
-    batch_size: int,
-    workers: int = 1,
-    prepared_bytes: int | None = None,
-) -> dict[str, float]:
-    """Calibrated ER / mIoU of ``model`` on 1-way K-shot validation ``episodes`` (thresholds chosen on
-    them, as `validate` chooses the 1-shot ones): the K-shot part of the selection score
-    (``train.select_shots``). The model's own thresholds are left as they are."""
-    kept = (model.config.presence_threshold, model.config.fg_threshold)
-    uncalibrated(model)
-    predictor = CSTPredictor.for_targets(model, tokens, targets, batch_size, workers, prepared_bytes)
-    predictor.prefetch(episodes, progress=False)
-    cal = calibrate(validation_records(predictor, targets, episodes), classes)
-    model.config.presence_threshold, model.config.fg_threshold = kept
-    return {"er_cal": cal["er"], "miou_cal": cal["miou"]}
 
 
 def validate(
@@ -296,7 +271,6 @@ def train(
     train_classes: list[int],
     fold: int,
     val_episodes: pd.DataFrame | None,
-    kshot_episodes: pd.DataFrame | None = None,
     void: str = "ignore",
     val_classes: list[int] | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
@@ -309,8 +283,8 @@ def train(
     epoch's model (on the CPU) and the learning curve.
 
     ``val_episodes``: 1-way 1-shot validation rows of this fold (None or empty: keep the last epoch);
-    ``kshot_episodes``: its 1-way K-shot validation rows, for the K of ``config.select_shots``;
     ``val_classes``: the classes their mIoU averages over (default: ``train_classes``);
+    ``on_model(epoch, model)``: called with each epoch's validated weights (do not keep the object: copy it);
     ``prepared_bytes``: the budget of prepared features, half for training and half for validation (None:
     keep all; it never changes a number).
     """
@@ -342,16 +316,6 @@ def train(
     half = None if prepared_bytes is None else max(1, prepared_bytes // 2)  # training | validation
     batcher = Batcher(PreparedBank(model, tokens, half), targets)
     has_val = val_episodes is not None and len(val_episodes) > 0
-    kshot_val = {}  # K -> the 1-way K-shot validation rows that join the selection score
-    for k in [k for k in config.select_shots if k > 1] if has_val else []:
-        rows = kshot_episodes
-        rows = None if rows is None else rows[(rows["way"] == 1) & (rows["shot"] == k)].reset_index(drop=True)
-        if rows is None or rows.empty:
-            raise FscsError(
-                f"train.select_shots = {config.select_shots}: fold {fold} has no 1-way {k}-shot validation "
-                "episodes to select on (the pipeline draws them for the shot counts of episodes.shots)"
-            )
-        kshot_val[k] = rows
     best_state, best_epoch, best_miou, since_best = None, 0, None, 0
     curve: list[dict[str, Any]] = []
     per_epoch = int(config.episodes_per_epoch)
@@ -419,35 +383,18 @@ def train(
                 prepared_bytes=half,
             )
         val_miou = val.get("miou_cal" if config.calibrate else "miou")
-        kshot = [
-            kshot_score(
-                judged,
-                tokens,
-                targets,
-                rows,
-                train_classes if val_classes is None else val_classes,
-                config.eval_batch_size,
-                workers=scoring_workers(judged, int(config.threads)),
-                prepared_bytes=half,
-            )["miou_cal"]
-            for rows in kshot_val.values()
-        ]
-        if kshot:  # the selection score: the mean over the shot counts of train.select_shots
-            val["kshot_miou_cal"] = float(np.mean(kshot))
-            val_miou = float(np.mean([val_miou, *kshot]))
         row = {
             "epoch": epoch,
             "step": step,
             "lr": float(f"{optimizer.param_groups[0]['lr']:.3g}"),
             "train_loss": round(total / max(seen, 1), 6),
             **{(k if k.endswith("threshold") else f"val_{k}"): v for k, v in val.items()},
-            "val_select": val_miou,
             "seconds": round(time.perf_counter() - t0, 2),
         }
         curve.append(row)
         if on_epoch is not None:
             on_epoch(row)
-        if on_model is not None:  # the validated weights of this epoch, e.g. to score them elsewhere
+        if on_model is not None:  # this epoch's validated weights, e.g. to replay another selection rule
             on_model(epoch, judged)
         if best_state is None or not has_val or improves(val_miou, best_miou):
             best_state = copy.deepcopy(judged.state_dict())
@@ -489,7 +436,6 @@ def train_cell(
         train_classes=cell.train_classes,
         fold=cell.fold,
         val_episodes=cell.val,
-        kshot_episodes=cell.val_kshot,
         void=cell.void,
         val_classes=cell.val_classes,
         on_epoch=on_epoch,
